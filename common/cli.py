@@ -1,0 +1,195 @@
+"""``fedmira``: the one command, with subcommands. Parses and wires; the work is elsewhere.
+
+Every subcommand takes Hydra overrides (``key=value``, ``group=option``, ``+experiment=name``)
+composed from ``conf/``. User errors (bad config, bad data, missing model) print one message
+that says what to do and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from common.errors import FedmiraError
+
+EPILOG_OVERRIDES = """\
+Overrides (any number, after the options):
+  key=value            e.g. train.lr=1e-3 strategy.rounds=5 data.path=/data/reports.csv
+  group=option         e.g. model=tiny lora=r16_all partition=iid data=iu_xray
+  +experiment=NAME     a named experiment from conf/experiment/
+  +debug=tiny          tiny random model, 3 sites, 2 rounds (seconds)
+Run `fedmira config` to list every key with its default and meaning.
+"""
+
+
+def _compose(overrides: Sequence[str]):  # type: ignore[no-untyped-def]
+    from common.compose import compose_config
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise FedmiraError(f"Unexpected argument(s) {bad}: overrides look like key=value (see --help).")
+    return compose_config(overrides)
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from common.reports import check_data
+
+    cfg = _compose(args.overrides)
+    count_tokens: Callable[[str], int] | None = None
+    if args.tokens:
+        from common.model import load_base_model
+
+        tok = load_base_model(cfg.model).tokenizer
+        count_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    fmt = args.format or cfg.data.format
+    return check_data(args.path, fmt=fmt, policy=cfg.data.policy, max_chars=cfg.data.max_chars,
+                      count_tokens=count_tokens, max_problems_shown=args.max_problems)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simulations.centralized import train_centralized
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("train=") for o in overrides):
+        overrides.insert(0, "train=centralized")
+    train_centralized(_compose(overrides), site=args.site)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from common.inference import generate_impressions, read_input, write_impressions
+
+    cfg = _compose(args.overrides)
+    reports = read_input(args.input, cfg.data.format, site=args.site, modality=args.modality,
+                         body_part=args.body_part, exam=args.exam)
+    impressions = generate_impressions(cfg, reports, args.adapter)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            write_impressions(reports, impressions, f)
+        print(f"{len(reports)} impressions written to {args.output}", file=sys.stderr)
+    else:
+        write_impressions(reports, impressions, sys.stdout)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.launch import simulate
+
+    cfg = _compose(args.overrides)
+    resumed_with_overrides = bool(cfg.run.resume) and any(
+        not o.startswith(("run.resume=", "+run.resume=")) for o in args.overrides)
+    return simulate(cfg, resumed_from_cli=resumed_with_overrides, verbose=args.verbose)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from common.config import help_table
+
+    cfg = _compose(args.overrides)
+    values = cfg.to_run_config()
+    section = ""
+    for key, _default, text in help_table():
+        head = key.split(".", 1)[0]
+        if head != section:
+            section = head
+            print(f"\n[{section}]")
+        print(f"  {key} = {values[key]!r}\n      {text}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmira",
+        description="Federated LoRA fine-tuning of a radiology-report model (findings -> impression). "
+                    "Reports never leave a hospital; only adapter weights do.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n  fedmira simulate                      # 42 synthetic hospitals, SmolLM2\n"
+               "  fedmira data check reports.csv        # validate a hospital's export\n"
+               "  fedmira train data.path=reports.csv   # centralized baseline\n"
+               "  fedmira generate --adapter RUN/final_adapter --input reports.jsonl\n\n"
+               + EPILOG_OVERRIDES,
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    data = sub.add_parser("data", help="inspect report files")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    check = data_sub.add_parser(
+        "check", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="validate a report file and print its profile",
+        description="Validate a report file (JSONL, CSV or the IU/Open-i CSV): one line per problem "
+                    "naming file, line, report id, field and the fix; then rows kept/skipped, sites, "
+                    "modalities and lengths. Exit 0 when usable reports remain, 1 when none, 2 when "
+                    "the file cannot be read. Report text is never printed.")
+    check.add_argument("path", help="report file")
+    check.add_argument("--format", choices=["auto", "jsonl", "csv", "iu"], help="override data.format")
+    check.add_argument("--tokens", action="store_true", help="also count tokens with the model's tokenizer")
+    check.add_argument("--max-problems", type=int, default=50, help="problems listed before summarising")
+    check.add_argument("overrides", nargs="*", help="Hydra overrides")
+    check.set_defaults(func=cmd_data_check)
+
+    train = sub.add_parser(
+        "train", formatter_class=fmt, epilog=EPILOG_OVERRIDES, help="centralized or single-site LoRA training",
+        description="LoRA fine-tuning on pooled reports (the centralized baseline) or one site's "
+                    "reports (--site). Uses conf/train/centralized.yaml unless train=... is given. "
+                    "Prints held-out loss before and after and saves the adapter (PEFT format).")
+    train.add_argument("--site", help="train on this site's reports only")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser(
+        "generate", formatter_class=fmt, epilog=EPILOG_OVERRIDES, help="write impressions from findings",
+        description="Generate impressions with the base model, or with an adapter (--adapter). Input "
+                    "is a report file or '-' for stdin (one JSON report or one findings text per "
+                    "line). Output: JSON lines {report_id, site_id, impression}.")
+    gen.add_argument("--input", default="-", help="report file, or - for stdin (default)")
+    gen.add_argument("--output", help="JSONL file to write (default: stdout)")
+    gen.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN_DIR/final_adapter)")
+    gen.add_argument("--site", default="site", help="site id for stdin findings")
+    gen.add_argument("--modality", default="DR", help="modality for stdin findings (CT, MR, DR, ...)")
+    gen.add_argument("--body-part", default="chest", help="body part for stdin findings")
+    gen.add_argument("--exam", default="", help="exam description for stdin findings")
+    gen.add_argument("overrides", nargs="*", help="Hydra overrides")
+    gen.set_defaults(func=cmd_generate)
+
+    sim = sub.add_parser(
+        "simulate", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="federated fine-tuning of simulated hospitals on this machine (the main job)",
+        description="Split the reports into simulated hospitals and fine-tune one LoRA adapter "
+                    "with Flower's simulation engine. Writes a run folder (config + hashes, "
+                    "metrics per round, adapter per round, final adapter, loss plot). Resume an "
+                    "interrupted run with run.resume=RUN_DIR. Exit 0 when every round completed.")
+    sim.add_argument("-v", "--verbose", action="store_true", help="stream all Flower logs")
+    sim.add_argument("overrides", nargs="*", help="Hydra overrides")
+    sim.set_defaults(func=cmd_simulate)
+
+    conf = sub.add_parser("config", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+                          help="print every config key with its value and meaning")
+    conf.add_argument("overrides", nargs="*", help="Hydra overrides")
+    conf.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedmira`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return int(args.func(args))
+    except FedmiraError as exc:
+        print(f"fedmira: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmira: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Typed, validated configuration: the single source of truth for a run.
+
+The config path is: Hydra YAML (``conf/``) -> :class:`ExperimentConfig` (validated here) ->
+flat Flower run config (:meth:`ExperimentConfig.to_run_config`) -> :class:`ExperimentConfig`
+again inside the Flower apps (:meth:`ExperimentConfig.from_run_config`).
+
+Every field carries a help text; every ``__post_init__`` raises :class:`ConfigError` naming the
+field (as ``section.field``), the bad value and what is allowed, so a wrong override fails at
+start-up with a message that says how to fix it, not deep inside a training round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from common.errors import ConfigError
+
+MODEL_EMBEDDED = "embedded:smollm2-135m"
+MODEL_TINY = "tiny-random"
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def _fail(section: str, name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(
+        f"Invalid config value `{section}.{name}` = {value!r}: {allowed}. "
+        f"Fix it in the YAML under conf/ or override it, e.g. `{section}.{name}=...`."
+    )
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(section, name, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_range(
+    section: str, name: str, value: float, lo: float | None = None, hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(section, name, value, "must be a number")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        _fail(section, name, value, f"must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        _fail(section, name, value, f"must be <= {hi}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and where to run it."""
+
+    name_or_path: str = _help(
+        "Base model: `embedded:smollm2-135m` (ships with the install), `tiny-random` (tests), a "
+        "local Hugging Face folder, a hub id already in the local cache, or a .gguf file.",
+        MODEL_EMBEDDED,
+    )
+    gguf_file: str = _help("GGUF file name inside `name_or_path` when that is a folder.", "")
+    device: str = _help("auto | cpu | cuda | cuda:N | mps. `auto` takes CUDA, then MPS, then CPU.", "auto")
+    dtype: str = _help("auto | float32 | bfloat16 | float16. `auto`: bf16 on GPU, fp32 on CPU.", "auto")
+    cache_dir: str = _help(
+        "Where converted models are cached (empty: $FEDMIRA_CACHE or ~/.cache/fedmira).", ""
+    )
+    seed: int = _help("Seed of the random initialisation of `tiny-random` models.", 0)
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            _fail("model", "name_or_path", self.name_or_path, "must name a model")
+        dev = self.device
+        if not (dev in ("auto", "cpu", "mps", "cuda") or dev.startswith("cuda:")):
+            _fail("model", "device", dev, "must be auto, cpu, cuda, cuda:N or mps")
+        _check_choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter shape: the only weights that are trained and that leave a hospital."""
+
+    r: int = _help("Rank of the LoRA update; higher is more expressive and more bytes per round.", 8)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r).", 16)
+    dropout: float = _help("Dropout on the LoRA input during training.", 0.05)
+    target_modules: list[str] = _help(
+        "Names of the linear layers that get adapters (Llama: q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj).",
+        ["q_proj", "v_proj"],
+    )
+
+    def __post_init__(self) -> None:
+        _check_range("lora", "r", self.r, 1, 1024)
+        _check_range("lora", "alpha", self.alpha, 0, lo_open=True)
+        _check_range("lora", "dropout", self.dropout, 0.0, 0.9)
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            _fail("lora", "target_modules", self.target_modules, "must be a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the reports come from and how each becomes a prompt."""
+
+    path: str = _help(
+        "Report file (JSONL, canonical CSV or the IU/Open-i CSV). Empty: the embedded synthetic "
+        "multicenter corpus, generated deterministically.",
+        "",
+    )
+    format: str = _help("auto | jsonl | csv | iu. `auto` decides by extension and CSV header.", "auto")
+    policy: str = _help("skip: drop bad rows and report them; fail: stop at the first bad row.", "skip")
+    template: str = _help("Prompt: `site_aware` (site, modality, body part, exam) or `plain`.", "site_aware")
+    max_length: int = _help("Max prompt+target tokens; findings are shortened first, never the target.", 256)
+    max_target_tokens: int = _help("Max impression tokens kept as the training target.", 96)
+    max_chars: int = _help("Rows whose findings or impression exceed this many characters are rejected.", 20000)
+    synthetic_sites: int = _help("Hospitals in the embedded synthetic corpus.", 42)
+    synthetic_reports: int = _help("Reports in the embedded synthetic corpus (all sites).", 4200)
+    synthetic_seed: int = _help("Seed of the synthetic corpus.", 7)
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "format", self.format, ("auto", "jsonl", "csv", "iu"))
+        _check_choice("data", "policy", self.policy, ("skip", "fail"))
+        _check_choice("data", "template", self.template, ("site_aware", "plain"))
+        _check_range("data", "max_length", self.max_length, 16, 8192)
+        _check_range("data", "max_target_tokens", self.max_target_tokens, 4, self.max_length - 8)
+        _check_range("data", "max_chars", self.max_chars, 16)
+        _check_range("data", "synthetic_sites", self.synthetic_sites, 1, 1000)
+        _check_range("data", "synthetic_reports", self.synthetic_reports, self.synthetic_sites)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How pooled reports are split into simulated hospitals and train/val/test."""
+
+    method: str = _help("natural: by `site_id`; iid: shuffled equal shares.", "natural")
+    num_sites: int = _help("Simulated hospitals (iid: exactly; natural: 0 keeps every site).", 0)
+    external_sites: int = _help("Whole sites held out as the external test set (never trained on).", 0)
+    val_fraction: float = _help("Share of each site's reports for validation.", 0.1)
+    test_fraction: float = _help("Share of each site's reports for the internal test set.", 0.1)
+    seed: int = _help("Seed of the split; part of the locked config.", 42)
+    max_reports_per_site: int = _help("Cap per site after splitting (0: no cap); for quick runs.", 0)
+
+    def __post_init__(self) -> None:
+        _check_choice("partition", "method", self.method, ("natural", "iid"))
+        _check_range("partition", "num_sites", self.num_sites, 0, 10000)
+        _check_range("partition", "external_sites", self.external_sites, 0, 10000)
+        _check_range("partition", "val_fraction", self.val_fraction, 0.0, 0.5)
+        _check_range("partition", "test_fraction", self.test_fraction, 0.0, 0.5)
+        _check_range("partition", "max_reports_per_site", self.max_reports_per_site, 0)
+        if self.method == "iid" and self.num_sites < 1:
+            _fail("partition", "num_sites", self.num_sites, "must be >= 1 with method=iid")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation at one site (one round, or a whole centralized run)."""
+
+    steps: int = _help("Optimizer steps per round at each site (centralized: in total).", 4)
+    batch_size: int = _help("Reports per micro-batch.", 4)
+    grad_accum: int = _help("Micro-batches per optimizer step.", 1)
+    lr: float = _help("Peak learning rate of AdamW.", 5e-4)
+    weight_decay: float = _help("AdamW weight decay on the LoRA weights.", 0.0)
+    warmup_steps: int = _help("Linear warm-up steps.", 0)
+    schedule: str = _help("constant | linear | cosine decay after warm-up.", "constant")
+    max_grad_norm: float = _help("Clip the global gradient norm (0: off).", 1.0)
+    seed: int = _help("Seed of batching, dropout and initialisation.", 0)
+    threads: int = _help("torch CPU threads (0: leave torch's default).", 0)
+
+    def __post_init__(self) -> None:
+        _check_range("train", "steps", self.steps, 1)
+        _check_range("train", "batch_size", self.batch_size, 1)
+        _check_range("train", "grad_accum", self.grad_accum, 1)
+        _check_range("train", "lr", self.lr, 0.0, 1.0, lo_open=True)
+        _check_range("train", "weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("train", "warmup_steps", self.warmup_steps, 0)
+        _check_choice("train", "schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check_range("train", "max_grad_norm", self.max_grad_norm, 0.0)
+        _check_range("train", "threads", self.threads, 0, 1024)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding settings for impressions."""
+
+    max_new_tokens: int = _help("Longest impression generated, in tokens.", 64)
+    num_beams: int = _help("1: greedy; >1: beam search.", 1)
+    batch_size: int = _help("Reports generated together (left padding, KV cache).", 8)
+
+    def __post_init__(self) -> None:
+        _check_range("generate", "max_new_tokens", self.max_new_tokens, 1, 4096)
+        _check_range("generate", "num_beams", self.num_beams, 1, 32)
+        _check_range("generate", "batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation and round schedule."""
+
+    name: str = _help("Aggregation algorithm: fedavg (weighted by examples).", "fedavg")
+    rounds: int = _help("Federated rounds.", 3)
+    fraction_train: float = _help("Share of available sites sampled for training each round.", 1.0)
+    min_train_sites: int = _help("A round fails unless at least this many sites reply.", 1)
+    fraction_evaluate: float = _help("Share of sites sampled for federated evaluation.", 1.0)
+    min_evaluate_sites: int = _help("Federated evaluation needs at least this many replies.", 1)
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", "name", self.name, ("fedavg",))
+        _check_range("strategy", "rounds", self.rounds, 1, 100000)
+        _check_range("strategy", "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
+        _check_range("strategy", "min_train_sites", self.min_train_sites, 1)
+        _check_range("strategy", "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
+        _check_range("strategy", "min_evaluate_sites", self.min_evaluate_sites, 0)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy at the sites."""
+
+    enabled: bool = _help(
+        "Record-level DP-SGD with Opacus. This version trains without DP only; DP-SGD with "
+        "accounting across rounds is planned (see the README's Privacy section).",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _fail("privacy", "enabled", self.enabled,
+                  "DP-SGD is not available in this version of fedmira; use privacy=off")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Federated evaluation of the global adapter on each site's validation split."""
+
+    every: int = _help("Evaluate every k rounds (0: never; the last round is always evaluated).", 1)
+    max_loss_samples: int = _help("Validation reports per site for the loss (0: all).", 32)
+    rouge_samples: int = _help("Validation reports per site decoded for ROUGE-L (0: skip).", 4)
+    max_new_tokens: int = _help("Decode length for the ROUGE-L sample.", 48)
+    batch_size: int = _help("Batch size for validation loss and decoding.", 8)
+
+    def __post_init__(self) -> None:
+        _check_range("eval", "every", self.every, 0)
+        _check_range("eval", "max_loss_samples", self.max_loss_samples, 0)
+        _check_range("eval", "rouge_samples", self.rouge_samples, 0)
+        _check_range("eval", "max_new_tokens", self.max_new_tokens, 1)
+        _check_range("eval", "batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """Simulation on one machine, or deployment over the network."""
+
+    name: str = _help("simulation | deployment.", "simulation")
+    backend: str = _help("Simulation backend: ray (Flower's simulation engine).", "ray")
+    ray_address: str = _help("Existing Ray cluster to join (empty: start a local one).", "")
+    client_cpus: int = _help("CPUs reserved per simulated site (sets how many run at once).", 2)
+    client_gpus: float = _help("GPU share per simulated site (0 on CPU machines).", 0.0)
+    superlink: str = _help("Deployment: SuperLink address host:port of the coordinator.", "")
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", "name", self.name, ("simulation", "deployment"))
+        _check_choice("mode", "backend", self.backend, ("ray",))
+        _check_range("mode", "client_cpus", self.client_cpus, 1)
+        _check_range("mode", "client_gpus", self.client_gpus, 0.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Naming, output and resume of a run."""
+
+    name: str = _help("Experiment name; runs of one name must share the locked config.", "default")
+    out_dir: str = _help("Folder holding run folders.", "outputs")
+    resume: str = _help("Run folder to resume after its last completed round (empty: new run).", "")
+    allow_lock_change: bool = _help(
+        "Permit a run whose locked part (split, eval set, prompt, sites) differs from the one "
+        "recorded for this experiment name. Results are then not comparable.",
+        False,
+    )
+    seed: int = _help("Global seed (server-side sampling of sites).", 0)
+    dir: str = _help("This run's folder; set by the launcher, not by hand.", "")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole configuration of a fedmira run."""
+
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a nested mapping (e.g. a resolved Hydra config), rejecting unknown keys."""
+        return _build(cls, data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-Python dict (JSON/YAML serialisable)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> ExperimentConfig:
+        """Copy with whole sections replaced (each re-validated by its constructor)."""
+        return dataclasses.replace(self, **sections)
+
+    # ------------------------------------------------------------------ Flower run config
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten to Flower's run config: dotted keys, scalar values, lists as JSON strings."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = json.dumps(value) if isinstance(value, list) else value
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ExperimentConfig:
+        """Inverse of :meth:`to_run_config` (used inside the ServerApp and ClientApp)."""
+        nested: dict[str, dict[str, Any]] = {}
+        for dotted, value in run_config.items():
+            section, _, key = str(dotted).partition(".")
+            if not key:
+                raise ConfigError(
+                    f"Run config key `{dotted}` is not of the form section.field; start runs "
+                    "through `fedmira simulate`, which writes a complete run config."
+                )
+            nested.setdefault(section, {})[key] = value
+        hints = _section_hints()
+        for section, values in nested.items():
+            for key, value in list(values.items()):
+                hint = hints.get(section, {}).get(key)
+                if hint is not None and typing.get_origin(hint) is list and isinstance(value, str):
+                    try:
+                        values[key] = json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(
+                            f"Run config value `{section}.{key}` = {value!r} is not a JSON list, "
+                            f'e.g. \'["q_proj", "v_proj"]\'.'
+                        ) from exc
+        return cls.from_dict(nested)
+
+    # ------------------------------------------------------------------ locked part
+    def locked_part(self) -> dict[str, Any]:
+        """Settings that make results comparable: split, its seed, eval set, prompt, sites."""
+        return {
+            "data": {
+                k: getattr(self.data, k)
+                for k in ("path", "format", "policy", "template", "max_length", "max_target_tokens",
+                          "max_chars", "synthetic_sites", "synthetic_reports", "synthetic_seed")
+            },
+            "partition": dataclasses.asdict(self.partition),
+            "eval": {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")},
+        }
+
+    def lock_hash(self) -> str:
+        """Short SHA-256 of :meth:`locked_part`."""
+        return stable_hash(self.locked_part())
+
+    def config_hash(self) -> str:
+        """Short SHA-256 of the whole config except run bookkeeping (name, out_dir, resume)."""
+        d = self.to_dict()
+        d.pop("run")
+        return stable_hash(d)
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 (first 16 hex digits) of the canonical JSON of ``obj``."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _section_hints() -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(ExperimentConfig):
+        cls = typing.get_type_hints(ExperimentConfig)[f.name]
+        out[f.name] = typing.get_type_hints(cls)
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert YAML/run-config scalars to the declared type, or fail naming the field."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Config field `{where}` must be a list, got {value!r}.")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"Config field `{where}` must be true or false, got {value!r}.")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"Config field `{where}` must be an integer, got {value!r}.")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"Config field `{where}` must be a number, got {value!r}.")
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"Config field `{where}` must be a string, got {value!r}.")
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"Config section `{prefix or 'root'}` must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        raise ConfigError(
+            f"Unknown config key(s) {', '.join(f'`{prefix}{u}`' if not prefix else f'`{prefix}.{u}`' for u in unknown)} "
+            f"in {where}; known keys: {', '.join(sorted(names))}."
+        )
+    kwargs: dict[str, Any] = {}
+    for name in names & set(data):
+        hint = hints[name]
+        where = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], where)
+        else:
+            kwargs[name] = _coerce(data[name], hint, where)
+    return cls(**kwargs)
+
+
+def help_table(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for every field, for `--help` output and the README."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(help_table(hints[f.name], key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, json.dumps(default), f.metadata.get("help", "")))
+    return rows

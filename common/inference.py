@@ -1,0 +1,90 @@
+"""Impression generation for ``fedmira generate``: base model (+ optional adapter) on reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from common.adapters import ADAPTER_CONFIG
+from common.config import ExperimentConfig
+from common.engine import generate
+from common.errors import DataError, ModelError
+from common.model import load_base_model
+from common.reports import Report, load_reports, normalize_modality
+
+
+def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device): the base model, with the PEFT adapter at ``adapter`` if given."""
+    loaded = load_base_model(cfg.model)
+    model = loaded.model
+    if adapter:
+        from peft import PeftModel
+
+        folder = Path(adapter)
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} missing).")
+        model = PeftModel.from_pretrained(model, str(folder)).to(loaded.device)
+        model.eval()
+    return model, loaded.tokenizer, loaded.device
+
+
+def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_part: str, exam: str) -> list[Report]:
+    """Reports from stdin: one JSON report object or one plain findings text per line."""
+    mod = normalize_modality(modality)
+    if mod is None:
+        raise DataError(f"--modality {modality[:16]!r} is not a known modality code (e.g. CT, MR, DR).")
+    reports = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"stdin line {n}: not valid JSON ({exc.msg}).") from None
+            obj.setdefault("report_id", f"stdin-{n}")
+            obj.setdefault("site_id", site)
+            obj.setdefault("modality", mod)
+            obj.setdefault("body_part", body_part)
+            obj.setdefault("exam", exam)
+            obj.setdefault("impression", "")
+            if not str(obj.get("findings", "")).strip():
+                raise DataError(f"stdin line {n}: field 'findings' is missing or empty.")
+            obj["labels"] = tuple(obj.get("labels", ()))
+            known = set(Report.__dataclass_fields__)
+            reports.append(Report(**{k: v for k, v in obj.items() if k in known}))
+        else:
+            reports.append(Report(f"stdin-{n}", site, mod, body_part, exam, line, ""))
+    return reports
+
+
+def read_input(path: str, fmt: str, **defaults: str) -> list[Report]:
+    """Reports from a file (any supported format) or from stdin when ``path`` is ``-``."""
+    import sys
+
+    if path == "-":
+        return reports_from_lines(sys.stdin, **defaults)
+    result = load_reports(path, fmt=fmt, policy="skip")
+    # Generation needs findings only: rows skipped just for a missing impression are fine, but
+    # the readers drop them, so re-admit nothing here and tell the user how many were skipped.
+    if not result.reports:
+        raise DataError(f"No usable reports in {path}; run `fedmira data check {path}`.")
+    return result.reports
+
+
+def write_impressions(reports: list[Report], impressions: list[str], out: TextIO) -> None:
+    """One JSON line per report: id, site and the generated impression (and the reference)."""
+    for r, text in zip(reports, impressions):
+        row = {"report_id": r.report_id, "site_id": r.site_id, "impression": text}
+        if r.impression:
+            row["reference"] = r.impression
+        out.write(json.dumps(row) + "\n")
+
+
+def generate_impressions(cfg: ExperimentConfig, reports: list[Report], adapter: str | None,
+                         progress: bool = True) -> list[str]:
+    """Impressions for ``reports`` with the configured decoding settings."""
+    model, tokenizer, device = load_model_with_adapter(cfg, adapter)
+    return generate(model, tokenizer, reports, cfg.data, cfg.generate, device, progress=progress)

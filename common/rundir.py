@@ -1,0 +1,191 @@
+"""A run folder: resolved config, per-round metrics, adapters after every round, resume state.
+
+Layout::
+
+    RUN_DIR/
+      config.json            resolved ExperimentConfig + its hash and the locked part's hash
+      run_config.toml        the flat Flower run config the apps received
+      sites/                 one folder per simulated hospital + manifest.json + summary.csv
+      rounds/round_0003/     the global adapter after round 3 (PEFT format)
+      final_adapter/         the last round's adapter (PEFT format)
+      metrics.jsonl          one JSON object per completed round (aggregate + per site)
+      metrics.csv            the same, flattened, for spreadsheets
+      state.json             {"last_round": 3, ...}: what resume reads
+      loss.png               train/validation loss per round, overall and per site
+
+A round is *committed* in this order: adapter folder written under a temporary name and renamed,
+then the metrics line appended, then ``state.json`` replaced atomically. A crash at any point
+leaves either the previous committed round or the new one; on resume, metric lines of rounds
+after ``last_round`` are dropped, so no round appears twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from common.errors import FedmiraError
+
+STATE_FILE = "state.json"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Reads and writes one run folder (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ config
+    def write_config(self, config: Mapping[str, Any], config_hash: str, lock_hash: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        doc = {"config": dict(config), "config_hash": config_hash, "lock_hash": lock_hash}
+        _atomic_write(self.path / CONFIG_JSON, json.dumps(doc, indent=2, sort_keys=True))
+
+    def read_config(self) -> dict[str, Any]:
+        path = self.path / CONFIG_JSON
+        if not path.is_file():
+            raise FedmiraError(f"{self.path} is not a fedmira run folder ({CONFIG_JSON} missing).")
+        return dict(json.loads(path.read_text()))
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        path = self.path / STATE_FILE
+        return dict(json.loads(path.read_text())) if path.is_file() else {"last_round": 0}
+
+    @property
+    def last_round(self) -> int:
+        return int(self.state().get("last_round", 0))
+
+    def round_dir(self, server_round: int) -> Path:
+        return self.path / "rounds" / f"round_{server_round:04d}"
+
+    def commit_round(
+        self, server_round: int, write_adapter: Any, metrics: Mapping[str, Any],
+        extra_state: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit a finished round: adapter (via ``write_adapter(folder)``), metrics, state."""
+        final = self.round_dir(server_round)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_adapter(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._drop_metrics_after(server_round - 1)
+        with open(self.path / METRICS_JSONL, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"round": server_round, **metrics}, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        state = {**self.state(), **(extra_state or {}), "last_round": server_round}
+        _atomic_write(self.path / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+
+    def mark(self, **fields: Any) -> None:
+        """Merge ``fields`` into state.json (e.g. status, timings)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / STATE_FILE, json.dumps({**self.state(), **fields}, indent=2, sort_keys=True))
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS_JSONL
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a crash: it was never committed
+                    continue
+        return rows
+
+    def _drop_metrics_after(self, server_round: int) -> None:
+        """Keep only committed rounds <= ``server_round`` (a crash may leave an extra line)."""
+        rows = [r for r in self.metrics() if int(r["round"]) <= server_round]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        _atomic_write(self.path / METRICS_JSONL, text)
+
+    def repair(self) -> int:
+        """Make metrics agree with state.json before a resume; returns the last committed round."""
+        last = self.last_round
+        self._drop_metrics_after(last)
+        for tmp in (self.path / "rounds").glob("*.tmp") if (self.path / "rounds").is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return last
+
+    def write_metrics_csv(self) -> Path:
+        """Flatten metrics.jsonl into metrics.csv (one row per round and site, plus 'all')."""
+        rows: list[dict[str, Any]] = []
+        for rec in self.metrics():
+            base = {"round": rec["round"]}
+            rows.append({**base, "site": "all", **_scalars(rec.get("train", {}), "train_"),
+                         **_scalars(rec.get("evaluate", {}), "eval_")})
+            sites = set(rec.get("train_sites", {})) | set(rec.get("evaluate_sites", {}))
+            for site in sorted(sites):
+                rows.append({**base, "site": site,
+                             **_scalars(rec.get("train_sites", {}).get(site, {}), "train_"),
+                             **_scalars(rec.get("evaluate_sites", {}).get(site, {}), "eval_")})
+        columns = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("round", "site"), c))
+        path = self.path / METRICS_CSV
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+
+def _scalars(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {prefix + k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+
+
+def plot_losses(run: RunDir, path: Path | None = None) -> Path | None:
+    """Train and validation loss per round, overall (thick) and per site (thin)."""
+    rows = run.metrics()
+    if not rows:
+        return None
+    os.environ.setdefault("MPLCONFIGDIR", str(run.path / ".mpl"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, key, sites_key, title in (
+        (axes[0], ("train", "train-loss"), "train_sites", "Local training loss"),
+        (axes[1], ("evaluate", "val-loss"), "evaluate_sites", "Validation loss (global adapter)"),
+    ):
+        per_site: dict[str, list[tuple[int, float]]] = {}
+        for rec in rows:
+            for site, m in rec.get(sites_key, {}).items():
+                if key[1] in m:
+                    per_site.setdefault(site, []).append((rec["round"], m[key[1]]))
+        for site, pts in sorted(per_site.items()):
+            ax.plot(*zip(*pts), lw=0.8, alpha=0.5, marker=".", label=None)
+        overall = [(r["round"], r[key[0]][key[1]]) for r in rows if key[1] in r.get(key[0], {})]
+        if overall:
+            ax.plot(*zip(*overall), lw=2.5, color="black", marker="o", label="all sites (weighted)")
+            ax.legend(loc="upper right")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss per target token")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.path.name}: thin lines = individual sites")
+    fig.tight_layout()
+    out = path or run.path / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,136 @@
+"""What one hospital does in a round, as plain functions (the ClientApp only wires them).
+
+- :func:`load_site` reads a site's own folder (``train.jsonl``, ``val.jsonl``).
+- :class:`ModelCache` keeps the base model loaded for the life of the process: a simulated or
+  deployed site pays the model load once, not once per round.
+- :func:`local_train` / :func:`local_evaluate` take the global adapter tensors and return new
+  adapter tensors and metrics. Metrics are numbers only; report text never leaves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
+from common.config import ExperimentConfig, LoraConfig, ModelConfig, stable_hash
+from common.engine import encode_reports, evaluate_loss, generate, train_steps
+from common.errors import DataError
+from common.metrics import rouge_l
+from common.model import LoadedModel, apply_lora, load_base_model
+from common.prompts import Example
+from common.reports import Report, load_reports
+
+
+@dataclass
+class SiteData:
+    """A hospital's reports, already split; encoded examples are cached per tokenizer."""
+
+    site_id: str
+    train: list[Report]
+    val: list[Report]
+    _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+
+    def examples(self, split: str, tokenizer: Any, cfg: ExperimentConfig, limit: int = 0) -> list[Example]:
+        reports = self.train if split == "train" else self.val
+        if limit:
+            reports = reports[:limit]
+        key = f"{split}:{limit}:{stable_hash(cfg.locked_part()['data'])}"
+        if key not in self._encoded:
+            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data)
+        return self._encoded[key]
+
+
+def load_site(folder: str | Path, site_id: str | None = None) -> SiteData:
+    """Read ``folder/train.jsonl`` and ``folder/val.jsonl`` (val may be absent)."""
+    folder = Path(folder)
+    train_path = folder / "train.jsonl"
+    if not train_path.is_file():
+        raise DataError(f"Site folder {folder} has no train.jsonl; run `fedmira partition` or check data-path.")
+    train = load_reports(train_path, fmt="jsonl").reports
+    val_path = folder / "val.jsonl"
+    val = load_reports(val_path, fmt="jsonl").reports if val_path.is_file() else []
+    if not train:
+        raise DataError(f"Site folder {folder} holds no usable training reports.")
+    return SiteData(site_id or folder.name, train, val)
+
+
+@dataclass
+class Worker:
+    """A loaded base model with a LoRA adapter, ready for any site's round."""
+
+    loaded: LoadedModel
+    model: Any
+    initial_load_s: float
+
+
+class ModelCache:
+    """One trainable model per (model, LoRA) config for the life of the process."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, Worker] = {}
+
+    def get(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Worker, bool]:
+        """The worker for these configs and whether this call loaded it (a cold start)."""
+        key = stable_hash([repr(model_cfg), repr(lora_cfg), seed])
+        if key in self._workers:
+            return self._workers[key], False
+        start = time.perf_counter()
+        loaded = load_base_model(model_cfg)
+        model = apply_lora(loaded.model, lora_cfg, seed=seed)
+        self._workers.clear()  # one model per process: a new config replaces the old one
+        self._workers[key] = Worker(loaded, model, time.perf_counter() - start)
+        return self._workers[key], True
+
+
+def local_train(
+    worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
+    *, lr: float, steps: int, seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+    """Train the global adapter on the site's train split; returns the new adapter + metrics."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    set_adapter_state(worker.model, global_state)
+    tok = worker.loaded.tokenizer
+    examples = site.examples("train", tok, cfg)
+    result = train_steps(
+        worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
+        seed=seed, lr=lr, steps=steps,
+    )
+    state = get_adapter_state(worker.model)
+    metrics: dict[str, float | int] = {
+        "num-examples": len(examples),
+        "train-loss": result.mean_loss,
+        "tokens": result.tokens,
+        "tokens-per-s": result.tokens_per_s,
+        "train-s": result.seconds,
+        "bytes-sent": adapter_num_bytes(state),
+        "bytes-received": adapter_num_bytes(global_state),
+    }
+    return state, metrics
+
+
+def local_evaluate(
+    worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
+) -> dict[str, float | int]:
+    """Validation loss (and ROUGE-L on a small decoded sample) of the global adapter."""
+    set_adapter_state(worker.model, global_state)
+    tok, device = worker.loaded.tokenizer, worker.loaded.device
+    start = time.perf_counter()
+    examples = site.examples("val", tok, cfg, limit=cfg.eval.max_loss_samples)
+    if not examples:
+        return {"num-examples": 0, "eval-s": 0.0}
+    loss, n_tokens = evaluate_loss(worker.model, examples, device, int(tok.pad_token_id), cfg.eval.batch_size)
+    metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss, "val-tokens": n_tokens}
+    sample = site.val[: cfg.eval.rouge_samples]
+    if sample:
+        gen = cfg.generate.__class__(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,
+                                     batch_size=cfg.eval.batch_size)
+        hyps = generate(worker.model, tok, sample, cfg.data, gen, device)
+        metrics["rouge-l"] = sum(rouge_l(r.impression, h) for r, h in zip(sample, hyps)) / len(sample)
+    metrics["eval-s"] = time.perf_counter() - start
+    return metrics

@@ -1,0 +1,1 @@
+"""fedmira's Flower ServerApp and strategies: what runs at the coordinator."""

@@ -1,0 +1,1 @@
+"""Simulation helpers: partitioning pooled reports into simulated hospitals (no Flower imports)."""

@@ -1,0 +1,186 @@
+"""Start a private Flower SuperLink, submit a run with ``flwr run``, stream it, stop everything.
+
+Why a private SuperLink instead of ``flwr run``'s managed local one: the managed one is detached,
+listens on a fixed port (so two runs collide) and outlives the command. Ours listens on a free
+loopback port, keeps its state database and log in the run folder, dies with the launcher (also
+on SIGKILL, through the kernel's parent-death signal), and is stopped when the run ends.
+
+Runtime dependency installation is disabled (it would pull a CUDA torch online and fails
+offline), and so are telemetry and update checks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from common.errors import FedmiraError
+
+PR_SET_PDEATHSIG = 1
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setsid()  # own process group: stop() signals the whole tree at once
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: stop() still cleans up on normal exits
+        pass
+
+
+def flower_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
+    """Environment for Flower processes: offline-safe, quiet, and finding the venv's commands."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_DEDUP_LOGS": "0",
+    })
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+class SimulationSuperLink:
+    """A SuperLink in simulation mode on a free loopback port, owned by this process."""
+
+    def __init__(self, run_dir: Path, ray_address: str = "") -> None:
+        self.run_dir = run_dir
+        self.flwr_home = run_dir / ".flwr"
+        self.port = free_port()
+        self.env = flower_env(self.flwr_home, ray_address)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = run_dir / "superlink.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
+            f'address = "{self.address}"\ninsecure = true\n'
+        )
+        cmd = [
+            "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.run_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        record_pids(self.run_dir, [self.proc.pid])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FedmiraError(f"The Flower SuperLink exited at start-up; see {self.log_path}.")
+            if "Application startup complete" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.3)
+        raise FedmiraError(f"The Flower SuperLink did not start within {timeout:.0f} s; see {self.log_path}.")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        stop_group(self.proc.pid)
+        self.proc = None
+
+    def __enter__(self) -> SimulationSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after ``grace`` seconds."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def record_pids(run_dir: Path, pids: list[int]) -> None:
+    (run_dir / "processes.json").write_text(json.dumps({"pids": pids}))
+
+
+def stop_recorded(run_dir: Path) -> None:
+    """Stop processes a previous (killed) launcher of this run may have left behind."""
+    path = run_dir / "processes.json"
+    if not path.is_file():
+        return
+    for pid in json.loads(path.read_text()).get("pids", []):
+        stop_group(int(pid), grace=5.0)
+    path.unlink(missing_ok=True)
+
+
+def submit_and_stream(
+    link: SimulationSuperLink, run_config_toml: Path, num_sites: int, client_cpus: float,
+    client_gpus: float, on_line: Callable[[str], None], log_file: TextIO,
+) -> int | None:
+    """``flwr run`` this project on ``link`` and stream its logs; returns the run id."""
+    fed = (f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus} "
+           f"client-resources-num-gpus={client_gpus}")
+    cmd = ["flwr", "run", str(PROJECT_ROOT), "fedmira", "--run-config", str(run_config_toml),
+           "--federation-config", fed, "--stream"]
+    proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, cwd=str(PROJECT_ROOT))
+    run_id: int | None = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log_file.write(line)
+        log_file.flush()
+        m = re.search(r"Successfully started run (\d+)", line)
+        if m:
+            run_id = int(m.group(1))
+        on_line(line.rstrip("\n"))
+    proc.wait()
+    return run_id
+
+
+def run_status(link: SimulationSuperLink, run_id: int) -> str:
+    """The SuperLink's status of a run (e.g. 'finished:completed', 'finished:failed')."""
+    out = subprocess.run(["flwr", "ls", "fedmira", "--run-id", str(run_id), "--format", "json"],
+                         env=link.env, capture_output=True, text=True, timeout=60)
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+    except (json.JSONDecodeError, AttributeError):
+        return "unknown"

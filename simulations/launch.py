@@ -1,0 +1,220 @@
+"""``fedmira simulate``: compose -> validate -> split into hospitals -> Flower simulation -> results.
+
+The launcher only prepares and wires: it writes the run folder (resolved config and its hashes,
+one data folder per simulated hospital, the flat run config), starts a private SuperLink in
+simulation mode, submits the app with ``flwr run`` and streams its progress. The rounds
+themselves run in ``server/server_app.py`` and ``client/client_app.py``.
+
+``flwr run --stream`` exits 0 even when the run failed, so success is judged from the run
+folder (every planned round committed) and the SuperLink's run status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+from common.config import ExperimentConfig
+from common.errors import ConfigError, FedmiraError
+from common.reports import Report, load_reports
+from common.rundir import RunDir, plot_losses
+from common.synthetic import make_synthetic_corpus
+from simulations.partition import SiteSplit, partition_reports, summarize, write_manifest, write_site_folders
+
+DEFAULT_SINGLE_SITE_SPLIT = 8
+LOCKS_DIR = "locks"
+
+
+# ------------------------------------------------------------------------------ data
+def load_pooled_reports(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> list[Report]:
+    """The reports to split: the file at ``data.path`` or the embedded synthetic corpus."""
+    d = cfg.data
+    if not d.path:
+        return make_synthetic_corpus(d.synthetic_sites, d.synthetic_reports, d.synthetic_seed)
+    result = load_reports(d.path, fmt=d.format, policy=d.policy, max_chars=d.max_chars)
+    if result.problems:
+        codes: dict[str, int] = {}
+        for p in result.problems:
+            codes[p.code] = codes.get(p.code, 0) + 1
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))
+        print(f"data: {result.rows_skipped} of {result.rows_total} rows skipped ({summary}); "
+              f"`fedmira data check {d.path}` lists them.", file=out)
+    if not result.reports:
+        raise FedmiraError(f"No usable reports in {d.path}; run `fedmira data check {d.path}`.")
+    return result.reports
+
+
+def split_sites(cfg: ExperimentConfig, reports: list[Report]) -> list[SiteSplit]:
+    """Partition per config; a single-site file under ``natural`` falls back to an IID split."""
+    p = cfg.partition
+    method, num_sites = p.method, p.num_sites
+    if method == "natural" and len({r.site_id for r in reports}) < 2:
+        method, num_sites = "iid", num_sites or DEFAULT_SINGLE_SITE_SPLIT
+    return partition_reports(
+        reports, method=method, num_sites=num_sites, external_sites=p.external_sites,
+        val_fraction=p.val_fraction, test_fraction=p.test_fraction, seed=p.seed,
+        max_reports_per_site=p.max_reports_per_site,
+    )
+
+
+def write_sites(run_dir: Path, cfg: ExperimentConfig, splits: list[SiteSplit]) -> dict[str, Any]:
+    """One folder per hospital + manifest + summary; returns the site index the apps read."""
+    sites_dir = run_dir / "sites"
+    write_site_folders(splits, sites_dir)
+    manifest_hash = write_manifest(splits, sites_dir / "manifest.json", seed=cfg.partition.seed,
+                                   extra={"lock_hash": cfg.lock_hash()})
+    rows = summarize(splits)
+    if rows:
+        cols = list(rows[0])
+        text = ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows)
+        (sites_dir / "summary.csv").write_text(text)
+    index = {
+        "train_sites": [s.site_id for s in splits if not s.external and s.train],
+        "external_sites": [s.site_id for s in splits if s.external],
+        "manifest_hash": manifest_hash,
+    }
+    (sites_dir / "sites.json").write_text(json.dumps(index, indent=2))
+    return index
+
+
+# ------------------------------------------------------------------------------ locks
+def check_lock(cfg: ExperimentConfig) -> None:
+    """Refuse a run whose locked part differs from the one recorded for its experiment name."""
+    path = Path(cfg.run.out_dir) / LOCKS_DIR / f"{cfg.run.name}.json"
+    lock = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded["lock_hash"] != lock["lock_hash"] and not cfg.run.allow_lock_change:
+            changed = _changed_keys(recorded["locked"], lock["locked"])
+            raise ConfigError(
+                f"The locked part of experiment `{cfg.run.name}` changed ({', '.join(changed)}), so "
+                "its results would not be comparable with earlier runs. Use another run.name, "
+                f"or pass run.allow_lock_change=true (recorded in {path})."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(lock, indent=2, sort_keys=True))
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+# ------------------------------------------------------------------------------ run folder
+def new_run(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
+    """Create the run folder with config, hashes and site folders."""
+    check_lock(cfg)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = (Path(cfg.run.out_dir) / cfg.run.name / f"{stamp}-{cfg.config_hash()[:8]}").resolve()
+    path.mkdir(parents=True, exist_ok=False)
+    cfg = cfg.replace(run=dataclasses.replace(cfg.run, dir=str(path), resume=""))
+    run = RunDir(path)
+    run.write_config(cfg.to_dict(), cfg.config_hash(), cfg.lock_hash())
+    splits = split_sites(cfg, load_pooled_reports(cfg, out))
+    index = write_sites(path, cfg, splits)
+    return cfg, run, index
+
+
+def resume_run(resume: str, cfg_overrides: ExperimentConfig | None) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
+    """Reopen a run folder with its recorded config (the config must not change on resume)."""
+    run = RunDir(Path(resume).resolve())
+    doc = run.read_config()
+    cfg = ExperimentConfig.from_dict(doc["config"])
+    if cfg_overrides is not None and cfg_overrides.config_hash() != cfg.config_hash():
+        changed = _changed_keys(cfg.to_dict(), cfg_overrides.to_dict())
+        changed = [c for c in changed if not c.startswith("run.")]
+        raise ConfigError(
+            f"resume={resume} continues the recorded config; these overrides differ: "
+            f"{', '.join(changed[:6])}. Drop them, or start a new run."
+        )
+    index = json.loads((run.path / "sites" / "sites.json").read_text())
+    return cfg, run, index
+
+
+def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
+    """The nested TOML ``flwr run --run-config`` flattens back to our dotted keys."""
+    import tomli_w
+
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in cfg.to_run_config().items():
+        section, field = key.split(".", 1)
+        nested.setdefault(section, {})[field] = value
+    path = run.path / "run_config.toml"
+    path.write_text(tomli_w.dumps(nested))
+    return path
+
+
+# ------------------------------------------------------------------------------ simulate
+def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: TextIO = sys.stdout,
+             verbose: bool = False) -> int:
+    """Run a federated simulation; returns the process exit code (0: all rounds committed)."""
+    from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, submit_and_stream
+
+    t0 = time.perf_counter()
+    if cfg.run.resume:
+        cfg, run, index = resume_run(cfg.run.resume, None if not resumed_from_cli else cfg)
+        stop_recorded(run.path)
+        done = run.repair()
+        print(f"Resuming {run.path} after round {done} of {cfg.strategy.rounds}.", file=out)
+    else:
+        cfg, run, index = new_run(cfg, out)
+        print(f"Run folder: {run.path}", file=out)
+    n_sites = len(index["train_sites"])
+    if n_sites < cfg.strategy.min_train_sites:
+        raise ConfigError(f"Only {n_sites} training site(s), fewer than strategy.min_train_sites="
+                          f"{cfg.strategy.min_train_sites}.")
+    print(f"{n_sites} simulated hospitals ({len(index['external_sites'])} held out as external), "
+          f"{cfg.strategy.rounds} rounds, model {cfg.model.name_or_path}, config {cfg.config_hash()}, "
+          f"lock {cfg.lock_hash()}", file=out)
+    toml_path = write_run_config(run, cfg)
+    bar = tqdm(total=cfg.strategy.rounds, initial=run.last_round, desc="rounds", unit="round",
+               file=out, dynamic_ncols=True)
+
+    def on_line(line: str) -> None:
+        if "[fedmira]" in line:
+            bar.write(line.split("[fedmira]", 1)[1].strip())
+            bar.n = run.last_round
+            bar.refresh()
+        elif verbose or "ERROR" in line or "Traceback" in line or "excluded" in line:
+            bar.write(line)
+
+    with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, \
+            SimulationSuperLink(run.path, cfg.mode.ray_address) as link:
+        startup_s = time.perf_counter() - t0
+        run_id = submit_and_stream(link, toml_path, n_sites, cfg.mode.client_cpus,
+                                   cfg.mode.client_gpus, on_line, log_file)
+        status = run_status(link, run_id) if run_id is not None else "not started"
+    bar.close()
+    return _finish(cfg, run, status, startup_s, time.perf_counter() - t0, out)
+
+
+def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, wall_s: float,
+            out: TextIO) -> int:
+    last = run.last_round
+    run.mark(flower_status=status, wall_s=round(wall_s, 1), launcher_startup_s=round(startup_s, 1))
+    if run.metrics():
+        run.write_metrics_csv()
+        plot_losses(run)
+    ok = last >= cfg.strategy.rounds and "completed" in status
+    word = "completed" if ok else "FAILED"
+    print(f"\nRun {word}: {last}/{cfg.strategy.rounds} rounds committed in {wall_s:.0f} s "
+          f"(Flower status: {status}).", file=out)
+    print(f"Results:  {run.path}\n  metrics:  {run.path / 'metrics.jsonl'} (and metrics.csv)\n"
+          f"  plot:     {run.path / 'loss.png'}\n  adapter:  {run.path / 'final_adapter'}", file=out)
+    if not ok:
+        print(f"  log:      {run.path / 'flower.log'}\nContinue with: fedmira simulate run.resume={run.path}",
+              file=out)
+    return 0 if ok else 1

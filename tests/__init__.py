@@ -1,0 +1,1 @@
+"""fedmira tests."""
