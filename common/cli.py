@@ -85,6 +85,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(cfg, resumed_from_cli=resumed_with_overrides, verbose=args.verbose)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from common.export import export_run
+
+    target = export_run(args.run_dir, args.out, merge=args.merge)
+    print(f"Exported to {target}: adapter/ (PEFT), README.md (model card)"
+          + (", merged/ (base + adapter, Hugging Face format)" if args.merge else ""))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from common.config import help_table
 
@@ -167,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-v", "--verbose", action="store_true", help="stream all Flower logs")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides")
     sim.set_defaults(func=cmd_simulate)
+
+    exp = sub.add_parser(
+        "export", help="final adapter + model card (+ merged model) from a run folder",
+        description="Write RUN_DIR's final adapter (PEFT format) and a model card (config and "
+                    "locked-part hashes, data per site, rounds, strategy, privacy, evaluation) to "
+                    "--out (default RUN_DIR/export). --merge also writes the base model with the "
+                    "adapter merged, as a plain Hugging Face folder for serving.")
+    exp.add_argument("run_dir", help="a run folder written by fedmira simulate")
+    exp.add_argument("--out", help="output folder (default: RUN_DIR/export)")
+    exp.add_argument("--merge", action="store_true", help="also write the merged model")
+    exp.set_defaults(func=cmd_export)
 
     conf = sub.add_parser("config", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                           help="print every config key with its value and meaning")

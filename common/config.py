@@ -238,9 +238,9 @@ class EvalConfig:
     """Federated evaluation of the global adapter on each site's validation split."""
 
     every: int = _help("Evaluate every k rounds (0: never; the last round is always evaluated).", 1)
-    max_loss_samples: int = _help("Validation reports per site for the loss (0: all).", 32)
-    rouge_samples: int = _help("Validation reports per site decoded for ROUGE-L (0: skip).", 4)
-    max_new_tokens: int = _help("Decode length for the ROUGE-L sample.", 48)
+    max_loss_samples: int = _help("Validation reports per site for the loss (0: all).", 16)
+    rouge_samples: int = _help("Validation reports per site decoded for ROUGE-L (0: skip).", 2)
+    max_new_tokens: int = _help("Decode length for the ROUGE-L sample.", 32)
     batch_size: int = _help("Batch size for validation loss and decoding.", 8)
 
     def __post_init__(self) -> None:
@@ -283,6 +283,7 @@ class RunConfig:
     )
     seed: int = _help("Global seed (server-side sampling of sites).", 0)
     dir: str = _help("This run's folder; set by the launcher, not by hand.", "")
+    tensorboard: bool = _help("Also write per-round metrics as TensorBoard events (RUN_DIR/tb).", False)
 
 
 @dataclass(frozen=True)

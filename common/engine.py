@@ -7,11 +7,12 @@ reports, typed configs, device) and return plain results, so they are tested wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,14 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
+@contextlib.contextmanager
+def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (LoRA dropout) for one training run, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _batches(n: int, batch_size: int, rng: random.Random) -> Any:
     """Endless shuffled mini-batches of indices (reshuffled every epoch)."""
     while True:
@@ -95,7 +104,8 @@ def train_steps(
         raise ValueError("No training examples: this site has no usable reports in its train split.")
     steps = steps or cfg.steps
     lr = lr or cfg.lr
-    rng = random.Random(cfg.seed if seed is None else seed)
+    run_seed = cfg.seed if seed is None else seed
+    rng = random.Random(run_seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
@@ -106,29 +116,32 @@ def train_steps(
     total_loss, total_tokens, all_tokens = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
-    for step in bar:
-        step_loss, step_tokens = torch.zeros((), device=device), 0
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        n_target = sum(sum(1 for t in examples[i].labels[1:] if t != IGNORE_INDEX) for m in micro for i in m)
-        for idx in micro:
-            seen.update(idx)
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            loss_sum, n_tok = token_loss(model, batch)
-            (loss_sum / max(n_target, 1)).backward()  # token mean over the whole accumulated step
-            step_loss += loss_sum.detach()
-            step_tokens += n_tok
-            all_tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(step_loss) / max(step_tokens, 1)
-        total_loss += float(step_loss)
-        total_tokens += step_tokens
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if on_step is not None:
-            on_step(step, loss_value)
+    with _seeded_torch(run_seed, device):  # dropout masks follow the seed too
+        for step in bar:
+            step_loss, step_tokens = torch.zeros((), device=device), 0
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            n_target = sum(
+                sum(1 for t in examples[i].labels[1:] if t != IGNORE_INDEX) for m in micro for i in m
+            )
+            for idx in micro:
+                seen.update(idx)
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+                loss_sum, n_tok = token_loss(model, batch)
+                (loss_sum / max(n_target, 1)).backward()  # token mean over the whole accumulated step
+                step_loss += loss_sum.detach()
+                step_tokens += n_tok
+                all_tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(step_loss) / max(step_tokens, 1)
+            total_loss += float(step_loss)
+            total_tokens += step_tokens
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_step is not None:
+                on_step(step, loss_value)
     model.eval()
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)

@@ -857,7 +857,7 @@ def format_profile(prof: dict[str, Any], max_rows: int = 20) -> str:
         f"Rows: {prof['rows_total']} total, {prof['rows_kept']} kept, "
         f"{prof['rows_skipped']} skipped",
     ]
-    out += _count_block("Problems", prof["problems"], max_rows)
+    out += _count_block("Problems by kind", prof["problems"], max_rows)
     out += _count_block("Sites", prof["sites"], max_rows)
     out += _count_block("Modalities", prof["modalities"], max_rows)
     out += _count_block("Body parts", prof["body_parts"], max_rows)

@@ -189,3 +189,19 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def write_tensorboard(run: RunDir, record: Mapping[str, Any]) -> None:
+    """Append one committed round's scalars to TensorBoard event files in ``RUN_DIR/tb``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    g = int(record["round"])
+    with SummaryWriter(str(run.path / "tb")) as writer:
+        for kind in ("train", "evaluate"):
+            for key, value in record.get(kind, {}).items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"{kind}/{key}", value, g)
+            for site, metrics in record.get(f"{kind}_sites", {}).items():
+                for key in ("train-loss", "val-loss", "rouge-l"):
+                    if key in metrics:
+                        writer.add_scalar(f"{kind}_sites/{key}/{site}", metrics[key], g)

@@ -87,13 +87,24 @@ class ModelCache:
         return self._workers[key], True
 
 
+def set_threads(cfg: ExperimentConfig) -> None:
+    """CPU threads for this site's work: ``train.threads``, else the simulated site's CPU share.
+
+    Ray starts simulation workers with a single OpenMP thread, which leaves cores idle when a
+    site was given several (``mode.client_cpus``); a deployed site keeps torch's default.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    elif cfg.mode.name == "simulation":
+        torch.set_num_threads(cfg.mode.client_cpus)
+
+
 def local_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
     *, lr: float, steps: int, seed: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train the global adapter on the site's train split; returns the new adapter + metrics."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg)
     set_adapter_state(worker.model, global_state)
     tok = worker.loaded.tokenizer
     examples = site.examples("train", tok, cfg)
@@ -118,6 +129,7 @@ def local_evaluate(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, float | int]:
     """Validation loss (and ROUGE-L on a small decoded sample) of the global adapter."""
+    set_threads(cfg)
     set_adapter_state(worker.model, global_state)
     tok, device = worker.loaded.tokenizer, worker.loaded.device
     start = time.perf_counter()

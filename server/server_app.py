@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_state, save_adapter_state
 from common.config import ExperimentConfig
 from common.model import apply_lora, load_base_model
-from common.rundir import RunDir, plot_losses
+from common.rundir import RunDir, plot_losses, write_tensorboard
 from server.strategy import FedmiraFedAvg
 
 app = ServerApp()
@@ -74,6 +74,8 @@ def main(grid: Grid, context: Context) -> None:
         _log_round(g, total, record)
         run.write_metrics_csv()
         plot_losses(run)
+        if cfg.run.tensorboard:
+            write_tensorboard(run, {"round": g, **record})
         return None
 
     run.mark(status="running", planned_rounds=total)

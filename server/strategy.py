@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -52,6 +52,17 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
 def _site_of(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["site-id"]) if site is not None else f"node-{msg.metadata.src_node_id}"
+
+
+def _reason(msg: Message) -> str:
+    reason = msg.error.reason  # optional in Flower's Error
+    return reason[:200] if reason else f"error code {msg.error.code}, no reason given"
+
+
+def _num_examples(msg: Message, key: str) -> float:
+    rec = next(iter(msg.content.metric_records.values()), None)
+    value = rec.get(key, 0) if rec is not None else 0
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 class FedmiraFedAvg(FedAvg):
@@ -113,7 +124,7 @@ class FedmiraFedAvg(FedAvg):
         valid = [m for m in replies if not m.has_error() and self._adapter_ok(g, m)]
         for m in replies:
             if m.has_error():
-                self._reject(g, m, f"site raised: {m.error.reason[:200]}")
+                self._reject(g, m, f"site raised: {_reason(m)}")
         if len(valid) < self.min_train_nodes:
             raise RoundFailed(
                 f"Round {g}: only {len(valid)} of {len(replies)} sites returned a usable adapter, "
@@ -125,6 +136,10 @@ class FedmiraFedAvg(FedAvg):
         return arrays, metrics
 
     def _adapter_ok(self, g: int, msg: Message) -> bool:
+        metrics = msg.content.metric_records
+        if len(metrics) != 1 or self.weighted_by_key not in next(iter(metrics.values())):
+            self._reject(g, msg, f"expected one MetricRecord with `{self.weighted_by_key}`")
+            return False
         records = msg.content.array_records
         if len(records) != 1:
             self._reject(g, msg, f"expected one ArrayRecord, got {len(records)}")
@@ -172,12 +187,15 @@ class FedmiraFedAvg(FedAvg):
         replies = list(replies)
         for m in replies:
             if m.has_error():
-                self._reject(g, m, f"evaluation raised: {m.error.reason[:200]}")
+                self._reject(g, m, f"evaluation raised: {_reason(m)}")
         valid = [m for m in replies if not m.has_error()]
         self._keep_site_metrics("evaluate", g, valid)
-        if not valid:
+        # A site without validation reports answers num-examples 0 and fewer metric keys;
+        # Flower refuses to aggregate replies whose keys differ, so leave it out here.
+        scored = [m for m in valid if _num_examples(m, self.weighted_by_key) > 0]
+        if not scored:
             return None
-        metrics = super().aggregate_evaluate(server_round, valid)
+        metrics = super().aggregate_evaluate(server_round, scored)
         self.aggregates["evaluate"][g] = metrics
         return metrics
 

@@ -23,6 +23,15 @@ from common.synthetic import make_synthetic_corpus
 SEED = 1234
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread (the tiny model gains nothing from more, and CI shares 2 cores); silence a
+    third-party deprecation (PEFT calling a renamed transformers method)."""
+    torch.set_num_threads(1)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds() -> None:
     """Seed Python, NumPy and torch before every test so each test is reproducible alone."""
@@ -39,6 +48,7 @@ def tiny() -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def _corpus() -> tuple[Report, ...]:
+    """The synthetic corpus, generated once per session."""
     return tuple(make_synthetic_corpus(num_sites=3, num_reports=40, seed=1))
 
 

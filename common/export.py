@@ -1,0 +1,116 @@
+"""``fedmira export RUN_DIR``: the artifacts people use after a run.
+
+Writes the final adapter (PEFT format), a model card (``README.md``: config hash, locked-part
+hash, data profile per site, rounds, strategy, privacy settings, evaluation results) and, on
+request, the base model with the adapter merged into a plain Hugging Face folder for serving.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from common.config import ExperimentConfig
+from common.errors import FedmiraError
+from common.rundir import RunDir
+
+
+def _final_adapter(run: RunDir) -> Path:
+    final = run.path / "final_adapter"
+    if (final / "adapter_model.safetensors").is_file():
+        return final
+    last = run.last_round
+    if last and (run.round_dir(last) / "adapter_model.safetensors").is_file():
+        return run.round_dir(last)
+    raise FedmiraError(f"{run.path} has no committed adapter yet; resume the run first.")
+
+
+def _site_table(run: RunDir) -> list[dict[str, str]]:
+    path = run.path / "sites" / "summary.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
+    """Markdown model card from the run folder (numbers and ids only, no report text)."""
+    rows = run.metrics()
+    last = rows[-1] if rows else {}
+    lines = [
+        f"# fedmira adapter: {cfg.run.name}",
+        "",
+        "LoRA adapter for writing radiology impressions from findings, trained federated with fedmira.",
+        "",
+        "| | |", "|---|---|",
+        f"| base model | `{cfg.model.name_or_path}` |",
+        f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules={', '.join(cfg.lora.target_modules)} |",
+        f"| prompt template | `{cfg.data.template}` |",
+        f"| strategy | {cfg.strategy.name}, {run.last_round}/{cfg.strategy.rounds} rounds, "
+        f"fraction_train={cfg.strategy.fraction_train} |",
+        f"| local training | {cfg.train.steps} steps x batch {cfg.train.batch_size} x accum "
+        f"{cfg.train.grad_accum}, lr {cfg.train.lr} |",
+        f"| privacy | {'DP-SGD' if cfg.privacy.enabled else 'no differential privacy (adapters and metrics only leave sites)'} |",
+        f"| config hash | `{doc.get('config_hash', cfg.config_hash())}` |",
+        f"| locked-part hash | `{doc.get('lock_hash', cfg.lock_hash())}` |",
+        "",
+        "## Evaluation (last evaluated round, weighted over sites)",
+        "",
+    ]
+    evaluated = [r for r in rows if r.get("evaluate")]
+    if evaluated:
+        ev = evaluated[-1]
+        lines += ["| round | val loss | ROUGE-L | sites |", "|---|---|---|---|",
+                  f"| {ev['round']} | {ev['evaluate'].get('val-loss', float('nan')):.4f} | "
+                  f"{ev['evaluate'].get('rouge-l', float('nan')):.3f} | {ev['evaluate'].get('num-sites', '')} |"]
+    else:
+        lines.append("No federated evaluation was recorded.")
+    lines += ["", "## Training loss per round", "", "| round | train loss | sites | bytes up |", "|---|---|---|---|"]
+    for r in rows:
+        t = r.get("train", {})
+        lines.append(f"| {r['round']} | {t.get('train-loss', float('nan')):.4f} | {t.get('num-sites', '')} | "
+                     f"{t.get('bytes-sent', '')} |")
+    sites = _site_table(run)
+    if sites:
+        cols = list(sites[0])
+        lines += ["", "## Data per site", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(s[c] for c in cols) + " |" for s in sites]
+    if last.get("rejected"):
+        lines += ["", f"Sites excluded in the last round: {len(last['rejected'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool = False) -> Path:
+    """Export a run's final adapter + model card (and the merged model when ``merge``)."""
+    run = RunDir(run_dir)
+    doc = run.read_config()
+    cfg = ExperimentConfig.from_dict(doc["config"])
+    target = Path(out) if out else run.path / "export"
+    adapter_src = _final_adapter(run)
+    shutil.rmtree(target / "adapter", ignore_errors=True)
+    shutil.copytree(adapter_src, target / "adapter")
+    card = model_card(run, cfg, doc)
+    (target / "README.md").write_text(card, encoding="utf-8")
+    (target / "adapter" / "README.md").write_text(card, encoding="utf-8")
+    (target / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
+    if merge:
+        _merge(cfg, target / "adapter", target / "merged")
+    return target
+
+
+def _merge(cfg: ExperimentConfig, adapter: Path, out: Path) -> None:
+    """Base model + adapter merged into one plain Hugging Face folder (no PEFT needed to serve)."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    from common.model import _make_plain, load_base_model
+
+    loaded = load_base_model(dataclasses.replace(cfg.model, device="cpu"))
+    merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
+    _make_plain(merged)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    loaded.tokenizer.save_pretrained(str(out))

@@ -1,0 +1,108 @@
+"""End-to-end simulations through the launcher users run (tiny model, 3 hospitals, CPU).
+
+Each test starts a real private SuperLink and Flower's simulation engine (Ray), so each takes
+about a minute; they are the proof that the pieces fit together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from common.compose import compose_config
+from common.rundir import RunDir
+from simulations.launch import new_run, simulate
+
+pytestmark = pytest.mark.integration
+
+TINY = ["+debug=tiny"]
+
+
+def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return compose_config([*TINY, f"run.out_dir={tmp_path / 'outputs'}", *extra])
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    runs = sorted((tmp_path / "outputs" / "default").iterdir())
+    assert len(runs) == 1
+    return runs[0]
+
+
+def _no_flower_left(run_dir: Path) -> None:
+    out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert out.stdout.strip() == "", f"processes of {run_dir} still running: {out.stdout}"
+
+
+def test_three_sites_two_rounds(tmp_path: Path) -> None:
+    code = simulate(_cfg(tmp_path))
+    assert code == 0
+    run = RunDir(_run_dir(tmp_path))
+    rows = run.metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["train"]["num-sites"] == 3
+        assert set(r["train_sites"]) == {"site_01", "site_02", "site_03"}
+        assert r["train"]["bytes-sent"] == 3 * r["train_sites"]["site_01"]["bytes-sent"]
+        assert r["evaluate"]["val-loss"] > 0
+    assert (run.path / "final_adapter" / "adapter_model.safetensors").is_file()
+    assert (run.path / "rounds" / "round_0002" / "adapter_config.json").is_file()
+    assert (run.path / "loss.png").stat().st_size > 1000
+    assert (run.path / "metrics.csv").read_text().count("\n") >= 8  # header + 2 x (all + 3 sites)
+    state = run.state()
+    assert state["status"] == "completed" and "completed" in state["flower_status"]
+    cold = [s["cold-start"] for s in rows[1]["train_sites"].values()]
+    assert cold == [0, 0, 0], "round 2 must reuse the model loaded in round 1"
+    _no_flower_left(run.path)
+
+
+def test_broken_site_is_excluded(tmp_path: Path) -> None:
+    cfg, run, index = new_run(_cfg(tmp_path))
+    broken = run.path / "sites" / "site_02" / "train.jsonl"
+    broken.write_text("{not json\n" * 3)  # a hospital whose export is damaged
+    code = simulate(cfg.replace(run=cfg.run.__class__(**{**cfg.run.__dict__, "resume": str(run.path)})))
+    assert code == 0
+    rows = run.metrics()
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert set(r["train_sites"]) == {"site_01", "site_03"}
+        assert r["train"]["num-sites"] == 2
+        assert any("raised" in x["reason"] for x in r["rejected"])
+    log = (run.path / "flower.log").read_text()
+    assert "excluded" in log
+
+
+def test_sigkill_then_resume(tmp_path: Path) -> None:
+    out_dir = tmp_path / "outputs"
+    cmd = [sys.executable, "-m", "common.cli", "simulate", *TINY, f"run.out_dir={out_dir}",
+           "strategy.rounds=3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    run_dir: Path | None = None
+    while time.monotonic() < deadline:
+        runs = list((out_dir / "default").glob("*")) if (out_dir / "default").is_dir() else []
+        if runs and RunDir(runs[0]).last_round >= 1:
+            run_dir = runs[0]
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.5)
+    assert run_dir is not None, "round 1 was never committed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # the kernel's parent-death signal reaches the SuperLink tree
+    done_before = RunDir(run_dir).last_round
+    assert done_before < 3
+
+    code = subprocess.run([sys.executable, "-m", "common.cli", "simulate", f"run.resume={run_dir}"],
+                          capture_output=True, text=True, timeout=300)
+    assert code.returncode == 0, code.stdout[-2000:] + code.stderr[-2000:]
+    rows = RunDir(run_dir).metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3]  # every round exactly once
+    assert json.loads((run_dir / "state.json").read_text())["last_round"] == 3
+    _no_flower_left(run_dir)
