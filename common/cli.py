@@ -85,6 +85,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(cfg, resumed_from_cli=resumed_with_overrides, verbose=args.verbose)
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    from simulations.partition_cli import run_partition
+
+    out = args.out
+    overrides = []
+    for o in args.overrides:  # `out=DIR` reads like an override but is this command's own
+        if o.startswith("out="):
+            out = o.split("=", 1)[1]
+        else:
+            overrides.append(o)
+    if not out:
+        raise FedmiraError("fedmira partition needs an output folder: out=DIR (or --out DIR).")
+    run_partition(_compose(overrides), out)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from common.export import export_run
 
@@ -176,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-v", "--verbose", action="store_true", help="stream all Flower logs")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides")
     sim.set_defaults(func=cmd_simulate)
+
+    part = sub.add_parser(
+        "partition", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="split reports into hospitals' folders, with manifest, summary and plot",
+        description="Split the reports (data.path, or the synthetic corpus) into simulated "
+                    "hospitals as `fedmira simulate` would: natural, iid, dirichlet (label skew), "
+                    "quantity (long-tailed sizes) or template (IU pseudo-sites by reporting "
+                    "workflow), with external sites held out and per-site train/val/test. Writes "
+                    "one folder per site, manifest.json (report id -> site, split; seed, hash), "
+                    "summary.csv/.md and sites.png.\n\n  fedmira partition out=splits/iu "
+                    "data=iu_xray partition=template")
+    part.add_argument("--out", help="output folder (or out=DIR among the overrides)")
+    part.add_argument("overrides", nargs="*", help="Hydra overrides, and out=DIR")
+    part.set_defaults(func=cmd_partition)
 
     exp = sub.add_parser(
         "export", help="final adapter + model card (+ merged model) from a run folder",

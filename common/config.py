@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -137,23 +138,38 @@ class DataConfig:
 class PartitionConfig:
     """How pooled reports are split into simulated hospitals and train/val/test."""
 
-    method: str = _help("natural: by `site_id`; iid: shuffled equal shares.", "natural")
+    method: str = _help(
+        "natural: by `site_id`; iid: shuffled equal shares; dirichlet: label skew (alpha, "
+        "label_key); quantity: long-tailed site sizes (alpha); template: IU pseudo-sites by exam "
+        "template (the reporting workflow).",
+        "natural",
+    )
     num_sites: int = _help("Simulated hospitals (iid: exactly; natural: 0 keeps every site).", 0)
     external_sites: int = _help("Whole sites held out as the external test set (never trained on).", 0)
     val_fraction: float = _help("Share of each site's reports for validation.", 0.1)
     test_fraction: float = _help("Share of each site's reports for the internal test set.", 0.1)
     seed: int = _help("Seed of the split; part of the locked config.", 42)
     max_reports_per_site: int = _help("Cap per site after splitting (0: no cap); for quick runs.", 0)
+    alpha: float = _help("Dirichlet concentration for dirichlet/quantity (0.1 very skewed, 100 ~ iid).", 0.5)
+    label_key: str = _help("What dirichlet skews: modality | body_part | normal.", "modality")
+    min_site_reports: int = _help(
+        "template: smallest template kept as its own site (num_sites=0); dirichlet/quantity: "
+        "smallest site size.", 10)
 
     def __post_init__(self) -> None:
-        _check_choice("partition", "method", self.method, ("natural", "iid"))
+        _check_choice("partition", "method", self.method, ("natural", "iid", "dirichlet", "quantity", "template"))
+        _check_range("partition", "alpha", self.alpha, 0.0, 1e6, lo_open=True)
+        if not math.isfinite(self.alpha):
+            _fail("partition", "alpha", self.alpha, "must be a finite number")
+        _check_choice("partition", "label_key", self.label_key, ("modality", "body_part", "normal"))
+        _check_range("partition", "min_site_reports", self.min_site_reports, 1)
         _check_range("partition", "num_sites", self.num_sites, 0, 10000)
         _check_range("partition", "external_sites", self.external_sites, 0, 10000)
         _check_range("partition", "val_fraction", self.val_fraction, 0.0, 0.5)
         _check_range("partition", "test_fraction", self.test_fraction, 0.0, 0.5)
         _check_range("partition", "max_reports_per_site", self.max_reports_per_site, 0)
-        if self.method == "iid" and self.num_sites < 1:
-            _fail("partition", "num_sites", self.num_sites, "must be >= 1 with method=iid")
+        if self.method in ("iid", "dirichlet", "quantity") and self.num_sites < 1:
+            _fail("partition", "num_sites", self.num_sites, f"must be >= 1 with method={self.method}")
 
 
 @dataclass(frozen=True)

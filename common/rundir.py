@@ -162,6 +162,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, key, sites_key, title in (
@@ -180,6 +181,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path | None:
             ax.plot(*zip(*overall), lw=2.5, color="black", marker="o", label="all sites (weighted)")
             ax.legend(loc="upper right")
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("loss per target token")
         ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
-from common.config import ExperimentConfig, LoraConfig, ModelConfig, stable_hash
+from common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
 from common.engine import encode_reports, evaluate_loss, generate, train_steps
 from common.errors import DataError
 from common.metrics import rouge_l
@@ -140,8 +140,8 @@ def local_evaluate(
     metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss, "val-tokens": n_tokens}
     sample = site.val[: cfg.eval.rouge_samples]
     if sample:
-        gen = cfg.generate.__class__(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,
-                                     batch_size=cfg.eval.batch_size)
+        gen = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,
+                             batch_size=cfg.eval.batch_size)
         hyps = generate(worker.model, tok, sample, cfg.data, gen, device)
         metrics["rouge-l"] = sum(rouge_l(r.impression, h) for r, h in zip(sample, hyps)) / len(sample)
     metrics["eval-s"] = time.perf_counter() - start

@@ -45,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``strategy.rounds`` federated rounds (fewer when resuming)."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run = RunDir(cfg.run.dir)
+    run.mark(serverapp_started_at=time.time())
     state, peft_config, done = initial_adapter(cfg, run)
     total = cfg.strategy.rounds
     if done >= total:
@@ -78,7 +79,7 @@ def main(grid: Grid, context: Context) -> None:
             write_tensorboard(run, {"round": g, **record})
         return None
 
-    run.mark(status="running", planned_rounds=total)
+    run.mark(status="running", planned_rounds=total, rounds_started_at=time.time())
     result = strategy.start(
         grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
         train_config=ConfigRecord(), evaluate_fn=commit,

@@ -60,7 +60,8 @@ def split_sites(cfg: ExperimentConfig, reports: list[Report]) -> list[SiteSplit]
     return partition_reports(
         reports, method=method, num_sites=num_sites, external_sites=p.external_sites,
         val_fraction=p.val_fraction, test_fraction=p.test_fraction, seed=p.seed,
-        max_reports_per_site=p.max_reports_per_site,
+        max_reports_per_site=p.max_reports_per_site, alpha=p.alpha, label_key=p.label_key,
+        min_site_reports=p.min_site_reports,
     )
 
 
@@ -163,7 +164,7 @@ def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: Text
     """Run a federated simulation; returns the process exit code (0: all rounds committed)."""
     from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, submit_and_stream
 
-    t0 = time.perf_counter()
+    t0, launched_at = time.perf_counter(), time.time()
     if cfg.run.resume:
         cfg, run, index = resume_run(cfg.run.resume, None if not resumed_from_cli else cfg)
         stop_recorded(run.path)
@@ -179,6 +180,7 @@ def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: Text
     print(f"{n_sites} simulated hospitals ({len(index['external_sites'])} held out as external), "
           f"{cfg.strategy.rounds} rounds, model {cfg.model.name_or_path}, config {cfg.config_hash()}, "
           f"lock {cfg.lock_hash()}", file=out)
+    run.mark(launched_at=launched_at)
     toml_path = write_run_config(run, cfg)
     bar = tqdm(total=cfg.strategy.rounds, initial=run.last_round, desc="rounds", unit="round",
                file=out, dynamic_ncols=True)
@@ -212,6 +214,12 @@ def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, w
     word = "completed" if ok else "FAILED"
     print(f"\nRun {word}: {last}/{cfg.strategy.rounds} rounds committed in {wall_s:.0f} s "
           f"(Flower status: {status}).", file=out)
+    state = run.state()
+    if "rounds_started_at" in state and "launched_at" in state:
+        startup = state["rounds_started_at"] - state["launched_at"]
+        round_s = [r.get("round_s", 0.0) for r in run.metrics()]
+        mean = sum(round_s) / len(round_s) if round_s else 0.0
+        print(f"Start-up until round 1: {startup:.0f} s; mean round: {mean:.0f} s.", file=out)
     print(f"Results:  {run.path}\n  metrics:  {run.path / 'metrics.jsonl'} (and metrics.csv)\n"
           f"  plot:     {run.path / 'loss.png'}\n  adapter:  {run.path / 'final_adapter'}", file=out)
     if not ok:

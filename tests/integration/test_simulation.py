@@ -6,6 +6,7 @@ about a minute; they are the proof that the pieces fit together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from common.compose import compose_config
+from common.export import export_run
 from common.rundir import RunDir
 from simulations.launch import new_run, simulate
 
@@ -41,7 +43,7 @@ def _no_flower_left(run_dir: Path) -> None:
 
 
 def test_three_sites_two_rounds(tmp_path: Path) -> None:
-    code = simulate(_cfg(tmp_path))
+    code = simulate(_cfg(tmp_path, "run.tensorboard=true"))
     assert code == 0
     run = RunDir(_run_dir(tmp_path))
     rows = run.metrics()
@@ -59,14 +61,23 @@ def test_three_sites_two_rounds(tmp_path: Path) -> None:
     assert state["status"] == "completed" and "completed" in state["flower_status"]
     cold = [s["cold-start"] for s in rows[1]["train_sites"].values()]
     assert cold == [0, 0, 0], "round 2 must reuse the model loaded in round 1"
+    assert list((run.path / "tb").glob("events.out.tfevents.*"))
     _no_flower_left(run.path)
+
+    # The artifacts people use afterwards: adapter, model card, merged model.
+    target = export_run(run.path, merge=True)
+    card = (target / "README.md").read_text()
+    assert json.loads((run.path / "config.json").read_text())["config_hash"] in card
+    assert "site_01" in card and "| 2 |" in card
+    assert (target / "adapter" / "adapter_model.safetensors").is_file()
+    assert (target / "merged" / "model.safetensors").is_file()
 
 
 def test_broken_site_is_excluded(tmp_path: Path) -> None:
     cfg, run, index = new_run(_cfg(tmp_path))
     broken = run.path / "sites" / "site_02" / "train.jsonl"
     broken.write_text("{not json\n" * 3)  # a hospital whose export is damaged
-    code = simulate(cfg.replace(run=cfg.run.__class__(**{**cfg.run.__dict__, "resume": str(run.path)})))
+    code = simulate(cfg.replace(run=dataclasses.replace(cfg.run, resume=str(run.path))))
     assert code == 0
     rows = run.metrics()
     assert [r["round"] for r in rows] == [1, 2]
