@@ -27,6 +27,10 @@ from common.errors import FedmiraError
 
 PR_SET_PDEATHSIG = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Every process of a run (SuperLink, SuperExec, flwr-simulation, Ray's daemons and workers)
+# inherits this variable; it is how the run's whole process tree is found again, even after
+# Flower's children moved to sessions of their own and the launcher died.
+RUN_MARKER = "FEDMIRA_RUN_DIR"
 
 
 def free_port() -> int:
@@ -44,9 +48,11 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def flower_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
+def flower_env(flwr_home: Path, ray_address: str = "", run_dir: Path | None = None) -> dict[str, str]:
     """Environment for Flower processes: offline-safe, quiet, and finding the venv's commands."""
     env = dict(os.environ)
+    if run_dir is not None:
+        env[RUN_MARKER] = str(run_dir)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.update({
@@ -70,7 +76,8 @@ class SimulationSuperLink:
         self.run_dir = run_dir
         self.flwr_home = run_dir / ".flwr"
         self.port = free_port()
-        self.env = flower_env(self.flwr_home, ray_address)
+        self.env = flower_env(self.flwr_home, ray_address, run_dir)
+        self.reaper: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = run_dir / "superlink.log"
 
@@ -94,6 +101,7 @@ class SimulationSuperLink:
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         record_pids(self.run_dir, [self.proc.pid])
+        self.reaper = start_reaper(self.run_dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,10 +112,14 @@ class SimulationSuperLink:
         raise FedmiraError(f"The Flower SuperLink did not start within {timeout:.0f} s; see {self.log_path}.")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        stop_group(self.proc.pid)
+        if self.proc is not None and self.proc.poll() is None:
+            stop_group(self.proc.pid)
         self.proc = None
+        kill_marked(self.run_dir)  # Flower's children that left the SuperLink's process group
+        if self.reaper is not None:
+            self.reaper.kill()
+            self.reaper.wait()
+            self.reaper = None
 
     def __enter__(self) -> SimulationSuperLink:
         self.start()
@@ -137,6 +149,59 @@ def stop_group(pid: int, grace: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+def marked_pids(run_dir: Path) -> list[int]:
+    """PIDs of live processes started for ``run_dir`` (found by their environment; Linux)."""
+    needle = f"{RUN_MARKER}={run_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_marked(run_dir: Path, grace: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL, every process of ``run_dir``; returns how many there were."""
+    pids = marked_pids(run_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and marked_pids(run_dir):
+            time.sleep(0.2)
+        if not marked_pids(run_dir):
+            break
+    return len(pids)
+
+
+def start_reaper(run_dir: Path) -> subprocess.Popen[bytes]:
+    """A small watchdog that ends the run's processes if the launcher dies (even by SIGKILL)."""
+    env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulations.flower_runtime", str(os.getpid()), str(run_dir)],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd=str(PROJECT_ROOT),
+    )
+
+
+def _reap(parent: int, run_dir: Path) -> None:
+    while True:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            kill_marked(run_dir)
+            return
+        time.sleep(0.5)
+
+
 def record_pids(run_dir: Path, pids: list[int]) -> None:
     (run_dir / "processes.json").write_text(json.dumps({"pids": pids}))
 
@@ -149,6 +214,7 @@ def stop_recorded(run_dir: Path) -> None:
     for pid in json.loads(path.read_text()).get("pids", []):
         stop_group(int(pid), grace=5.0)
     path.unlink(missing_ok=True)
+    kill_marked(run_dir)
 
 
 def submit_and_stream(
@@ -184,3 +250,7 @@ def run_status(link: SimulationSuperLink, run_id: int) -> str:
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
     except (json.JSONDecodeError, AttributeError):
         return "unknown"
+
+
+if __name__ == "__main__":  # the reaper: python -m simulations.flower_runtime LAUNCHER_PID RUN_DIR
+    _reap(int(sys.argv[1]), Path(sys.argv[2]))

@@ -20,6 +20,7 @@ import pytest
 from common.compose import compose_config
 from common.export import export_run
 from common.rundir import RunDir
+from simulations.flower_runtime import marked_pids
 from simulations.launch import new_run, simulate
 
 pytestmark = pytest.mark.integration
@@ -38,8 +39,8 @@ def _run_dir(tmp_path: Path) -> Path:
 
 
 def _no_flower_left(run_dir: Path) -> None:
-    out = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
-    assert out.stdout.strip() == "", f"processes of {run_dir} still running: {out.stdout}"
+    left = marked_pids(run_dir)
+    assert not left, f"processes of {run_dir} still running: {left}"
 
 
 def test_three_sites_two_rounds(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_broken_site_is_excluded(tmp_path: Path) -> None:
 def test_sigkill_then_resume(tmp_path: Path) -> None:
     out_dir = tmp_path / "outputs"
     cmd = [sys.executable, "-m", "common.cli", "simulate", *TINY, f"run.out_dir={out_dir}",
-           "strategy.rounds=3"]
+           "strategy.rounds=6", "train.steps=15"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     run_dir: Path | None = None
@@ -106,14 +107,17 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     assert run_dir is not None, "round 1 was never committed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(3)  # the kernel's parent-death signal reaches the SuperLink tree
+    deadline = time.monotonic() + 30  # the reaper ends the run's whole process tree
+    while marked_pids(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _no_flower_left(run_dir)
     done_before = RunDir(run_dir).last_round
-    assert done_before < 3
+    assert done_before < 6
 
     code = subprocess.run([sys.executable, "-m", "common.cli", "simulate", f"run.resume={run_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert code.returncode == 0, code.stdout[-2000:] + code.stderr[-2000:]
     rows = RunDir(run_dir).metrics()
-    assert [r["round"] for r in rows] == [1, 2, 3]  # every round exactly once
-    assert json.loads((run_dir / "state.json").read_text())["last_round"] == 3
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # every round exactly once
+    assert json.loads((run_dir / "state.json").read_text())["last_round"] == 6
     _no_flower_left(run_dir)
