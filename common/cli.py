@@ -66,6 +66,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _compose(args.overrides)
     reports = read_input(args.input, cfg.data.format, site=args.site, modality=args.modality,
                          body_part=args.body_part, exam=args.exam)
+    if args.limit:
+        reports = reports[: args.limit]
     impressions = generate_impressions(cfg, reports, args.adapter)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", default="-", help="report file, or - for stdin (default)")
     gen.add_argument("--output", help="JSONL file to write (default: stdout)")
     gen.add_argument("--adapter", help="PEFT adapter folder (e.g. RUN_DIR/final_adapter)")
+    gen.add_argument("--limit", type=int, default=0, help="only the first N reports of the input")
     gen.add_argument("--site", default="site", help="site id for stdin findings")
     gen.add_argument("--modality", default="DR", help="modality for stdin findings (CT, MR, DR, ...)")
     gen.add_argument("--body-part", default="chest", help="body part for stdin findings")

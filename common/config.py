@@ -18,6 +18,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from common.errors import ConfigError
@@ -289,7 +290,9 @@ class ModeConfig:
 class RunConfig:
     """Naming, output and resume of a run."""
 
-    name: str = _help("Experiment name; runs of one name must share the locked config.", "default")
+    name: str = _help(
+        "Experiment name; runs of one name must share the locked config. Empty: named after the "
+        "data and the partition method (e.g. `synthetic-natural`, `indiana_reports-natural`).", "")
     out_dir: str = _help("Folder holding run folders.", "outputs")
     resume: str = _help("Run folder to resume after its last completed round (empty: new run).", "")
     allow_lock_change: bool = _help(
@@ -379,6 +382,13 @@ class ExperimentConfig:
             "partition": dataclasses.asdict(self.partition),
             "eval": {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")},
         }
+
+    def experiment_name(self) -> str:
+        """``run.name``, or a name derived from the data source and the partition method."""
+        if self.run.name:
+            return self.run.name
+        source = Path(self.data.path).stem if self.data.path else "synthetic"
+        return f"{source}-{self.partition.method}"
 
     def lock_hash(self) -> str:
         """Short SHA-256 of :meth:`locked_part`."""

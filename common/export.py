@@ -41,7 +41,7 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
     rows = run.metrics()
     last = rows[-1] if rows else {}
     lines = [
-        f"# fedmira adapter: {cfg.run.name}",
+        f"# fedmira adapter: {cfg.experiment_name()}",
         "",
         "LoRA adapter for writing radiology impressions from findings, trained federated with fedmira.",
         "",

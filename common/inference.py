@@ -66,9 +66,8 @@ def read_input(path: str, fmt: str, **defaults: str) -> list[Report]:
 
     if path == "-":
         return reports_from_lines(sys.stdin, **defaults)
+    # The readers skip rows lacking findings or impression; `fedmira data check` lists them.
     result = load_reports(path, fmt=fmt, policy="skip")
-    # Generation needs findings only: rows skipped just for a missing impression are fine, but
-    # the readers drop them, so re-admit nothing here and tell the user how many were skipped.
     if not result.reports:
         raise DataError(f"No usable reports in {path}; run `fedmira data check {path}`.")
     return result.reports

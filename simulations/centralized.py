@@ -43,7 +43,7 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
     result = train_steps(model, train_ex, cfg.train, device, pad, progress=True)
     after, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path(cfg.run.out_dir) / "train" / cfg.run.name / stamp
+    folder = Path(cfg.run.out_dir) / "train" / cfg.experiment_name() / stamp
     summary = {
         "site": site or "pooled", "train_reports": len(train), "val_reports": len(val),
         "steps": result.steps, "train_loss": result.mean_loss, "val_loss_before": before,

@@ -88,14 +88,15 @@ def write_sites(run_dir: Path, cfg: ExperimentConfig, splits: list[SiteSplit]) -
 # ------------------------------------------------------------------------------ locks
 def check_lock(cfg: ExperimentConfig) -> None:
     """Refuse a run whose locked part differs from the one recorded for its experiment name."""
-    path = Path(cfg.run.out_dir) / LOCKS_DIR / f"{cfg.run.name}.json"
+    name = cfg.experiment_name()
+    path = Path(cfg.run.out_dir) / LOCKS_DIR / f"{name}.json"
     lock = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
     if path.is_file():
         recorded = json.loads(path.read_text())
         if recorded["lock_hash"] != lock["lock_hash"] and not cfg.run.allow_lock_change:
             changed = _changed_keys(recorded["locked"], lock["locked"])
             raise ConfigError(
-                f"The locked part of experiment `{cfg.run.name}` changed ({', '.join(changed)}), so "
+                f"The locked part of experiment `{name}` changed ({', '.join(changed)}), so "
                 "its results would not be comparable with earlier runs. Use another run.name, "
                 f"or pass run.allow_lock_change=true (recorded in {path})."
             )
@@ -119,7 +120,7 @@ def new_run(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> tuple[Experiment
     """Create the run folder with config, hashes and site folders."""
     check_lock(cfg)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = (Path(cfg.run.out_dir) / cfg.run.name / f"{stamp}-{cfg.config_hash()[:8]}").resolve()
+    path = (Path(cfg.run.out_dir) / cfg.experiment_name() / f"{stamp}-{cfg.config_hash()[:8]}").resolve()
     path.mkdir(parents=True, exist_ok=False)
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, dir=str(path), resume=""))
     run = RunDir(path)

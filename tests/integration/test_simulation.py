@@ -33,7 +33,7 @@ def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
 
 
 def _run_dir(tmp_path: Path) -> Path:
-    runs = sorted((tmp_path / "outputs" / "default").iterdir())
+    runs = sorted((tmp_path / "outputs" / "synthetic-natural").iterdir())
     assert len(runs) == 1
     return runs[0]
 
@@ -98,7 +98,7 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     deadline = time.monotonic() + 240
     run_dir: Path | None = None
     while time.monotonic() < deadline:
-        runs = list((out_dir / "default").glob("*")) if (out_dir / "default").is_dir() else []
+        runs = list((out_dir / "synthetic-natural").glob("*")) if (out_dir / "synthetic-natural").is_dir() else []
         if runs and RunDir(runs[0]).last_round >= 1:
             run_dir = runs[0]
             break

@@ -35,7 +35,7 @@ def test_train_then_generate_then_stdin(tmp_path: Path, capsys: pytest.CaptureFi
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     out_dir = tmp_path / "outputs"
     assert main(["train", "+debug=tiny", "train.steps=3", f"run.out_dir={out_dir}"]) == 0
-    adapters = list(out_dir.glob("train/default/*/adapter"))
+    adapters = list(out_dir.glob("train/synthetic-natural/*/adapter"))
     assert len(adapters) == 1 and (adapters[0] / "adapter_model.safetensors").is_file()
     meta = json.loads((adapters[0] / "fedmira.json").read_text())
     assert meta["steps"] == 3 and meta["val_loss_after"] > 0

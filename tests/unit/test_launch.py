@@ -1,0 +1,52 @@
+"""Launcher logic that needs no Flower: locked config, automatic names, site splits, run config."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.compose import compose_config
+from common.config import ExperimentConfig
+from common.errors import ConfigError
+from common.reports import Report
+from simulations.launch import check_lock, split_sites, write_run_config
+from common.rundir import RunDir
+
+
+def _cfg(tmp_path: Path, *extra: str) -> ExperimentConfig:
+    return compose_config(["+debug=tiny", f"run.out_dir={tmp_path}", *extra])
+
+
+def test_lock_refuses_a_changed_split_unless_allowed(tmp_path: Path) -> None:
+    check_lock(_cfg(tmp_path))
+    check_lock(_cfg(tmp_path, "train.lr=0.01"))  # not locked: fine
+    with pytest.raises(ConfigError, match=r"partition\.seed: 42 -> 7"):
+        check_lock(_cfg(tmp_path, "partition.seed=7"))
+    check_lock(_cfg(tmp_path, "partition.seed=7", "run.allow_lock_change=true"))
+    # Another experiment name has its own lock.
+    check_lock(_cfg(tmp_path, "partition.seed=9", "run.name=other"))
+
+
+def test_experiment_name_follows_data_and_method(tmp_path: Path) -> None:
+    assert _cfg(tmp_path).experiment_name() == "synthetic-natural"
+    assert _cfg(tmp_path, "data.path=/x/indiana_reports.csv").experiment_name() == "indiana_reports-natural"
+    assert _cfg(tmp_path, "run.name=mine").experiment_name() == "mine"
+
+
+def test_single_site_file_falls_back_to_eight_iid_sites(tmp_path: Path) -> None:
+    reports = [Report(f"r{i}", "iu", "DR", "chest", "XR CHEST", f"Finding {i}.", "Normal.") for i in range(80)]
+    splits = split_sites(_cfg(tmp_path), reports)
+    assert [s.site_id for s in splits] == [f"sim_0{i}" for i in range(1, 9)]
+    assert sum(len(s.train) + len(s.val) + len(s.test) for s in splits) == 80
+
+
+def test_run_config_toml_flattens_back_to_the_config(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    path = write_run_config(RunDir(tmp_path), cfg)
+    nested = tomllib.loads(path.read_text())
+    flat = {f"{s}.{k}": v for s, d in nested.items() for k, v in d.items()}
+    assert ExperimentConfig.from_run_config(flat) == cfg
+    assert dataclasses.asdict(cfg)["lora"]["target_modules"] == ["q_proj", "v_proj"]
