@@ -7,6 +7,9 @@ Where the site's reports are:
 - simulation: the launcher wrote one folder per simulated hospital under ``RUN_DIR/sites`` and
   ``sites.json`` maps Flower's ``partition-id`` to a site id.
 
+With ``strategy=hetero_svd`` a hospital trains at its own LoRA rank: node config ``lora-rank``
+(deployment), else ``strategy.site_ranks`` cycled over the simulated sites (``common.site``).
+
 Only LoRA tensors and numeric metrics go back; never report text, never base weights.
 """
 
@@ -16,11 +19,14 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig
-from common.site import ModelCache, SiteData, load_site, local_evaluate, local_train
+from common.site import (
+    ModelCache, SiteData, load_site, local_evaluate, local_train, site_lora, site_rank,
+)
+from common.transport import encode_state
 
 app = ClientApp()
 
@@ -52,7 +58,8 @@ def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData
     start = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
     site, index = _site(context, cfg)
-    worker, cold = _MODELS.get(cfg.model, cfg.lora, seed=cfg.train.seed)
+    lora = site_lora(cfg, site_rank(cfg, context.node_config, index))
+    worker, cold = _MODELS.get(cfg.model, lora, seed=cfg.train.seed)
     return cfg, site, index, worker, cold, time.perf_counter() - start
 
 
@@ -66,10 +73,12 @@ def train(msg: Message, context: Context) -> Message:
     state, metrics = local_train(
         worker, site, cfg, global_state,  # type: ignore[arg-type]
         lr=float(conf["lr"]), steps=int(conf["local-steps"]), seed=cfg.train.seed * 1000003 + g * 1009 + index,
+        proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]  (sent by fedprox)
     )
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})
+    payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
     content = RecordDict({
-        "arrays": ArrayRecord(state),
+        "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
         "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
         "site": ConfigRecord({"site-id": site.site_id}),
     })

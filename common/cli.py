@@ -87,6 +87,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate(cfg, resumed_from_cli=resumed_with_overrides, verbose=args.verbose)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from simulations.evaluate_cli import evaluate_command
+
+    return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder)
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from simulations.partition_cli import run_partition
 
@@ -195,6 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-v", "--verbose", action="store_true", help="stream all Flower logs")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides")
     sim.set_defaults(func=cmd_simulate)
+
+    ev = sub.add_parser(
+        "evaluate", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="score generated impressions: similarity, clinical F1, per site/modality, internal vs external",
+        description="Generate impressions for held-out reports (the test splits of the training "
+                    "sites plus every report of external sites, as split by the partition config) "
+                    "with the base model (zero-shot) or base + adapter, then score them: ROUGE-1/2/L, "
+                    "BLEU-4, BERTScore-F1 and sentence similarity with the local all-MiniLM-L6-v2, "
+                    "and a negation-aware clinical F1 (CheXpert observations for chest). Writes "
+                    "report.md/json, per_sample.csv (ids and scores only), predictions.jsonl and "
+                    "plots, with bootstrap confidence intervals.\n\n"
+                    "  fedmira evaluate --adapter RUN_DIR/final_adapter data=iu_xray data.path=...")
+    ev.add_argument("--adapter", help="PEFT adapter folder; without it the base model is evaluated zero-shot")
+    ev.add_argument("--out", help="output folder (default: <run.out_dir>/eval/<timestamp>)")
+    ev.add_argument("--limit", type=int, default=200, help="held-out reports to score (0: all; default 200)")
+    ev.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity (faster)")
+    ev.add_argument("overrides", nargs="*", help="Hydra overrides")
+    ev.set_defaults(func=cmd_evaluate)
 
     part = sub.add_parser(
         "partition", formatter_class=fmt, epilog=EPILOG_OVERRIDES,

@@ -238,7 +238,8 @@ _UNC_PRE = (
 _UNC_POST = (
     r"\b(?:is|are)\s+not\s+(?:entirely\s+)?(?:excluded|ruled\s+out)\b",
     r"\b(?:can|could)\s*not\s+be\s+(?:entirely\s+)?(?:excluded|ruled\s+out)\b",
-    r"\bnot\s+(?:be\s+)?(?:entirely\s+)?excluded\b", r"\b(?:is|are)\s+(?:suspected|possible|likely|questioned)\b",
+    r"\bnot\s+(?:be\s+)?(?:entirely\s+)?excluded\b",
+    r"\b(?:is|are)\s+(?:suspected|possible|likely|questioned)\b",
     r"\bversus\b", r"\bvs\b", r"\?",
 )
 # Always end the scope of a pre-cue.
@@ -339,7 +340,8 @@ def _cues(sentence: str) -> tuple[list[_Cue], list[_Cue]]:
 
 def _scope_end(sentence: str, start: int) -> int:
     """Where a pre-cue ending at ``start`` stops acting: the next clause boundary."""
-    ends = [m.start() for m in (_RE_HARD_STOP.search(sentence, start), _RE_SOFT_STOP.search(sentence, start)) if m]
+    found = (_RE_HARD_STOP.search(sentence, start), _RE_SOFT_STOP.search(sentence, start))
+    ends = [m.start() for m in found if m]
     return min(ends, default=len(sentence))
 
 

@@ -214,24 +214,105 @@ class GenerateConfig:
         _check_range("generate", "batch_size", self.batch_size, 1)
 
 
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "hetero_svd")
+AGGREGATIONS = ("mean", "median", "trimmed_mean")
+TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Server-side aggregation and round schedule."""
+    """Server-side aggregation, robustness, communication and round schedule."""
 
-    name: str = _help("Aggregation algorithm: fedavg (weighted by examples).", "fedavg")
+    name: str = _help(
+        "Aggregation algorithm. fedavg: example-weighted mean of the LoRA tensors. fedprox: "
+        "fedavg plus a proximal term (proximal_mu) at the sites. fedadam | fedyogi | fedadagrad: "
+        "a server optimizer (server_lr, beta_1, beta_2, tau) on the mean adapter delta. "
+        "ffa_lora: A frozen at its seeded init, only B trained and sent (exact averaging, about "
+        "half the upload). hetero_svd: exact weighted sum of the updates B·A of sites training at "
+        "their own ranks (site_ranks), each sent back its best rank-r_k part.",
+        "fedavg",
+    )
     rounds: int = _help("Federated rounds.", 3)
     fraction_train: float = _help("Share of available sites sampled for training each round.", 1.0)
     min_train_sites: int = _help("A round fails unless at least this many sites reply.", 1)
     fraction_evaluate: float = _help("Share of sites sampled for federated evaluation.", 1.0)
     min_evaluate_sites: int = _help("Federated evaluation needs at least this many replies.", 1)
+    proximal_mu: float = _help(
+        "fedprox: weight mu of the proximal term (mu/2)·||w - w_global||² on the adapter at each "
+        "site; keeps sites with skewed data near the global adapter (0: plain fedavg).", 0.01)
+    server_lr: float = _help(
+        "fedadam/fedyogi/fedadagrad: server learning rate (eta) on the aggregated adapter delta.", 0.01)
+    beta_1: float = _help("fedadam/fedyogi: decay of the server's first moment (momentum).", 0.9)
+    beta_2: float = _help("fedadam/fedyogi: decay of the server's second moment.", 0.99)
+    tau: float = _help(
+        "fedadam/fedyogi/fedadagrad: adaptivity epsilon added to sqrt(v); larger behaves more "
+        "like plain SGD on the deltas.", 1e-3)
+    site_ranks: list[int] = _help(
+        "hetero_svd: LoRA rank of each simulated site, cycled over the sites in order (e.g. "
+        "[4, 8, 16]: site 1 trains at 4, site 2 at 8, ...); each <= lora.r, the global rank. "
+        "Empty: every site at lora.r. A deployed site's node config `lora-rank` overrides it.",
+        [],
+    )
+    aggregation: str = _help(
+        "mean: example-weighted mean; median: coordinate-wise median; trimmed_mean: mean "
+        "after dropping trim_fraction of the replies at each end, per coordinate (median and "
+        "trimmed_mean are unweighted: a site's size buys no influence). hetero_svd needs mean.",
+        "mean",
+    )
+    trim_fraction: float = _help("trimmed_mean: share of replies dropped at each end, in [0, 0.5).", 0.1)
+    norm_factor: float = _help(
+        "Reject a reply whose update norm exceeds norm_factor x the median update norm of the "
+        "other replies (needs >= 2 replies; 0: off).", 10.0)
+    round_timeout_s: float = _help(
+        "Seconds the server waits for a round's replies; sites that have not answered by then "
+        "are left out of that round and logged.", 3600.0)
+    byte_budget_mb: float = _help(
+        "Communication budget in MB (10^6 bytes; adapters up and down, all sites, cumulative). "
+        "Warns at 80% and stops the run cleanly after the round that exceeds it (0: no budget).",
+        0.0)
+    transport_dtype: str = _help(
+        "Precision of the adapters sites send: float32 | bfloat16 | float16 (16 bits halve the "
+        "upload; the server aggregates in float32). bfloat16 travels as its raw bits (uint16), "
+        "since NumPy, which Flower serialises with, has no bfloat16.", "float32")
 
     def __post_init__(self) -> None:
-        _check_choice("strategy", "name", self.name, ("fedavg",))
+        _check_choice("strategy", "name", self.name, STRATEGY_NAMES)
         _check_range("strategy", "rounds", self.rounds, 1, 100000)
         _check_range("strategy", "fraction_train", self.fraction_train, 0.0, 1.0, lo_open=True)
         _check_range("strategy", "min_train_sites", self.min_train_sites, 1)
         _check_range("strategy", "fraction_evaluate", self.fraction_evaluate, 0.0, 1.0)
         _check_range("strategy", "min_evaluate_sites", self.min_evaluate_sites, 0)
+        self._check_optimizer()
+        self._check_robustness()
+        _check_range("strategy", "round_timeout_s", self.round_timeout_s, 0.0, lo_open=True)
+        _check_range("strategy", "byte_budget_mb", self.byte_budget_mb, 0.0)
+        _check_choice("strategy", "transport_dtype", self.transport_dtype, TRANSPORT_DTYPES)
+        if self.site_ranks and self.name != "hetero_svd":
+            _fail("strategy", "site_ranks", self.site_ranks,
+                  "per-site ranks need strategy.name=hetero_svd (other strategies average "
+                  "same-shaped adapters); use strategy=hetero_svd or site_ranks=[]")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.site_ranks):
+            _fail("strategy", "site_ranks", self.site_ranks, "must be a list of integers >= 1")
+
+    def _check_optimizer(self) -> None:
+        _check_range("strategy", "proximal_mu", self.proximal_mu, 0.0)
+        _check_range("strategy", "server_lr", self.server_lr, 0.0, lo_open=True)
+        _check_range("strategy", "beta_1", self.beta_1, 0.0, 1.0)
+        _check_range("strategy", "beta_2", self.beta_2, 0.0, 1.0)
+        _check_range("strategy", "tau", self.tau, 0.0, lo_open=True)
+
+    def _check_robustness(self) -> None:
+        _check_choice("strategy", "aggregation", self.aggregation, AGGREGATIONS)
+        _check_range("strategy", "trim_fraction", self.trim_fraction, 0.0, 0.5)
+        if self.trim_fraction >= 0.5:
+            _fail("strategy", "trim_fraction", self.trim_fraction, "must be < 0.5")
+        _check_range("strategy", "norm_factor", self.norm_factor, 0.0)
+        if 0 < self.norm_factor <= 1:
+            _fail("strategy", "norm_factor", self.norm_factor,
+                  "must be 0 (off) or > 1 (a factor above the others' median update norm)")
+        if self.name == "hetero_svd" and self.aggregation != "mean":
+            _fail("strategy", "aggregation", self.aggregation,
+                  "hetero_svd sums the updates B·A exactly and supports only mean")
 
 
 @dataclass(frozen=True)
@@ -320,6 +401,13 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        too_big = [r for r in self.strategy.site_ranks if r > self.lora.r]
+        if too_big:
+            _fail("strategy", "site_ranks", self.strategy.site_ranks,
+                  f"each rank must be <= lora.r={self.lora.r}, the rank of the global adapter; "
+                  f"raise lora.r (e.g. lora.r={max(too_big)}) or lower the site ranks")
 
     # ------------------------------------------------------------------ construction
     @classmethod

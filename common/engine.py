@@ -94,11 +94,17 @@ def train_steps(
     steps: int | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    proximal: tuple[float, Sequence[torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps of LoRA training on ``examples``.
 
     ``lr``/``steps``/``seed`` override the config (a federated round sends them). Returns the
     mean loss per target token over all steps, the number of distinct examples, and throughput.
+
+    ``proximal = (mu, reference)`` adds FedProx's term ``(mu / 2) * ||w - w_ref||^2`` to every
+    step's loss, ``reference`` holding one tensor per trainable parameter in
+    ``model.parameters()`` order (the global adapter as received). The reported loss stays the
+    task loss, so FedProx and FedAvg curves compare like with like.
     """
     if not examples:
         raise ValueError("No training examples: this site has no usable reports in its train split.")
@@ -107,6 +113,7 @@ def train_steps(
     run_seed = cfg.seed if seed is None else seed
     rng = random.Random(run_seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    prox = _proximal_term(params, proximal, device)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
@@ -131,6 +138,8 @@ def train_steps(
                 step_loss += loss_sum.detach()
                 step_tokens += n_tok
                 all_tokens += int(batch["attention_mask"].sum())
+            if prox is not None:
+                prox().backward()  # once per optimizer step, not per micro-batch
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -146,6 +155,24 @@ def train_steps(
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
     return TrainResult(mean, len(seen), steps, all_tokens, seconds)
+
+
+def _proximal_term(
+    params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None, device: torch.device,
+) -> Callable[[], torch.Tensor] | None:
+    """A closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
+    if proximal is None or proximal[0] == 0:
+        return None
+    mu, reference = proximal
+    if len(reference) != len(params) or any(r.shape != p.shape for p, r in zip(params, reference)):
+        raise ValueError(
+            f"proximal reference must match the {len(params)} trainable parameters in order and shape")
+    refs = [r.detach().to(device=device, dtype=p.dtype) for p, r in zip(params, reference)]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in zip(params, refs))  # type: ignore[return-value]
+
+    return term
 
 
 @torch.no_grad()

@@ -288,7 +288,9 @@ def _plot_groups(groups: dict[str, dict[str, Any]], what: str, path: Path,
     return path
 
 
-def _bars(groups: dict[str, dict[str, Any]], names: list[str], metric: str) -> tuple[list[float], list[list[float]]]:
+def _bars(groups: dict[str, dict[str, Any]], names: list[str],
+          metric: str) -> tuple[list[float], list[list[float]]]:
+    """Bar heights and asymmetric error-bar lengths (missing values: NaN, no bar)."""
     means, lows, highs = [], [], []
     for name in names:
         s = groups[name].get(metric) or {}

@@ -306,6 +306,17 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int = 0) -> Any:
         return get_peft_model(model, peft_cfg)
 
 
+def set_lora_a_trainable(model: Any, trainable: bool) -> None:
+    """Freeze (FFA-LoRA) or unfreeze every ``lora_A`` weight; B weights stay trainable.
+
+    With A frozen at the initialisation shared by all sites, the update ``B A`` is linear in B,
+    so averaging B across sites averages the updates exactly.
+    """
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            param.requires_grad_(trainable)
+
+
 def _linear_names(model: torch.nn.Module) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 

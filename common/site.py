@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,15 @@ from typing import Any, Mapping
 import torch
 
 from common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
+from common.aggregation import LORA_A, adapter_rank, truncate_adapter
 from common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
 from common.engine import encode_reports, evaluate_loss, generate, train_steps
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.metrics import rouge_l
-from common.model import LoadedModel, apply_lora, load_base_model
+from common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
 from common.prompts import Example
 from common.reports import Report, load_reports
+from common.transport import state_payload_bytes
 
 
 @dataclass
@@ -66,25 +69,77 @@ class Worker:
     loaded: LoadedModel
     model: Any
     initial_load_s: float
+    lora_key: str = ""
 
 
 class ModelCache:
-    """One trainable model per (model, LoRA) config for the life of the process."""
+    """One base model per process, wrapped with the LoRA adapter each call asks for."""
 
     def __init__(self) -> None:
         self._workers: dict[str, Worker] = {}
 
     def get(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Worker, bool]:
-        """The worker for these configs and whether this call loaded it (a cold start)."""
-        key = stable_hash([repr(model_cfg), repr(lora_cfg), seed])
-        if key in self._workers:
-            return self._workers[key], False
+        """The worker for these configs and whether this call loaded the base model (a cold start).
+
+        A simulation process serves sites of different LoRA ranks (hetero_svd): another LoRA
+        shape only re-wraps the cached base model (PEFT ``unload``), it never reloads it.
+        """
+        key = stable_hash(repr(model_cfg))
+        lora_key = stable_hash([repr(lora_cfg), seed])
+        worker = self._workers.get(key)
+        if worker is not None:
+            if worker.lora_key != lora_key:
+                worker.model = apply_lora(worker.model.unload(), lora_cfg, seed=seed)
+                worker.lora_key = lora_key
+            return worker, False
         start = time.perf_counter()
         loaded = load_base_model(model_cfg)
         model = apply_lora(loaded.model, lora_cfg, seed=seed)
         self._workers.clear()  # one model per process: a new config replaces the old one
-        self._workers[key] = Worker(loaded, model, time.perf_counter() - start)
+        self._workers[key] = Worker(loaded, model, time.perf_counter() - start, lora_key)
         return self._workers[key], True
+
+
+def site_rank(cfg: ExperimentConfig, node_config: Mapping[str, Any], index: int) -> int:
+    """The LoRA rank this site trains at.
+
+    Only ``hetero_svd`` lets ranks differ: there a deployed site's node config ``lora-rank``
+    wins, else ``strategy.site_ranks`` cycled over the site index, else ``lora.r``. Every other
+    strategy averages same-shaped adapters, so every site uses ``lora.r``.
+
+    Raises
+    ------
+    ConfigError
+        When the rank is not an integer in ``[1, lora.r]``.
+    """
+    if cfg.strategy.name != "hetero_svd":
+        return cfg.lora.r
+    if "lora-rank" in node_config:
+        value = node_config["lora-rank"]
+        value = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        where = "node config `lora-rank`"
+    elif cfg.strategy.site_ranks:
+        value = cfg.strategy.site_ranks[index % len(cfg.strategy.site_ranks)]
+        where = "strategy.site_ranks"
+    else:
+        return cfg.lora.r
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cfg.lora.r:
+        raise ConfigError(f"{where} = {value!r} for this site must be an integer in [1, lora.r={cfg.lora.r}] "
+                          "(lora.r is the global adapter's rank).")
+    return value
+
+
+def site_lora(cfg: ExperimentConfig, rank: int) -> LoraConfig:
+    """``cfg.lora`` at this site's rank (alpha unchanged: PEFT scales by alpha / rank)."""
+    return cfg.lora if rank == cfg.lora.r else dataclasses.replace(cfg.lora, r=rank)
+
+
+def fit_rank(state: Mapping[str, torch.Tensor], rank: int) -> Mapping[str, torch.Tensor]:
+    """The global adapter cut to this site's rank (hetero_svd's first message is at full rank)."""
+    if adapter_rank(state) <= rank:  # type: ignore[arg-type]  (only shapes are read)
+        return state
+    arrays = truncate_adapter({k: v.numpy() for k, v in state.items()}, rank)
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def set_threads(cfg: ExperimentConfig) -> None:
@@ -101,26 +156,38 @@ def set_threads(cfg: ExperimentConfig) -> None:
 
 def local_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
-    *, lr: float, steps: int, seed: int,
+    *, lr: float, steps: int, seed: int, proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
-    """Train the global adapter on the site's train split; returns the new adapter + metrics."""
+    """Train the global adapter on the site's train split; returns the adapter to send + metrics.
+
+    The worker's LoRA rank is the site's (see :func:`site_rank`); a global adapter of higher
+    rank is cut to it first. ``proximal_mu > 0`` adds FedProx's term around the global adapter.
+    With ``ffa_lora`` the A factors stay frozen and only the B tensors are returned.
+    """
     set_threads(cfg)
-    set_adapter_state(worker.model, global_state)
+    ffa = cfg.strategy.name == "ffa_lora"
+    rank = worker.model.peft_config["default"].r
+    set_adapter_state(worker.model, fit_rank(global_state, rank))
+    set_lora_a_trainable(worker.model, not ffa)
     tok = worker.loaded.tokenizer
     examples = site.examples("train", tok, cfg)
+    reference = [p.detach().clone() for p in worker.model.parameters() if p.requires_grad]
     result = train_steps(
         worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
-        seed=seed, lr=lr, steps=steps,
+        seed=seed, lr=lr, steps=steps, proximal=(proximal_mu, reference) if proximal_mu > 0 else None,
     )
     state = get_adapter_state(worker.model)
+    if ffa:  # A is the shared seeded init the server already holds: sending it is waste
+        state = {k: v for k, v in state.items() if not k.endswith(LORA_A)}
     metrics: dict[str, float | int] = {
         "num-examples": len(examples),
         "train-loss": result.mean_loss,
         "tokens": result.tokens,
         "tokens-per-s": result.tokens_per_s,
         "train-s": result.seconds,
-        "bytes-sent": adapter_num_bytes(state),
+        "bytes-sent": state_payload_bytes(state, cfg.strategy.transport_dtype),
         "bytes-received": adapter_num_bytes(global_state),
+        "lora-rank": rank,
     }
     return state, metrics
 
@@ -130,7 +197,7 @@ def local_evaluate(
 ) -> dict[str, float | int]:
     """Validation loss (and ROUGE-L on a small decoded sample) of the global adapter."""
     set_threads(cfg)
-    set_adapter_state(worker.model, global_state)
+    set_adapter_state(worker.model, fit_rank(global_state, worker.model.peft_config["default"].r))
     tok, device = worker.loaded.tokenizer, worker.loaded.device
     start = time.perf_counter()
     examples = site.examples("val", tok, cfg, limit=cfg.eval.max_loss_samples)

@@ -1,16 +1,29 @@
-"""FedAvg over LoRA adapters, with the checks a hospital network needs.
+"""FedAvg over LoRA adapters, with the checks a hospital network needs; the base of every strategy.
 
-A thin subclass of Flower's :class:`~flwr.serverapp.strategy.FedAvg` that overrides hooks and
-calls ``super()``:
+Every fedmira strategy is two thin layers around Flower's own strategy classes:
 
-- each round's settings (learning rate, local steps, the global round number, which survives a
-  resume) travel in the message's ConfigRecord;
-- site sampling is seeded per round, so a resumed run samples the same sites;
-- a reply is rejected, logged with its site and excluded when it is an error, or when its
-  adapter has other keys or shapes than the global one, or holds NaN/Inf;
-- a round with fewer valid replies than ``min_train_sites`` fails loudly instead of silently
-  aggregating one site;
-- per-site metrics are kept for the run folder (site ids only: no report text ever).
+- :class:`FedmiraBase` (top) overrides hooks and calls ``super()``:
+
+  - each round's settings (learning rate, local steps, the global round number, which survives
+    a resume) travel in the message's ConfigRecord;
+  - site sampling is seeded per round, so a resumed run samples the same sites;
+  - a reply is rejected, logged with its site and excluded when it is an error, when its
+    adapter has other keys or shapes than expected, holds NaN/Inf or an undecodable dtype, or
+    when its update norm is far beyond the others' (``norm_factor``); sites that did not answer
+    before the round timeout are logged as such;
+  - a round with fewer valid replies than ``min_train_sites`` fails loudly instead of silently
+    aggregating one site;
+  - per-site metrics and bytes up/down (per round and cumulative) are kept for the run folder
+    (site ids only: no report text ever).
+
+- :class:`AdapterAggregation` (bottom) replaces the weighted mean of Flower's ``FedAvg`` with
+  ``common.aggregation`` on float32-decoded replies (``mean | median | trimmed_mean``; replies
+  may arrive in 16 bits). Flower's averaging would read bfloat16 bit patterns as integers.
+
+Flower's strategy for an algorithm sits between the two, so its own logic runs unchanged:
+``class FedmiraFedProx(FedmiraBase, FedProx, AdapterAggregation)`` gives the method order
+FedmiraBase -> FedProx -> AdapterAggregation -> FedAvg (tests/unit/test_strategies.py checks
+it). :class:`FedmiraFedAvg` is the plain case.
 """
 
 from __future__ import annotations
@@ -21,12 +34,16 @@ from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common.aggregation import ArrayDict, combine, norm_outliers, update_norms
+from common.transport import decode_array, payload_bytes
+
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
+NOT_AVERAGED = ("site-index", "lora-rank")  # identifiers, not quantities
 
 
 class RoundFailed(RuntimeError):
@@ -43,7 +60,7 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
         values = [m[key] for m in metrics if key in m]
         if key in SUM_KEYS:
             out[key] = int(sum(values))  # type: ignore[arg-type]
-        elif key != "site-index":
+        elif key not in NOT_AVERAGED:
             out[key] = float(sum(w * float(v) for w, v in zip(weights, values)) / total)  # type: ignore[arg-type]
     out["num-sites"] = len(records)
     return MetricRecord(out)  # type: ignore[arg-type]
@@ -65,8 +82,61 @@ def _num_examples(msg: Message, key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
-class FedmiraFedAvg(FedAvg):
-    """FedAvg on adapters with per-round settings, reply checks and per-site metrics.
+def _payload(record: ArrayRecord) -> int:
+    """Bytes of an ArrayRecord's tensors on the wire (at whatever dtype they travel)."""
+    return sum(payload_bytes(tuple(a.shape), a.dtype) for a in record.values())
+
+
+def _as_float32(arrays: ArrayRecord) -> ArrayRecord:
+    """The global adapter stays float32 whatever a layer computed (Flower's FedAdam promotes to
+    float64 under NumPy 2, which would double the downlink and the checkpoints)."""
+    if all(a.dtype == "float32" for a in arrays.values()):
+        return arrays
+    return ArrayRecord({k: Array(a.numpy().astype(np.float32)) for k, a in arrays.items()})
+
+
+class AdapterStrategy(FedAvg):
+    """What both layers share: settings and each reply's adapter, decoded to float32 once."""
+
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    norm_factor: float = 10.0
+
+    def reply_state(self, msg: Message) -> ArrayDict:
+        """The reply's adapter tensors as float32 NumPy arrays (cached for the round)."""
+        cache: dict[int, ArrayDict] = self.__dict__.setdefault("_states", {})
+        if id(msg) not in cache:
+            record = next(iter(msg.content.array_records.values()))
+            cache[id(msg)] = {k: decode_array(a.numpy()) for k, a in record.items()}
+        return cache[id(msg)]
+
+    def forget_replies(self) -> None:
+        """Drop the decoded replies (called once a round is aggregated)."""
+        self.__dict__.setdefault("_states", {}).clear()
+
+
+class AdapterAggregation(AdapterStrategy):
+    """Bottom layer: aggregates the (already checked) replies with ``common.aggregation``."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if not replies:
+            return None, None
+        states = [self.reply_state(m) for m in replies]
+        weights = [_num_examples(m, self.weighted_by_key) for m in replies]
+        arrays = self.aggregate_arrays(states, weights)
+        metrics = self.train_metrics_aggr_fn([m.content for m in replies], self.weighted_by_key)
+        return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
+
+    def aggregate_arrays(self, states: list[ArrayDict], weights: list[float]) -> ArrayDict:
+        """Combine same-shaped adapters (ffa_lora and hetero_svd override this)."""
+        return combine(states, weights, self.aggregation, self.trim_fraction)
+
+
+class FedmiraBase(AdapterStrategy):
+    """Top layer: per-round settings, reply checks, per-site metrics and communication bytes.
 
     Parameters
     ----------
@@ -74,11 +144,18 @@ class FedmiraFedAvg(FedAvg):
         ``(global_round) -> dict`` of settings sent to sites with each training message.
     round_offset : int
         Rounds already completed before this start (resume): Flower counts from 1 again,
-        fedmira's metrics and checkpoints use ``round_offset + server_round``.
+        fedmira's metrics and checkpoints use ``round_offset + server_round``. The layers below
+        receive the global round in ``aggregate_train`` (FedAdam's bias correction counts it).
     evaluate_every, total_rounds : int
         Federated evaluation runs on rounds divisible by ``evaluate_every`` and on the last.
     seed : int
         Seed of site sampling (combined with the global round).
+    aggregation, trim_fraction : str, float
+        How replies are combined: ``mean | median | trimmed_mean`` (see common.aggregation).
+    norm_factor : float
+        Reject an update whose norm exceeds this factor x the others' median (0: off).
+    comm_offset : tuple of int
+        Bytes (up, down) of the rounds committed before a resume, for cumulative totals.
     """
 
     def __init__(
@@ -89,6 +166,10 @@ class FedmiraFedAvg(FedAvg):
         evaluate_every: int = 1,
         total_rounds: int = 1,
         seed: int = 0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.1,
+        norm_factor: float = 10.0,
+        comm_offset: tuple[int, int] = (0, 0),
         **kwargs: Any,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=weighted_metrics,
@@ -98,42 +179,100 @@ class FedmiraFedAvg(FedAvg):
         self.evaluate_every = evaluate_every
         self.total_rounds = total_rounds
         self.seed = seed
+        self.aggregation, self.trim_fraction, self.norm_factor = aggregation, trim_fraction, norm_factor
+        self.comm_offset = comm_offset
+        self.current_round = round_offset
         self.expected: dict[str, tuple[int, ...]] = {}
+        self.global_arrays: ArrayDict = {}
+        self.sent_train: set[int] = set()
+        self.node_sites: dict[int, str] = {}
+        self.comm: dict[int, dict[str, dict[int, int]]] = {}
         self.site_metrics: dict[str, dict[int, dict[str, dict[str, Any]]]] = {"train": {}, "evaluate": {}}
         self.rejected: dict[int, list[dict[str, str]]] = {}
         self.aggregates: dict[str, dict[int, MetricRecord | None]] = {"train": {}, "evaluate": {}}
+        self._norms: dict[int, float] = {}
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def expected_shapes(self, arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes a reply must have, given the global adapter sent."""
+        return {k: tuple(a.shape) for k, a in arrays.items()}
+
+    def expected_for(self, msg: Message, arrays: ArrayRecord) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes this particular reply must have (hetero_svd: at the site's rank)."""
+        return self.expected
+
+    def reference_for(self, state: ArrayDict) -> ArrayDict:
+        """What the site started from, to measure its update (zero if unknown)."""
+        return {k: self.global_arrays.get(k, np.zeros_like(v)) for k, v in state.items()}
+
+    def personalize(self, messages: list[Message]) -> list[Message]:
+        """Per-site payloads (hetero_svd: each site's rank); the same message for all here."""
+        return messages
+
+    def strategy_state(self) -> tuple[ArrayDict, dict[str, str]] | None:
+        """Server state to checkpoint with each round (server optimizers); None: stateless."""
+        return None
+
+    def load_strategy_state(self, tensors: ArrayDict, metadata: dict[str, str]) -> None:
+        """Restore :meth:`strategy_state` on resume."""
+        raise ValueError(f"{type(self).__name__} keeps no server state, but a strategy state was found")
 
     # ------------------------------------------------------------------ training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         g = self.global_round(server_round)
-        self.expected = {k: tuple(a.shape) for k, a in arrays.items()}
+        self.current_round = g
+        self.expected = self.expected_shapes(arrays)
+        self.global_arrays = {k: decode_array(a.numpy()) for k, a in arrays.items()}
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
+        self.sent_train = {m.metadata.dst_node_id for m in messages}
+        self._count(g, "down", messages)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         g = self.global_round(server_round)
+        self.current_round = g
         replies = list(replies)
+        self._note_replies(g, replies)
         valid = [m for m in replies if not m.has_error() and self._adapter_ok(g, m)]
-        for m in replies:
-            if m.has_error():
-                self._reject(g, m, f"site raised: {_reason(m)}")
+        valid = self._drop_outliers(g, valid)
         if len(valid) < self.min_train_nodes:
+            self.forget_replies()
             raise RoundFailed(
                 f"Round {g}: only {len(valid)} of {len(replies)} sites returned a usable adapter, "
                 f"fewer than strategy.min_train_sites={self.min_train_nodes}. See the log above."
             )
         self._keep_site_metrics("train", g, valid)
-        arrays, metrics = super().aggregate_train(server_round, valid)
+        try:
+            arrays, metrics = super().aggregate_train(g, valid)
+        finally:
+            self.forget_replies()
+        arrays = _as_float32(arrays) if arrays is not None else None
         self.aggregates["train"][g] = metrics
         return arrays, metrics
+
+    def _note_replies(self, g: int, replies: list[Message]) -> None:
+        """Learn node -> site, count upload bytes, log errors and sites that never answered."""
+        for m in replies:
+            if m.has_error():
+                self._reject(g, m, f"site raised: {_reason(m)}")
+            else:
+                self.node_sites[m.metadata.src_node_id] = _site_of(m)
+        self._count(g, "up", [m for m in replies if not m.has_error()])
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(self.sent_train - answered):
+            site = self.node_sites.get(node, f"node-{node}")
+            log(WARNING, "Round %d: excluded %s: no reply before the round timeout", g, site)
+            self.rejected.setdefault(g, []).append(
+                {"site": site, "reason": "no reply before the round timeout (strategy.round_timeout_s)"})
 
     def _adapter_ok(self, g: int, msg: Message) -> bool:
         metrics = msg.content.metric_records
@@ -145,20 +284,47 @@ class FedmiraFedAvg(FedAvg):
             self._reject(g, msg, f"expected one ArrayRecord, got {len(records)}")
             return False
         arrays = next(iter(records.values()))
+        expected = self.expected_for(msg, arrays)
         got = {k: tuple(a.shape) for k, a in arrays.items()}
-        if got != self.expected:
-            diff = sorted(set(got) ^ set(self.expected))[:2] or [
-                k for k in got if got[k] != self.expected.get(k)][:2]
+        if got != expected:
+            diff = sorted(set(got) ^ set(expected))[:2] or [k for k in got if got[k] != expected.get(k)][:2]
             self._reject(g, msg, f"adapter keys/shapes differ from the global adapter (e.g. {diff})")
             return False
-        for key, arr in arrays.items():
-            if not np.isfinite(arr.numpy()).all():
+        return self._values_ok(g, msg)
+
+    def _values_ok(self, g: int, msg: Message) -> bool:
+        """Decodable (float or bfloat16 bits) and finite; decoding is kept for aggregation."""
+        try:
+            state = self.reply_state(msg)
+        except ValueError as exc:
+            self._reject(g, msg, f"adapter tensor dtype not accepted: {exc}")
+            return False
+        for key, arr in state.items():
+            if not np.isfinite(arr).all():
                 self._reject(g, msg, f"adapter tensor {key} holds NaN/Inf")
                 return False
         return True
 
+    def _drop_outliers(self, g: int, valid: list[Message]) -> list[Message]:
+        """Reject replies whose update norm is > norm_factor x the median of the others."""
+        if self.norm_factor <= 0 or len(valid) < 2:
+            return valid
+        states = [self.reply_state(m) for m in valid]
+        norms = update_norms(states, [self.reference_for(s) for s in states])
+        self._norms = {id(m): n for m, n in zip(valid, norms)}
+        kept = []
+        for i, outlier in enumerate(norm_outliers(norms, self.norm_factor)):
+            if not outlier:
+                kept.append(valid[i])
+                continue
+            others = float(np.median(norms[:i] + norms[i + 1:]))
+            self._reject(g, valid[i], f"update norm {norms[i]:.4g} > strategy.norm_factor="
+                                      f"{self.norm_factor:g} x the others' median {others:.4g}")
+        return kept
+
     def _reject(self, g: int, msg: Message, why: str) -> None:
-        site = _site_of(msg) if not msg.has_error() else f"node-{msg.metadata.src_node_id}"
+        node = msg.metadata.src_node_id
+        site = self.node_sites.get(node, f"node-{node}") if msg.has_error() else _site_of(msg)
         log(WARNING, "Round %d: excluded %s: %s", g, site, why)
         self.rejected.setdefault(g, []).append({"site": site, "reason": why})
 
@@ -168,6 +334,9 @@ class FedmiraFedAvg(FedAvg):
             rec = next(iter(m.content.metric_records.values()), None)
             if rec is not None:
                 per_site[_site_of(m)] = {k: v for k, v in rec.items() if not isinstance(v, list)}
+                if kind == "train" and id(m) in self._norms:
+                    per_site[_site_of(m)]["update-norm"] = self._norms[id(m)]
+        self._norms = {}
         self.site_metrics[kind][g] = per_site
 
     # ------------------------------------------------------------------ evaluation
@@ -181,7 +350,9 @@ class FedmiraFedAvg(FedAvg):
         # The same sites every evaluation round, so the validation curve compares like with like.
         random.seed(self.seed * 100003 + 7919)
         config = ConfigRecord({**dict(config), "global-round": g})
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = self.personalize(list(super().configure_evaluate(server_round, arrays, config, grid)))
+        self._count(g, "down", messages)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         g = self.global_round(server_round)
@@ -200,6 +371,32 @@ class FedmiraFedAvg(FedAvg):
         self.aggregates["evaluate"][g] = metrics
         return metrics
 
+    # ------------------------------------------------------------------ communication
+    def _count(self, g: int, direction: str, messages: list[Message]) -> None:
+        """Add each message's adapter bytes to its node's tally for round ``g``."""
+        tally = self.comm.setdefault(g, {"up": {}, "down": {}})[direction]
+        for m in messages:
+            node = m.metadata.dst_node_id if direction == "down" else m.metadata.src_node_id
+            size = sum(_payload(r) for r in m.content.array_records.values())
+            tally[node] = tally.get(node, 0) + size
+
+    def comm_record(self, g: int) -> dict[str, Any]:
+        """Adapter bytes up/down in round ``g``, per site, and cumulative since the run began."""
+        rounds = self.comm.get(g, {"up": {}, "down": {}})
+        sites: dict[str, dict[str, int]] = {}
+        for direction in ("up", "down"):
+            for node, size in rounds[direction].items():
+                entry = sites.setdefault(self.node_sites.get(node, f"node-{node}"), {"up_bytes": 0, "down_bytes": 0})
+                entry[f"{direction}_bytes"] += size
+        done = [r for r in self.comm if r <= g]
+        cum_up = self.comm_offset[0] + sum(sum(self.comm[r]["up"].values()) for r in done)
+        cum_down = self.comm_offset[1] + sum(sum(self.comm[r]["down"].values()) for r in done)
+        return {
+            "up_bytes": sum(rounds["up"].values()), "down_bytes": sum(rounds["down"].values()),
+            "cumulative_up_bytes": cum_up, "cumulative_down_bytes": cum_down,
+            "cumulative_bytes": cum_up + cum_down, "sites": dict(sorted(sites.items())),
+        }
+
     def round_record(self, g: int) -> dict[str, Any]:
         """Everything the run folder keeps about global round ``g`` (JSON-serialisable)."""
         def clean(m: MetricRecord | dict[str, Any] | None) -> dict[str, Any]:
@@ -211,4 +408,13 @@ class FedmiraFedAvg(FedAvg):
             "train_sites": {s: clean(m) for s, m in self.site_metrics["train"].get(g, {}).items()},
             "evaluate_sites": {s: clean(m) for s, m in self.site_metrics["evaluate"].get(g, {}).items()},
             "rejected": self.rejected.get(g, []),
+            "comm": self.comm_record(g),
         }
+
+
+class FedmiraFedAvg(FedmiraBase, AdapterAggregation):
+    """FedAvg on adapters: example-weighted mean (or median / trimmed mean) of the LoRA tensors.
+
+    Cheapest and simplest; note that averaging A and B separately is not averaging the
+    updates B·A (see ffa_lora and hetero_svd for exact alternatives).
+    """

@@ -67,3 +67,13 @@ def test_partition_writes_site_folders(tmp_path: Path) -> None:
     assert len({row["site_id"] for row in manifest["rows"]}) == 3
     assert (out / "sites.png").is_file() and (out / "summary.csv").is_file()
     assert main(["partition", "+debug=tiny"]) == 2  # no output folder: a clear error
+
+
+def test_evaluate_writes_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--out", str(out), "--limit", "6", "--no-encoder", "+debug=tiny",
+                 "generate.max_new_tokens=4"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "overall" in json.dumps(report) and (out / "report.md").is_file()
+    assert len((out / "per_sample.csv").read_text().strip().splitlines()) == 7  # header + 6

@@ -117,7 +117,8 @@ def test_run_evaluate_with_a_stub_model(tmp_path: Path, monkeypatch: pytest.Monk
 
     seen: dict[str, Any] = {}
 
-    def fake_generate(cfg: Any, reports: list[Report], adapter: str | None, progress: bool = True) -> list[str]:
+    def fake_generate(cfg: Any, reports: list[Report], adapter: str | None,
+                      progress: bool = True) -> list[str]:
         seen["adapter"], seen["n"] = adapter, len(reports)
         return [r.impression for r in reports]
 
