@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ RANK_TOL_EPS = 10.0
 # rows) gain little from a second thread, and OpenMP threads that spin on a core shared with
 # simulated sites lose badly (measured 10-30x slower on 2 busy cores); see the benchmark.
 LINALG_THREADS = 1
+# ... and layers are instead solved in this many chunks on as many Python threads.
+LINALG_WORKERS = 2
 
 
 # ------------------------------------------------------------------------------ weights
@@ -113,7 +116,10 @@ def update_norms(
     """L2 norm of each state's update ``state - reference`` over all its tensors."""
     norms = []
     for state, ref in zip(states, references, strict=True):
-        sq = sum(float(np.square(v.astype(np.float64) - ref[k]).sum()) for k, v in state.items())
+        sq = 0.0
+        for k, v in state.items():
+            diff = (v - ref[k]).ravel()
+            sq += float(np.dot(diff, diff))  # BLAS dot: no squared copy of every tensor
         norms.append(math.sqrt(sq))
     return norms
 
@@ -277,24 +283,38 @@ def hetero_aggregate(
     order, so :func:`truncate_adapter` can hand each site its best rank-``r_k`` part. When the
     sum has rank <= ``rank`` it is reproduced exactly (to float32 rounding).
 
-    Layers with the same ``(d, n)`` are stacked and solved in one batched call; ``seed`` seeds
-    the A rows re-drawn for directions that carry no update (see :func:`_factors`).
+    Layers with the same ``(d, n)`` are stacked and solved in batched calls, in
+    ``LINALG_WORKERS`` chunks on as many threads; ``seed`` seeds the A rows re-drawn for
+    directions that carry no update (see :func:`_factors`), per chunk, so the result does not
+    depend on the scheduling.
     """
     w = normalized_weights(weights)
     ranks = [adapter_rank(s) for s in states]
-    modules = lora_modules(states[0])
     coeffs = torch.tensor(np.repeat(w * alpha / np.asarray(ranks, dtype=np.float64), ranks))
-    gen = torch.Generator().manual_seed(seed)
-    out: ArrayDict = {}
-    with _torch_threads(LINALG_THREADS):
-        for group in _by_shape(states[0], modules):
-            b, a = _stacked(states, group, ranks)
-            u, s, core_t = lowrank_sum_svd(b, a, coeffs.to(b.dtype), rank)
-            b_out, a_out = _factors(u, s, core_t, rank, alpha / rank, gen)
-            for i, m in enumerate(group):
-                out[m + LORA_B] = b_out[i].numpy().astype(np.float32)
-                out[m + LORA_A] = a_out[i].numpy().astype(np.float32)
-    return dict(sorted(out.items()))
+    groups = _by_shape(states[0], lora_modules(states[0]))
+    chunks = [chunk for group in groups for chunk in _split(group, LINALG_WORKERS)]
+
+    def solve(job: tuple[int, list[str]]) -> ArrayDict:
+        index, chunk = job
+        b, a = _stacked(states, chunk, ranks)
+        u, s, core_t = lowrank_sum_svd(b, a, coeffs.to(b.dtype), rank)
+        gen = torch.Generator().manual_seed(seed * 1000 + index)
+        b_out, a_out = _factors(u, s, core_t, rank, alpha / rank, gen)
+        out = {m + LORA_B: b_out[i].numpy().astype(np.float32) for i, m in enumerate(chunk)}
+        return {**out, **{m + LORA_A: a_out[i].numpy().astype(np.float32) for i, m in enumerate(chunk)}}
+
+    # torch releases the GIL inside LAPACK, so single-threaded solves on separate Python threads
+    # use both cores without OpenMP's spinning barriers (see LINALG_THREADS).
+    with _torch_threads(LINALG_THREADS), ThreadPoolExecutor(max(1, LINALG_WORKERS)) as pool:
+        parts = list(pool.map(solve, enumerate(chunks)))
+    return dict(sorted(kv for part in parts for kv in part.items()))
+
+
+def _split(modules: list[str], n: int) -> list[list[str]]:
+    """``modules`` in at most ``n`` contiguous chunks of nearly equal size."""
+    n = max(1, min(n, len(modules)))
+    size = -(-len(modules) // n)
+    return [modules[i : i + size] for i in range(0, len(modules), size)]
 
 
 def _stacked(

@@ -358,7 +358,9 @@ class ModeConfig:
     ray_address: str = _help("Existing Ray cluster to join (empty: start a local one).", "")
     client_cpus: int = _help("CPUs reserved per simulated site (sets how many run at once).", 2)
     client_gpus: float = _help("GPU share per simulated site (0 on CPU machines).", 0.0)
-    superlink: str = _help("Deployment: SuperLink address host:port of the coordinator.", "")
+    superlink: str = _help(
+        "Deployment: the coordinator's SuperLink as host:port: where `fedmira coordinator` listens "
+        "(0.0.0.0:PORT accepts other machines) and the default `--superlink` of `fedmira hospital`.", "")
 
     def __post_init__(self) -> None:
         _check_choice("mode", "name", self.name, ("simulation", "deployment"))

@@ -158,7 +158,8 @@ def train_steps(
 
 
 def _proximal_term(
-    params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None, device: torch.device,
+    params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None,
+    device: torch.device,
 ) -> Callable[[], torch.Tensor] | None:
     """A closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
     if proximal is None or proximal[0] == 0:
@@ -170,7 +171,8 @@ def _proximal_term(
     refs = [r.detach().to(device=device, dtype=p.dtype) for p, r in zip(params, reference)]
 
     def term() -> torch.Tensor:
-        return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in zip(params, refs))  # type: ignore[return-value]
+        squares = sum(((p - r) ** 2).sum() for p, r in zip(params, refs))
+        return 0.5 * mu * squares  # type: ignore[return-value]
 
     return term
 

@@ -6,7 +6,8 @@ Layout::
       config.json            resolved ExperimentConfig + its hash and the locked part's hash
       run_config.toml        the flat Flower run config the apps received
       sites/                 one folder per simulated hospital + manifest.json + summary.csv
-      rounds/round_0003/     the global adapter after round 3 (PEFT format)
+      rounds/round_0003/     the global adapter after round 3 (PEFT format), plus
+                             strategy_state.safetensors for stateful strategies (FedAdam's m, v, t)
       final_adapter/         the last round's adapter (PEFT format)
       metrics.jsonl          one JSON object per completed round (aggregate + per site)
       metrics.csv            the same, flattened, for spreadsheets
@@ -31,6 +32,7 @@ from typing import Any, Mapping
 from common.errors import FedmiraError
 
 STATE_FILE = "state.json"
+STRATEGY_STATE = "strategy_state.safetensors"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
@@ -94,6 +96,12 @@ class RunDir:
         state = {**self.state(), **(extra_state or {}), "last_round": server_round}
         _atomic_write(self.path / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
 
+    def comm_totals(self) -> tuple[int, int]:
+        """Cumulative adapter bytes (up, down) of the committed rounds (from the last metrics line)."""
+        rows = self.metrics()
+        comm = rows[-1].get("comm", {}) if rows else {}
+        return int(comm.get("cumulative_up_bytes", 0)), int(comm.get("cumulative_down_bytes", 0))
+
     def mark(self, **fields: Any) -> None:
         """Merge ``fields`` into state.json (e.g. status, timings)."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -132,13 +140,15 @@ class RunDir:
         rows: list[dict[str, Any]] = []
         for rec in self.metrics():
             base = {"round": rec["round"]}
+            comm = rec.get("comm", {})
             rows.append({**base, "site": "all", **_scalars(rec.get("train", {}), "train_"),
-                         **_scalars(rec.get("evaluate", {}), "eval_")})
+                         **_scalars(rec.get("evaluate", {}), "eval_"), **_scalars(comm, "comm_")})
             sites = set(rec.get("train_sites", {})) | set(rec.get("evaluate_sites", {}))
-            for site in sorted(sites):
+            for site in sorted(sites | set(comm.get("sites", {}))):
                 rows.append({**base, "site": site,
                              **_scalars(rec.get("train_sites", {}).get(site, {}), "train_"),
-                             **_scalars(rec.get("evaluate_sites", {}).get(site, {}), "eval_")})
+                             **_scalars(rec.get("evaluate_sites", {}).get(site, {}), "eval_"),
+                             **_scalars(comm.get("sites", {}).get(site, {}), "comm_")})
         columns = sorted({k for r in rows for k in r}, key=lambda c: (c not in ("round", "site"), c))
         path = self.path / METRICS_CSV
         with open(path, "w", newline="", encoding="utf-8") as f:
@@ -146,6 +156,30 @@ class RunDir:
             writer.writeheader()
             writer.writerows(rows)
         return path
+
+
+def save_strategy_state(folder: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> Path:
+    """Write a strategy's server state (NumPy arrays + string metadata) into a round folder.
+
+    Called from ``commit_round``'s ``write_adapter`` callback, so it is committed atomically
+    with the round's adapter.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(folder) / STRATEGY_STATE
+    save_file(dict(tensors), str(path), metadata=dict(metadata))
+    return path
+
+
+def load_strategy_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """The (tensors, metadata) saved by :func:`save_strategy_state`, or None when absent."""
+    from safetensors import safe_open
+
+    path = Path(folder) / STRATEGY_STATE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def _scalars(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -64,6 +64,24 @@ def decode_array(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"dtype {array.dtype} is not an adapter transport dtype ({', '.join(_DECODABLE)})")
 
 
+def npy_values(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The values of a C-ordered ``.npy`` blob of known dtype and shape, as a read-only view.
+
+    Flower's ``Array`` stores ``np.save`` output; ``np.load`` parses every header with
+    ``ast.literal_eval`` (~0.2 ms a tensor: a second for 42 sites x 120 tensors). With dtype and
+    shape already known, the values are simply the last ``nbytes`` of the blob. Returns None
+    (use ``np.load``) unless the header says exactly that: the magic, this dtype, C order.
+    """
+    dt = np.dtype(dtype)
+    count = math.prod(shape)
+    offset = len(data) - count * dt.itemsize
+    header = data[:offset] if offset >= 10 else b""
+    if not (header.startswith(b"\x93NUMPY") and f"'descr': '{dt.str}'".encode() in header
+            and b"'fortran_order': False" in header):
+        return None
+    return np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape)
+
+
 def payload_bytes(shape: tuple[int, ...], dtype: str) -> int:
     """Bytes of a tensor's values on the wire (the few bytes of NumPy header not counted)."""
     itemsize = _ITEMSIZE.get(dtype) or np.dtype(dtype).itemsize

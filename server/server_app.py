@@ -1,16 +1,21 @@
-"""The coordinator's ServerApp: config -> initial adapter -> FedAvg rounds -> run folder.
+"""The coordinator's ServerApp: config -> initial adapter -> federated rounds -> run folder.
 
-Wiring only: the strategy lives in ``server/strategy.py``, run-folder bookkeeping in
-``common/rundir.py``, model code in ``common/``. Each finished round is committed to the run
-folder (adapter, metrics, state) so a crash loses at most the round in flight, and a resumed run
-starts from the last committed adapter with the global round counter restored.
+Wiring only: ``server/strategies.py`` builds the strategy named by ``strategy.name``, run-folder
+bookkeeping is ``common/rundir.py``, model code ``common/``. Each finished round is committed to
+the run folder (adapter and any server-optimizer state, metrics, state) so a crash loses at most
+the round in flight, and a resumed run starts from the last committed adapter with the global
+round counter, the optimizer state and the cumulative byte counts restored.
+
+With ``strategy.byte_budget_mb`` set, the run warns at 80% of the budget and stops cleanly after
+the round that exceeds it: that round is committed, ``final_adapter`` written, and state.json
+says ``status: stopped_budget`` (the launcher reports it as stopped, not failed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,18 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_state, save_adapter_state
 from common.config import ExperimentConfig
 from common.model import apply_lora, load_base_model
-from common.rundir import RunDir, plot_losses, write_tensorboard
-from server.strategy import FedmiraFedAvg
+from common.rundir import (
+    RunDir, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
+)
+from common.transport import BYTES_PER_MB, budget_status
+from server.strategies import build_strategy
+from server.strategy import FedmiraBase
 
 app = ServerApp()
+
+
+class BudgetExhausted(RuntimeError):
+    """The round just committed took the run past ``strategy.byte_budget_mb``."""
 
 
 def initial_adapter(cfg: ExperimentConfig, run: RunDir) -> tuple[dict[str, Any], Any, int]:
@@ -40,6 +53,22 @@ def initial_adapter(cfg: ExperimentConfig, run: RunDir) -> tuple[dict[str, Any],
     return get_adapter_state(model), peft_config, 0
 
 
+def restore_strategy(strategy: FedmiraBase, run: RunDir, done: int) -> None:
+    """Load the server-optimizer state committed with round ``done`` (nothing for stateless ones)."""
+    saved = load_strategy_state(run.round_dir(done)) if done else None
+    if saved is not None:
+        strategy.load_strategy_state(*saved)
+        log(INFO, "Restored %s state of round %d", type(strategy).__name__, done)
+
+
+def write_round(strategy: FedmiraBase, adapter: dict[str, Any], peft_config: Any, folder: Path) -> None:
+    """A round folder's content: the adapter (PEFT format) and the strategy's state, if any."""
+    save_adapter_state(adapter, peft_config, folder)
+    state = strategy.strategy_state()
+    if state is not None:
+        save_strategy_state(folder, *state)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run ``strategy.rounds`` federated rounds (fewer when resuming)."""
@@ -51,17 +80,41 @@ def main(grid: Grid, context: Context) -> None:
     if done >= total:
         log(INFO, "All %d rounds are already committed in %s", total, run.path)
         return
+    spent = run.comm_totals()
+    if budget_status(sum(spent), cfg.strategy.byte_budget_mb) == "exceeded":
+        log(INFO, "[fedmira] byte budget of %.3f MB already spent (%.3f MB): nothing to run",
+            cfg.strategy.byte_budget_mb, sum(spent) / BYTES_PER_MB)
+        run.mark(status="stopped_budget")
+        return
     n_bytes = adapter_num_bytes(state)
-    log(INFO, "fedmira: %d rounds, adapter %d tensors / %.2f MB per site and direction",
-        total - done, len(state), n_bytes / 1e6)
-    strategy = FedmiraFedAvg(
-        round_config_fn=lambda g: {"lr": cfg.train.lr, "local-steps": cfg.train.steps},
-        round_offset=done, evaluate_every=cfg.eval.every, total_rounds=total, seed=cfg.run.seed,
-        fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
-        min_train_nodes=cfg.strategy.min_train_sites, min_evaluate_nodes=cfg.strategy.min_evaluate_sites,
-        min_available_nodes=cfg.strategy.min_train_sites,
-    )
-    clock = {"t": time.perf_counter()}
+    log(INFO, "fedmira: %s, %d rounds, adapter %d tensors / %.2f MB per site and direction",
+        cfg.strategy.name, total - done, len(state), n_bytes / 1e6)
+    strategy = build_strategy(cfg, round_offset=done, comm_offset=spent)
+    restore_strategy(strategy, run, done)
+    commit = _committer(cfg, run, strategy, peft_config, done)
+    run.mark(status="running", planned_rounds=total, rounds_started_at=time.time())
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+            timeout=cfg.strategy.round_timeout_s, train_config=ConfigRecord(), evaluate_fn=commit,
+        )
+    except BudgetExhausted as stop:
+        log(INFO, "[fedmira] %s", stop)
+        final = load_adapter_state(run.round_dir(run.last_round))
+        save_adapter_state(final, peft_config, Path(run.path) / "final_adapter")
+        run.mark(status="stopped_budget", stop_reason=str(stop))
+        return
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None else state
+    save_adapter_state(final, peft_config, Path(run.path) / "final_adapter")
+    run.mark(status="completed")
+
+
+def _committer(
+    cfg: ExperimentConfig, run: RunDir, strategy: FedmiraBase, peft_config: Any, done: int,
+) -> Any:
+    """Flower's ``evaluate_fn``: commit each finished round, then enforce the byte budget."""
+    clock = {"t": time.perf_counter(), "warned": False}
+    budget = cfg.strategy.byte_budget_mb
 
     def commit(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -71,22 +124,25 @@ def main(grid: Grid, context: Context) -> None:
         record["round_s"] = time.perf_counter() - clock["t"]
         clock["t"] = time.perf_counter()
         adapter = arrays.to_torch_state_dict()
-        run.commit_round(g, lambda folder: save_adapter_state(adapter, peft_config, folder), record)
-        _log_round(g, total, record)
+        run.commit_round(g, lambda folder: write_round(strategy, adapter, peft_config, folder), record)
+        _log_round(g, cfg.strategy.rounds, record)
         run.write_metrics_csv()
         plot_losses(run)
         if cfg.run.tensorboard:
             write_tensorboard(run, {"round": g, **record})
+        used = record["comm"]["cumulative_bytes"]
+        status = budget_status(used, budget)
+        if status == "warn" and not clock["warned"]:
+            clock["warned"] = True
+            log(WARNING, "[fedmira] byte budget: %.0f%% used (%.3f of %.3f MB) after round %d",
+                100 * used / (budget * BYTES_PER_MB), used / BYTES_PER_MB, budget, g)
+        if status == "exceeded" and g < cfg.strategy.rounds:
+            raise BudgetExhausted(f"byte budget exceeded: {used / BYTES_PER_MB:.3f} MB > "
+                                  f"strategy.byte_budget_mb={budget:g} after round {g}; stopped "
+                                  f"cleanly with round {g} committed")
         return None
 
-    run.mark(status="running", planned_rounds=total, rounds_started_at=time.time())
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-        train_config=ConfigRecord(), evaluate_fn=commit,
-    )
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else state
-    save_adapter_state(final, peft_config, Path(run.path) / "final_adapter")
-    run.mark(status="completed")
+    return commit
 
 
 def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
@@ -99,5 +155,9 @@ def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
         parts.append(f"ROUGE-L {ev['rouge-l']:.3f}")
     if record["rejected"]:
         parts.append(f"{len(record['rejected'])} site(s) excluded")
+    comm = record.get("comm", {})
+    if comm:
+        parts.append(f"{(comm['up_bytes'] + comm['down_bytes']) / 1e6:.2f} MB "
+                     f"({comm['cumulative_bytes'] / 1e6:.2f} MB total)")
     parts.append(f"{record['round_s']:.1f} s")
     log(INFO, "[fedmira] %s", " | ".join(parts))

@@ -35,12 +35,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.aggregation import ArrayDict, combine, norm_outliers, update_norms
-from common.transport import decode_array, payload_bytes
+from common.transport import decode_array, npy_values, payload_bytes
 
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
 NOT_AVERAGED = ("site-index", "lora-rank")  # identifiers, not quantities
@@ -82,6 +83,20 @@ def _num_examples(msg: Message, key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
+def array_values(arr: Array) -> np.ndarray:
+    """An Array's values: straight from its ``.npy`` bytes when possible, else ``Array.numpy()``."""
+    if arr.stype == SType.NUMPY:
+        values = npy_values(arr.data, arr.dtype, tuple(arr.shape))
+        if values is not None:
+            return values
+    return arr.numpy()
+
+
+def decode_record(record: ArrayRecord) -> ArrayDict:
+    """Every tensor of an ArrayRecord as float32 NumPy arrays (16-bit transport decoded)."""
+    return {k: decode_array(array_values(a)) for k, a in record.items()}
+
+
 def _payload(record: ArrayRecord) -> int:
     """Bytes of an ArrayRecord's tensors on the wire (at whatever dtype they travel)."""
     return sum(payload_bytes(tuple(a.shape), a.dtype) for a in record.values())
@@ -106,8 +121,7 @@ class AdapterStrategy(FedAvg):
         """The reply's adapter tensors as float32 NumPy arrays (cached for the round)."""
         cache: dict[int, ArrayDict] = self.__dict__.setdefault("_states", {})
         if id(msg) not in cache:
-            record = next(iter(msg.content.array_records.values()))
-            cache[id(msg)] = {k: decode_array(a.numpy()) for k, a in record.items()}
+            cache[id(msg)] = decode_record(next(iter(msg.content.array_records.values())))
         return cache[id(msg)]
 
     def forget_replies(self) -> None:
@@ -227,7 +241,7 @@ class FedmiraBase(AdapterStrategy):
         g = self.global_round(server_round)
         self.current_round = g
         self.expected = self.expected_shapes(arrays)
-        self.global_arrays = {k: decode_array(a.numpy()) for k, a in arrays.items()}
+        self.global_arrays = decode_record(arrays)
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
         messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
@@ -296,8 +310,8 @@ class FedmiraBase(AdapterStrategy):
         """Decodable (float or bfloat16 bits) and finite; decoding is kept for aggregation."""
         try:
             state = self.reply_state(msg)
-        except ValueError as exc:
-            self._reject(g, msg, f"adapter tensor dtype not accepted: {exc}")
+        except (ValueError, TypeError) as exc:  # an undecodable dtype or a corrupt payload
+            self._reject(g, msg, f"adapter tensor not readable: {exc}")
             return False
         for key, arr in state.items():
             if not np.isfinite(arr).all():
@@ -386,7 +400,8 @@ class FedmiraBase(AdapterStrategy):
         sites: dict[str, dict[str, int]] = {}
         for direction in ("up", "down"):
             for node, size in rounds[direction].items():
-                entry = sites.setdefault(self.node_sites.get(node, f"node-{node}"), {"up_bytes": 0, "down_bytes": 0})
+                site = self.node_sites.get(node, f"node-{node}")
+                entry = sites.setdefault(site, {"up_bytes": 0, "down_bytes": 0})
                 entry[f"{direction}_bytes"] += size
         done = [r for r in self.comm if r <= g]
         cum_up = self.comm_offset[0] + sum(sum(self.comm[r]["up"].values()) for r in done)

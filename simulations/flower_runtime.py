@@ -70,12 +70,19 @@ def flower_env(flwr_home: Path, ray_address: str = "", run_dir: Path | None = No
 
 
 class SimulationSuperLink:
-    """A SuperLink in simulation mode on a free loopback port, owned by this process."""
+    """A SuperLink in simulation mode on a free loopback port, owned by this process.
 
-    def __init__(self, run_dir: Path, ray_address: str = "") -> None:
+    Subclasses change what is started (:meth:`command`), how the ``flwr`` CLI reaches it
+    (:meth:`connection_toml`) and where (``host``, ``port``): ``simulations/deploy.py`` starts
+    the coordinator's TLS SuperLink with SuperNode authentication this way.
+    """
+
+    def __init__(self, run_dir: Path, ray_address: str = "", *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.run_dir = run_dir
         self.flwr_home = run_dir / ".flwr"
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         self.env = flower_env(self.flwr_home, ray_address, run_dir)
         self.reaper: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,31 +90,41 @@ class SimulationSuperLink:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where the ``flwr`` CLI reaches the SuperLink (its Control API)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> None:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
-            f'address = "{self.address}"\ninsecure = true\n'
-        )
-        cmd = [
+    def connection_toml(self) -> str:
+        """The ``$FLWR_HOME/config.toml`` naming this SuperLink as connection ``fedmira``."""
+        return ('[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
+                f'address = "{self.address}"\ninsecure = true\n')
+
+    def command(self) -> list[str]:
+        """The ``flower-superlink`` command line."""
+        return [
             "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port),
             "--database", str(self.run_dir / "superlink.db"),
             "--disable-runtime-dependency-installation",
         ]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(self.connection_toml())
+        start_at = self.log_path.stat().st_size if self.log_path.is_file() else 0
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         record_pids(self.run_dir, [self.proc.pid])
         self.reaper = start_reaper(self.run_dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise FedmiraError(f"The Flower SuperLink exited at start-up; see {self.log_path}.")
-            if "Application startup complete" in self.log_path.read_text(errors="replace"):
-                return
+            with open(self.log_path, "rb") as f:  # this start's lines only (the log is appended to)
+                f.seek(start_at)
+                if b"Application startup complete" in f.read():
+                    return
             time.sleep(0.3)
         raise FedmiraError(f"The Flower SuperLink did not start within {timeout:.0f} s; see {self.log_path}.")
 
@@ -224,8 +241,14 @@ def submit_and_stream(
     """``flwr run`` this project on ``link`` and stream its logs; returns the run id."""
     fed = (f"num-supernodes={num_sites} client-resources-num-cpus={client_cpus} "
            f"client-resources-num-gpus={client_gpus}")
+    return stream_run(link, run_config_toml, ["--federation-config", fed], on_line, log_file)
+
+
+def stream_run(link: SimulationSuperLink, run_config_toml: Path, extra: list[str],
+               on_line: Callable[[str], None], log_file: TextIO) -> int | None:
+    """``flwr run PROJECT fedmira --run-config TOML [extra] --stream``; returns the run id."""
     cmd = ["flwr", "run", str(PROJECT_ROOT), "fedmira", "--run-config", str(run_config_toml),
-           "--federation-config", fed, "--stream"]
+           *extra, "--stream"]
     proc = subprocess.Popen(cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, bufsize=1, cwd=str(PROJECT_ROOT))
     run_id: int | None = None

@@ -118,6 +118,14 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 # ------------------------------------------------------------------------------ run folder
 def new_run(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
     """Create the run folder with config, hashes and site folders."""
+    cfg, run = create_run_folder(cfg)
+    splits = split_sites(cfg, load_pooled_reports(cfg, out))
+    index = write_sites(run.path, cfg, splits)
+    return cfg, run, index
+
+
+def create_run_folder(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunDir]:
+    """Check the lock, create ``out_dir/<experiment>/<stamp>-<hash>`` and write config.json."""
     check_lock(cfg)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = (Path(cfg.run.out_dir) / cfg.experiment_name() / f"{stamp}-{cfg.config_hash()[:8]}").resolve()
@@ -125,9 +133,7 @@ def new_run(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> tuple[Experiment
     cfg = cfg.replace(run=dataclasses.replace(cfg.run, dir=str(path), resume=""))
     run = RunDir(path)
     run.write_config(cfg.to_dict(), cfg.config_hash(), cfg.lock_hash())
-    splits = split_sites(cfg, load_pooled_reports(cfg, out))
-    index = write_sites(path, cfg, splits)
-    return cfg, run, index
+    return cfg, run
 
 
 def resume_run(resume: str, cfg_overrides: ExperimentConfig | None) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
@@ -205,17 +211,26 @@ def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: Text
 
 
 def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, wall_s: float,
-            out: TextIO) -> int:
+            out: TextIO, command: str = "simulate") -> int:
     last = run.last_round
     run.mark(flower_status=status, wall_s=round(wall_s, 1), launcher_startup_s=round(startup_s, 1))
     if run.metrics():
         run.write_metrics_csv()
         plot_losses(run)
-    ok = last >= cfg.strategy.rounds and "completed" in status
-    word = "completed" if ok else "FAILED"
+    state = run.state()
+    stopped = state.get("status") == "stopped_budget" and "completed" in status
+    ok = (last >= cfg.strategy.rounds or stopped) and "completed" in status
+    word = "stopped by the byte budget" if stopped and last < cfg.strategy.rounds else (
+        "completed" if ok else "FAILED")
     print(f"\nRun {word}: {last}/{cfg.strategy.rounds} rounds committed in {wall_s:.0f} s "
           f"(Flower status: {status}).", file=out)
-    state = run.state()
+    if stopped:
+        print(f"  {state.get('stop_reason', 'strategy.byte_budget_mb reached')}", file=out)
+    up, down = run.comm_totals()
+    run.mark(comm_up_bytes=up, comm_down_bytes=down)
+    if up or down:
+        print(f"Communication: {up / 1e6:.3f} MB up, {down / 1e6:.3f} MB down, "
+              f"{(up + down) / 1e6:.3f} MB in all (adapter tensors, all sites).", file=out)
     if "rounds_started_at" in state and "launched_at" in state:
         startup = state["rounds_started_at"] - state["launched_at"]
         round_s = [r.get("round_s", 0.0) for r in run.metrics()]
@@ -224,6 +239,6 @@ def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, w
     print(f"Results:  {run.path}\n  metrics:  {run.path / 'metrics.jsonl'} (and metrics.csv)\n"
           f"  plot:     {run.path / 'loss.png'}\n  adapter:  {run.path / 'final_adapter'}", file=out)
     if not ok:
-        print(f"  log:      {run.path / 'flower.log'}\nContinue with: fedmira simulate run.resume={run.path}",
-              file=out)
+        print(f"  log:      {run.path / 'flower.log'}\n"
+              f"Continue with: fedmira {command} run.resume={run.path}", file=out)
     return 0 if ok else 1

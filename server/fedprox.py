@@ -1,0 +1,17 @@
+"""FedProx over adapters: FedAvg plus a proximal term at the sites.
+
+Flower's :class:`~flwr.serverapp.strategy.FedProx` puts ``proximal-mu`` into every training
+message's config; each site adds ``(mu / 2) * ||w - w_global||^2`` over its adapter to the loss
+(``common.engine.train_steps(proximal=...)``), which keeps hospitals with skewed data close to
+the global adapter within a round. Aggregation is fedmira's (mean / median / trimmed mean).
+"""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedProx
+
+from server.strategy import AdapterAggregation, FedmiraBase
+
+
+class FedmiraFedProx(FedmiraBase, FedProx, AdapterAggregation):
+    """FedProx with fedmira's checks; ``proximal_mu`` is Flower's FedProx argument."""
