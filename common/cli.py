@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--merge", action="store_true", help="also write the merged model")
     exp.set_defaults(func=cmd_export)
 
+    from simulations.deploy_cli import add_deploy_commands  # coordinator, hospital, certs
+
+    add_deploy_commands(sub)
+
     conf = sub.add_parser("config", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                           help="print every config key with its value and meaning")
     conf.add_argument("overrides", nargs="*", help="Hydra overrides")

@@ -44,7 +44,13 @@ def _run(tmp_path: Path, extra: list[str]) -> tuple[int, RunDir, str]:
     return code, RunDir(run_dir), out.getvalue()
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Three cases cover the default suite (bf16 transport + FedProx, the byte budget + a server
+# optimizer, heterogeneous ranks); the others run with `make test-slow` to keep CI short.
+SLOW_CASES = {"fedadam", "fedyogi", "ffa_lora"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES])
 def test_strategy_runs_end_to_end(tmp_path: Path, name: str) -> None:
     code, run, printed = _run(tmp_path, CASES[name])
     assert code == 0, printed + (run.path / "flower.log").read_text()[-3000:]

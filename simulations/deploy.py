@@ -1,0 +1,374 @@
+"""``fedmira coordinator``: the coordinator's side of a real deployment.
+
+It starts a Flower SuperLink that serves HTTPS with the coordinator's certificate and accepts
+only SuperNodes whose public key was registered (SuperNode authentication), registers every key
+of the allow-list, waits until enough hospitals are online, submits the fedmira app with
+``mode=deployment`` and streams the rounds. Its run folder is the one a simulation writes
+(``config.json``, ``metrics.jsonl``, ``rounds/``, ``final_adapter/``, ``loss.png``, the
+SuperLink's state database and logs) except ``sites/``, which holds only ``sites.json`` with
+the hospitals of the allow-list: reports never reach the coordinator.
+
+Resume after a crash or restart: ``fedmira coordinator run.resume=RUN_DIR``. The SuperLink's
+state database (``RUN_DIR/superlink.db``) keeps the registered keys, the hospitals' SuperNodes
+reconnect by themselves (they retry), the interrupted Flower run is stopped and a new one
+continues after the last committed round (``server/server_app.py`` reads the run folder).
+
+Flower 1.42 specifics this module works with:
+
+- one HTTPS port serves the Fleet API (hospitals), the Control API (``flwr`` CLI) and the
+  ServerApp's Runtime API; the Control API is unauthenticated without Flower's enterprise
+  OIDC plugin, so expose only ``/v1/fleet/`` of that port beyond the coordinator (see
+  docs/deployment.md);
+- there is no allow-list file: keys are registered with ``flwr supernode register`` and kept in
+  the state database (``--auth-list-public-keys`` is refused);
+- ``flwr run --stream`` exits 0 even when the run failed: success is judged from the run
+  folder and the SuperLink's run status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from cryptography.exceptions import InvalidSignature
+
+from common.config import ExperimentConfig
+from common.errors import ConfigError, FedmiraError
+from common.rundir import RunDir
+from simulations.certs import ALLOW_LIST, read_allow_list
+from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, stream_run
+from simulations.launch import _finish, create_run_folder, resume_run, write_run_config
+
+DEFAULT_EXPERIMENT = "deployment"
+COORDINATOR_STATE_KEY = "coordinator"
+SHOWN = ("ERROR", "Traceback", "excluded")  # Flower log lines shown without --verbose
+
+
+# ------------------------------------------------------------------------------ TLS files
+@dataclass(frozen=True)
+class CoordinatorTls:
+    """The SuperLink's certificate, its key and the CA certificate the hospitals trust."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> CoordinatorTls:
+        """``folder/{ca.crt,server.crt,server.key}`` (``fedmira certs``' ``superlink/``), or a
+        ``fedmira certs`` output folder itself."""
+        root = Path(folder).expanduser().resolve()
+        if (root / "superlink" / "server.crt").is_file():
+            root = root / "superlink"
+        return cls(root / "ca.crt", root / "server.crt", root / "server.key")
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in dataclasses.asdict(self).items()}
+
+    def check(self) -> list[str]:
+        """Validate the files (present, PEM, key matches certificate, chain); return the SANs."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        for path in (self.ca_cert, self.server_cert, self.server_key):
+            if not path.is_file():
+                raise FedmiraError(f"TLS file {path} not found; `fedmira certs out=DIR` writes a development "
+                                   "set, or pass --certs DIR with ca.crt, server.crt and server.key.")
+        try:
+            cert = x509.load_pem_x509_certificate(self.server_cert.read_bytes())
+            ca = x509.load_pem_x509_certificates(self.ca_cert.read_bytes())
+            key = serialization.load_pem_private_key(self.server_key.read_bytes(), None)
+        except (ValueError, TypeError) as exc:
+            raise FedmiraError(f"Cannot read the TLS files in {self.server_cert.parent} as PEM "
+                               f"(unencrypted key expected): {exc}") from exc
+        if key.public_key().public_bytes(*_spki()) != cert.public_key().public_bytes(*_spki()):
+            raise FedmiraError(f"{self.server_key} is not the key of {self.server_cert}.")
+        if not any(_issued_by(cert, c) for c in ca):
+            raise FedmiraError(f"{self.server_cert} is not issued by a CA in {self.ca_cert}; hospitals "
+                               "verify the SuperLink with that file, so they would refuse it.")
+        return _sans(cert)
+
+
+def _issued_by(cert: Any, ca: Any) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _spki() -> tuple[Any, Any]:
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+def _sans(cert: Any) -> list[str]:
+    from cryptography import x509
+
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(v) for v in ext.get_values_for_type(x509.IPAddress)] + ext.get_values_for_type(x509.DNSName)
+
+
+# ------------------------------------------------------------------------------ SuperLink
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port), with a message that says what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"Address {address!r} is not host:port (e.g. 127.0.0.1:9092 or "
+                          "coordinator.example.org:9092); set mode.superlink.")
+    return host.strip("[]"), int(port)
+
+
+class DeploymentSuperLink(SimulationSuperLink):
+    """The coordinator's SuperLink: HTTPS, SuperNode authentication, state database in the run."""
+
+    def __init__(self, run_dir: Path, tls: CoordinatorTls, host: str, port: int) -> None:
+        super().__init__(run_dir, host=host, port=port)
+        self.tls = tls
+
+    def connection_toml(self) -> str:
+        return ('[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
+                f'address = "{self.address}"\nroot-certificates = "{self.tls.ca_cert}"\n')
+
+    def command(self) -> list[str]:
+        return [
+            "flower-superlink",
+            "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
+            "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth",
+            "--host", self.host, "--port", str(self.port),
+            "--database", str(self.run_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            super().start(timeout)
+        except FedmiraError as exc:
+            text = self.log_path.read_text(errors="replace")[-3000:]
+            if "address already in use" in text.lower() or "Errno 98" in text:
+                raise FedmiraError(f"Port {self.port} on {self.host} is in use (another coordinator?); "
+                                   "stop it or choose another mode.superlink=HOST:PORT.") from exc
+            raise
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a ``flwr`` CLI command against this SuperLink."""
+        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    start = proc.stdout.find("{")
+    try:
+        return dict(json.loads(proc.stdout[start:])) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def register_keys(link: DeploymentSuperLink, entries: list[tuple[str, str]]) -> list[str]:
+    """Register every allow-list key (already registered ones are fine); returns new names."""
+    keys_dir = link.flwr_home / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    added = []
+    for name, line in entries:
+        path = keys_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.pub"
+        path.write_text(line + "\n")
+        doc = _json_out(link.flwr("supernode", "register", str(path), "fedmira", "--name", name[:60],
+                                  "--format", "json"))
+        if doc.get("success"):
+            added.append(name)
+        elif "already in use" not in str(doc.get("error-message", "")):
+            raise FedmiraError(f"Could not register the key of {name}: "
+                               f"{doc.get('error-message', 'no answer from the SuperLink')}")
+    return added
+
+
+def online_nodes(link: DeploymentSuperLink) -> int:
+    """How many registered SuperNodes are online now."""
+    doc = _json_out(link.flwr("supernode", "ls", "fedmira", "--format", "json"))
+    return sum(1 for n in doc.get("nodes", []) if n.get("status") == "online")
+
+
+def wait_for_sites(link: DeploymentSuperLink, wanted: int, out: TextIO, poll_s: float = 2.0) -> None:
+    """Block until ``wanted`` hospitals are online, printing progress when it changes."""
+    shown = -1
+    while (n := online_nodes(link)) < wanted:
+        if link.proc is not None and link.proc.poll() is not None:
+            raise FedmiraError(f"The SuperLink exited; see {link.log_path}.")
+        if n != shown:
+            print(f"{n}/{wanted} hospitals online; waiting (hospitals start `fedmira hospital`)...", file=out)
+            shown = n
+        time.sleep(poll_s)
+    print(f"{n} hospitals online.", file=out)
+
+
+def stop_flower_run(link: DeploymentSuperLink, run_id: int | None) -> None:
+    """Stop a Flower run that a killed coordinator left running (no-op when it is finished)."""
+    if run_id is not None and "running" in run_status(link, run_id):
+        link.flwr("stop", str(run_id), "fedmira")
+
+
+# ------------------------------------------------------------------------------ run folder
+def deployment_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config forced to ``mode.name=deployment`` and, unnamed, run name ``deployment``."""
+    if cfg.mode.name != "deployment":
+        raise ConfigError("fedmira coordinator needs mode=deployment (it is added for you unless another "
+                          "mode=... override is given).")
+    if not cfg.mode.superlink:
+        raise ConfigError("mode.superlink is empty: give the address to listen on, e.g. "
+                          "mode.superlink=0.0.0.0:9092.")
+    if not cfg.run.name:
+        cfg = cfg.replace(run=dataclasses.replace(cfg.run, name=DEFAULT_EXPERIMENT))
+    return cfg
+
+
+def new_deployment_run(cfg: ExperimentConfig,
+                       hospitals: list[str]) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
+    """Create the run folder; ``sites/sites.json`` lists the allow-listed hospitals (no data)."""
+    cfg, run = create_run_folder(cfg)
+    index = {"train_sites": hospitals, "external_sites": [], "deployment": True}
+    (run.path / "sites").mkdir(exist_ok=True)
+    (run.path / "sites" / "sites.json").write_text(json.dumps(index, indent=2))
+    return cfg, run, index
+
+
+def _open_run(cfg: ExperimentConfig, hospitals: list[str], resumed_from_cli: bool,
+              out: TextIO) -> tuple[ExperimentConfig, RunDir]:
+    if cfg.run.resume:
+        cfg, run, _ = resume_run(cfg.run.resume, cfg if resumed_from_cli else None)
+        if cfg.mode.name != "deployment":
+            raise ConfigError(f"{run.path} is a simulation; resume it with "
+                              "`fedmira simulate run.resume=...`.")
+        stop_recorded(run.path)
+        print(f"Resuming {run.path} after round {run.repair()} of {cfg.strategy.rounds}.", file=out)
+        return cfg, run
+    cfg, run, _ = new_deployment_run(deployment_config(cfg), hospitals)
+    print(f"Run folder: {run.path}", file=out)
+    return cfg, run
+
+
+def resolve_settings(saved: dict[str, Any], certs: str | None,
+                     allow_list: str | None) -> tuple[CoordinatorTls, Path]:
+    """TLS files and allow-list: the given ones, else those ``saved`` by the run's first start."""
+    if certs and not Path(certs).expanduser().is_dir():
+        raise FedmiraError(f"--certs {certs}: no such folder; give the folder with ca.crt, server.crt and "
+                           "server.key (`fedmira certs out=DIR` writes a development set).")
+    if certs:
+        tls = CoordinatorTls.from_dir(certs)
+    elif saved.get("tls"):
+        tls = CoordinatorTls(**{k: Path(v) for k, v in saved["tls"].items()})
+    else:
+        raise FedmiraError("Give the SuperLink's TLS files: --certs DIR (ca.crt, server.crt, server.key; "
+                           "`fedmira certs out=DIR` writes a development set).")
+    if allow_list:
+        path = Path(allow_list).expanduser().resolve()
+    elif saved.get("allow_list"):
+        path = Path(saved["allow_list"])
+    elif certs and (Path(certs).expanduser() / ALLOW_LIST).is_file():
+        path = Path(certs).expanduser().resolve() / ALLOW_LIST
+    else:
+        raise FedmiraError(f"Give the hospitals' public keys: --allow-list FILE (one supernode_key.pub "
+                           f"line per hospital, like {ALLOW_LIST} of `fedmira certs`).")
+    return tls, path
+
+
+# ------------------------------------------------------------------------------ coordinate
+def coordinate(
+    cfg: ExperimentConfig, *, certs: str | None = None, allow_list: str | None = None,
+    wait_sites: int = 0, resumed_from_cli: bool = False, out: TextIO = sys.stdout,
+    verbose: bool = False,
+) -> int:
+    """Run a deployment from the coordinator; returns the exit code (0: all rounds committed).
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        Composed config with ``mode=deployment``; ``mode.superlink`` is the listen address.
+    certs, allow_list : str, optional
+        TLS folder and allow-list file; on resume the recorded ones are used unless given.
+    wait_sites : int
+        Start the run once this many hospitals are online (0: every allow-listed hospital).
+    resumed_from_cli : bool
+        Whether overrides accompany ``run.resume`` (they must not change the recorded config).
+    """
+    t0, launched_at = time.perf_counter(), time.time()
+    saved = RunDir(cfg.run.resume).state().get(COORDINATOR_STATE_KEY, {}) if cfg.run.resume else {}
+    tls, list_path = resolve_settings(saved, certs, allow_list)
+    sans = tls.check()
+    entries = read_allow_list(list_path)
+    wanted = wait_sites or len(entries)
+    if not cfg.run.resume:  # checked before a run folder is made; a resumed run's config below
+        _check_start(cfg, wanted)
+    cfg, run = _open_run(cfg, [name for name, _ in entries], resumed_from_cli, out)
+    _check_start(cfg, wanted)
+    run.mark(launched_at=launched_at,
+             **{COORDINATOR_STATE_KEY: {"tls": tls.to_dict(), "allow_list": str(list_path)}})
+    host, port = parse_address(cfg.mode.superlink)
+    print(f"{len(entries)} hospitals on the allow-list {list_path}, {cfg.strategy.rounds} rounds, model "
+          f"{cfg.model.name_or_path}, config {cfg.config_hash()}; SuperLink on https://{host}:{port} "
+          f"(certificate valid for {', '.join(sans) or 'no SAN'})", file=out)
+    link = DeploymentSuperLink(run.path, tls, host, port)
+    status, started = _serve(link, run, cfg, entries, wanted, out, verbose)
+    return _finish(cfg, run, status, started - t0, time.perf_counter() - t0, out, command="coordinator")
+
+
+def _check_start(cfg: ExperimentConfig, wanted: int) -> None:
+    """Refuse settings that could never start a round, before anything is written or started."""
+    parse_address(cfg.mode.superlink)
+    if wanted < cfg.strategy.min_train_sites:
+        raise ConfigError(f"Waiting for {wanted} hospital(s) but strategy.min_train_sites="
+                          f"{cfg.strategy.min_train_sites}; raise --wait-sites or lower min_train_sites.")
+
+
+def _serve(link: DeploymentSuperLink, run: RunDir, cfg: ExperimentConfig, entries: list[tuple[str, str]],
+           wanted: int, out: TextIO, verbose: bool) -> tuple[str, float]:
+    """SuperLink up, keys registered, hospitals online, run streamed; (Flower status, start time)."""
+    toml_path = write_run_config(run, cfg)
+    with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, link:
+        stop_flower_run(link, run.state().get("flower_run_id"))
+        added = register_keys(link, entries)
+        if added:
+            print(f"Registered {len(added)} hospital key(s): {', '.join(added)}", file=out)
+        wait_for_sites(link, wanted, out)
+        started = time.perf_counter()
+        run_id = stream_run(link, toml_path, [], _progress(run, out, verbose), log_file)
+        status = run_status(link, run_id) if run_id is not None else "not started"
+    return status, started
+
+
+def _progress(run: RunDir, out: TextIO, verbose: bool) -> Callable[[str], None]:
+    def on_line(line: str) -> None:
+        if "[fedmira]" in line:
+            print(line.split("[fedmira]", 1)[1].strip(), file=out, flush=True)
+        elif verbose or any(word in line for word in SHOWN):
+            print(line, file=out, flush=True)
+        if "Successfully started run" in line:
+            run.mark(flower_run_id=int(line.rsplit(" ", 1)[-1]))
+
+    return on_line
+
+
+def coordinator_command(overrides: Sequence[str], *, certs: str | None = None,
+                        allow_list: str | None = None, wait_sites: int = 0, verbose: bool = False) -> int:
+    """``fedmira coordinator [--certs DIR] [--allow-list FILE] [--wait-sites N] [overrides]``."""
+    from common.compose import compose_config
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise FedmiraError(f"Unexpected argument(s) {bad}: overrides look like key=value (see --help).")
+    resume = any(o.startswith(("run.resume=", "+run.resume=")) for o in overrides)
+    given_mode = any(o.startswith(("mode=", "+mode=")) for o in overrides)
+    cfg = compose_config([*([] if given_mode else ["mode=deployment"]), *overrides])
+    with_overrides = resume and any(not o.startswith(("run.resume=", "+run.resume=")) for o in overrides)
+    return coordinate(cfg, certs=certs, allow_list=allow_list, wait_sites=wait_sites,
+                      resumed_from_cli=with_overrides, verbose=verbose)
