@@ -14,8 +14,6 @@ Until then (and in the tests) the same commands run as ``python -m simulations.d
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import Any, Sequence
 
@@ -120,20 +118,10 @@ def add_deploy_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.deploy_cli COMMAND ...`` (the same as ``fedmira COMMAND`` once wired)."""
-    parser = argparse.ArgumentParser(prog="fedmira")
-    add_deploy_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return int(args.func(args))
-    except FedmiraError as exc:
-        print(f"fedmira: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedmira: interrupted", file=sys.stderr)
-        return 130
+    """``python -m simulations.deploy_cli COMMAND ...``: the same as ``fedmira COMMAND ...``."""
+    from common.cli import main as fedmira_main
+
+    return fedmira_main(argv)
 
 
 if __name__ == "__main__":
