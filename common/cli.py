@@ -93,6 +93,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from simulations.compare_cli import compare_command
+
+    return compare_command(args.overrides, args.system, reference=args.reference, out=args.out,
+                           cache=args.cache, limit=args.limit, zero_shot=not args.no_zero_shot,
+                           baselines=not args.no_baselines, no_encoder=args.no_encoder,
+                           resamples=args.resamples, permutations=args.permutations)
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from simulations.partition_cli import run_partition
 
@@ -219,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity (faster)")
     ev.add_argument("overrides", nargs="*", help="Hydra overrides")
     ev.set_defaults(func=cmd_evaluate)
+
+    from simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION, SYSTEM_HELP
+
+    cmp = sub.add_parser(
+        "compare", formatter_class=fmt, epilog=EPILOG_OVERRIDES, description=COMPARE_DESCRIPTION,
+        help="compare adapters, zero-shot and baselines on one held-out set, with paired tests")
+    cmp.add_argument("--system", action="append", default=[], metavar="NAME=PATH[:TEMPLATE]", help=SYSTEM_HELP)
+    cmp.add_argument("--reference", help="system tested against all others (default: the first --system, "
+                                         "else zero_shot)")
+    cmp.add_argument("--limit", type=int, default=200, help="held-out reports (0: all; default 200), "
+                                                            "chosen as by `fedmira evaluate`")
+    cmp.add_argument("--out", help="output folder (default: <run.out_dir>/compare/<timestamp>)")
+    cmp.add_argument("--cache", help="prediction cache (default: <run.out_dir>/compare/cache)")
+    cmp.add_argument("--no-zero-shot", action="store_true", help="leave out the base model zero-shot")
+    cmp.add_argument("--no-baselines", action="store_true", help="leave out retrieval and most-frequent")
+    cmp.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity (faster)")
+    cmp.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    cmp.add_argument("--permutations", type=int, default=10000,
+                     help="paired randomization sign flips (default 10000)")
+    cmp.add_argument("overrides", nargs="*", help="Hydra overrides")
+    cmp.set_defaults(func=cmd_compare)
 
     part = sub.add_parser(
         "partition", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
