@@ -10,6 +10,10 @@ Where the site's reports are:
 With ``strategy=hetero_svd`` a hospital trains at its own LoRA rank: node config ``lora-rank``
 (deployment), else ``strategy.site_ranks`` cycled over the simulated sites (``common.site``).
 
+With ``privacy.enabled`` each round is DP-SGD; the site's privacy ledger (accountant) is kept in
+the node's Flower state and in a file under node config ``state-dir`` (default: the site's data
+folder), so epsilon keeps counting across rounds and across a SuperNode restart.
+
 Only LoRA tensors and numeric metrics go back; never report text, never base weights.
 """
 
@@ -23,8 +27,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig
+from common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
 from common.site import (
-    ModelCache, SiteData, load_site, local_evaluate, local_train, site_lora, site_rank,
+    ModelCache, SiteData, load_site, local_evaluate, local_train, plan_ledger, site_lora, site_rank,
 )
 from common.transport import encode_state
 
@@ -36,7 +41,7 @@ _MODELS = ModelCache()
 _SITES: dict[str, SiteData] = {}
 
 
-def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int]:
+def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int, Path]:
     node = context.node_config
     if "data-path" in node:
         folder = Path(str(node["data-path"]))
@@ -51,30 +56,53 @@ def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int]:
     key = str(folder)
     if key not in _SITES:
         _SITES[key] = load_site(folder, site_id)
-    return _SITES[key], index
+    return _SITES[key], index, folder
 
 
-def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData, int, object, bool, float]:
+def _ledger_path(context: Context, cfg: ExperimentConfig, folder: Path) -> Path:
+    """The site's privacy ledger file: node config ``state-dir``, else the site's data folder."""
+    state_dir = Path(str(context.node_config.get("state-dir", folder)))
+    return ledger_file(state_dir, cfg)
+
+
+def _load_ledger(context: Context, cfg: ExperimentConfig, site: SiteData, folder: Path) -> AccountantState:
+    """The ledger from this node's Flower state or its file (the longer), planned if new."""
+    record = context.state.config_records.get(LEDGER_KEY)
+    in_memory = str(record["json"]) if record is not None else None
+    return plan_ledger(load_state(_ledger_path(context, cfg, folder), in_memory), site, cfg)
+
+
+def _save_ledger(context: Context, cfg: ExperimentConfig, folder: Path, ledger: AccountantState) -> None:
+    """Both copies, after every round: the file survives a SuperNode restart."""
+    context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
+    save_state(ledger, _ledger_path(context, cfg, folder))
+
+
+def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData, int, Path, object, bool, float]:
     start = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
-    site, index = _site(context, cfg)
+    site, index, folder = _site(context, cfg)
     lora = site_lora(cfg, site_rank(cfg, context.node_config, index))
     worker, cold = _MODELS.get(cfg.model, lora, seed=cfg.train.seed)
-    return cfg, site, index, worker, cold, time.perf_counter() - start
+    return cfg, site, index, folder, worker, cold, time.perf_counter() - start
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local LoRA training on this hospital's reports."""
-    cfg, site, index, worker, cold, setup_s = _prepare(msg, context)
+    cfg, site, index, folder, worker, cold, setup_s = _prepare(msg, context)
     conf = msg.content["config"]
     g = int(conf["global-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
+    ledger = _load_ledger(context, cfg, site, folder) if cfg.privacy.enabled else None
     state, metrics = local_train(
         worker, site, cfg, global_state,  # type: ignore[arg-type]
         lr=float(conf["lr"]), steps=int(conf["local-steps"]), seed=cfg.train.seed * 1000003 + g * 1009 + index,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]  (sent by fedprox)
+        ledger=ledger, global_round=g,
     )
+    if ledger is not None:
+        _save_ledger(context, cfg, folder, ledger)
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})
     payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
     content = RecordDict({
@@ -88,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global adapter on this hospital's validation split."""
-    cfg, site, index, worker, cold, setup_s = _prepare(msg, context)
+    cfg, site, index, _, worker, cold, setup_s = _prepare(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     metrics = local_evaluate(worker, site, cfg, global_state)  # type: ignore[arg-type]
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})

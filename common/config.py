@@ -315,20 +315,69 @@ class StrategyConfig:
                   "hetero_svd sums the updates B·A exactly and supports only mean")
 
 
+PRIVACY_UNITS = ("record", "patient")
+ACCOUNTANTS = ("rdp", "prv")
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Differential privacy at the sites."""
+    """Differential privacy: DP-SGD at each site (record/patient level) and site-level DP.
+
+    Record-level DP-SGD protects each report (or each patient, ``unit=patient``) of a site's
+    data in the adapters that site sends; site-level DP protects each hospital's whole
+    contribution in the global adapter. See the README's Privacy section for what each does
+    and does not protect against.
+    """
 
     enabled: bool = _help(
-        "Record-level DP-SGD with Opacus. This version trains without DP only; DP-SGD with "
-        "accounting across rounds is planned (see the README's Privacy section).",
+        "Record-level DP-SGD with Opacus at every site: per-unit gradient clipping, Gaussian "
+        "noise, Poisson sampling, and an accountant that lives with the site across rounds.",
         False,
     )
+    unit: str = _help(
+        "Privacy unit: `record` (each report) or `patient` (all reports of one patient_id count "
+        "as one; every training report needs a patient_id).", "record")
+    target_epsilon: float = _help(
+        "Solve the noise for this epsilon over the planned rounds x local steps (0: use "
+        "`noise_multiplier`). Also the site's budget unless `max_epsilon` is set.", 8.0)
+    delta: float = _help("delta of the (epsilon, delta) guarantee; keep it below 1/units.", 1e-5)
+    noise_multiplier: float = _help(
+        "Noise std / clip norm when `target_epsilon` is 0.", 1.0)
+    max_grad_norm: float = _help("Per-unit gradient clip norm C of DP-SGD.", 1.0)
+    max_epsilon: float = _help(
+        "Budget: a site stops training once another step would exceed it (0: `target_epsilon`; "
+        "with both 0 there is no budget and epsilon is only reported).", 0.0)
+    accountant: str = _help("Privacy accountant: `rdp` (Renyi DP) or `prv` (PRV, tighter).", "rdp")
+    secure_mode: bool = _help(
+        "Production randomness: noise and sampling from the OS's CSPRNG (not reproducible). "
+        "Off: seeded from `train.seed` for reproducible research runs.", False)
+    site_level: bool = _help(
+        "Site-level DP at the server: clip each site's adapter update to `site_clip`, average "
+        "unweighted, add Gaussian noise; epsilon over sites is reported every round.", False)
+    site_clip: float = _help("Clip norm of one site's adapter update (site-level DP).", 1.0)
+    site_noise_multiplier: float = _help(
+        "Site-level noise std / (site_clip x sampled sites) (site-level DP).", 1.0)
+    site_delta: float = _help("delta of site-level DP; keep it below 1/number of sites.", 1e-3)
 
     def __post_init__(self) -> None:
-        if self.enabled:
-            _fail("privacy", "enabled", self.enabled,
-                  "DP-SGD is not available in this version of fedmira; use privacy=off")
+        _check_choice("privacy", "unit", self.unit, PRIVACY_UNITS)
+        _check_choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
+        _check_range("privacy", "target_epsilon", self.target_epsilon, 0.0)
+        _check_range("privacy", "delta", self.delta, 0.0, 1.0, lo_open=True)
+        _check_range("privacy", "noise_multiplier", self.noise_multiplier, 0.0)
+        _check_range("privacy", "max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+        _check_range("privacy", "max_epsilon", self.max_epsilon, 0.0)
+        _check_range("privacy", "site_clip", self.site_clip, 0.0, lo_open=True)
+        _check_range("privacy", "site_noise_multiplier", self.site_noise_multiplier, 0.0)
+        _check_range("privacy", "site_delta", self.site_delta, 0.0, 1.0, lo_open=True)
+        if self.enabled and self.target_epsilon == 0 and self.noise_multiplier == 0:
+            _fail("privacy", "noise_multiplier", self.noise_multiplier,
+                  "must be > 0 when privacy.target_epsilon is 0 (zero noise gives no privacy)")
+
+    @property
+    def budget(self) -> float:
+        """The site's epsilon budget (0: none)."""
+        return self.max_epsilon or self.target_epsilon
 
 
 @dataclass(frozen=True)
@@ -410,6 +459,13 @@ class ExperimentConfig:
             _fail("strategy", "site_ranks", self.strategy.site_ranks,
                   f"each rank must be <= lora.r={self.lora.r}, the rank of the global adapter; "
                   f"raise lora.r (e.g. lora.r={max(too_big)}) or lower the site ranks")
+        if self.privacy.site_level and self.strategy.aggregation != "mean":
+            _fail("strategy", "aggregation", self.strategy.aggregation,
+                  "must be `mean` with privacy.site_level (the DP mean is clipped and unweighted)")
+        if self.privacy.site_level and self.strategy.name == "hetero_svd":
+            _fail("privacy", "site_level", True,
+                  "site-level DP clips same-shaped adapter updates and cannot be combined with "
+                  "strategy=hetero_svd (sites send adapters of different ranks); use another strategy")
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -24,6 +24,7 @@ from common.engine import encode_reports, evaluate_loss, generate, train_steps
 from common.errors import ConfigError, DataError
 from common.metrics import rouge_l
 from common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
+from common.privacy import AccountantState, DPResult, dp_train_steps, plan_state, unit_ids
 from common.prompts import Example
 from common.reports import Report, load_reports
 from common.transport import state_payload_bytes
@@ -157,12 +158,16 @@ def set_threads(cfg: ExperimentConfig) -> None:
 def local_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
     *, lr: float, steps: int, seed: int, proximal_mu: float = 0.0,
+    ledger: AccountantState | None = None, global_round: int = 0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train the global adapter on the site's train split; returns the adapter to send + metrics.
 
     The worker's LoRA rank is the site's (see :func:`site_rank`); a global adapter of higher
     rank is cut to it first. ``proximal_mu > 0`` adds FedProx's term around the global adapter.
     With ``ffa_lora`` the A factors stay frozen and only the B tensors are returned.
+    With ``privacy.enabled`` the round is DP-SGD and ``ledger`` (planned by :func:`plan_ledger`)
+    records the released steps; a site whose budget is spent trains no step and reports
+    ``num-examples`` 0 with ``dp-budget-spent`` 1, so the server leaves it out of the mean.
     """
     set_threads(cfg)
     ffa = cfg.strategy.name == "ffa_lora"
@@ -172,10 +177,18 @@ def local_train(
     tok = worker.loaded.tokenizer
     examples = site.examples("train", tok, cfg)
     reference = [p.detach().clone() for p in worker.model.parameters() if p.requires_grad]
-    result = train_steps(
-        worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
-        seed=seed, lr=lr, steps=steps, proximal=(proximal_mu, reference) if proximal_mu > 0 else None,
-    )
+    proximal = (proximal_mu, reference) if proximal_mu > 0 else None
+    dp_metrics: dict[str, float | int] = {}
+    if cfg.privacy.enabled:
+        if ledger is None:
+            raise ValueError("privacy.enabled needs the site's privacy ledger (see plan_ledger)")
+        result, dp_metrics = _dp_train(worker, site, cfg, examples, ledger, lr=lr, steps=steps, seed=seed,
+                                       global_round=global_round, proximal=proximal)
+    else:
+        result = train_steps(
+            worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
+            seed=seed, lr=lr, steps=steps, proximal=proximal,
+        )
     state = get_adapter_state(worker.model)
     if ffa:  # A is the shared seeded init the server already holds: sending it is waste
         state = {k: v for k, v in state.items() if not k.endswith(LORA_A)}
@@ -188,8 +201,40 @@ def local_train(
         "bytes-sent": state_payload_bytes(state, cfg.strategy.transport_dtype),
         "bytes-received": adapter_num_bytes(global_state),
         "lora-rank": rank,
+        **dp_metrics,
     }
+    if dp_metrics and dp_metrics["dp-steps"] == 0:  # budget spent: nothing trained, weight 0
+        metrics["num-examples"] = 0
     return state, metrics
+
+
+def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentConfig) -> AccountantState:
+    """The site's ledger, planned at its first DP round (noise solved for its own data size)."""
+    if ledger is not None and ledger.planned:
+        return ledger
+    units = len(set(unit_ids(site.train, cfg.privacy.unit)))
+    return plan_state(cfg.privacy, cfg.train, units, cfg.strategy.rounds * cfg.train.steps)
+
+
+def _dp_train(
+    worker: Worker, site: SiteData, cfg: ExperimentConfig, examples: list[Example], ledger: AccountantState,
+    *, lr: float, steps: int, seed: int, global_round: int,
+    proximal: tuple[float, list[torch.Tensor]] | None,
+) -> tuple[DPResult, dict[str, float | int]]:
+    """DP-SGD for this round; the ledger (updated in place) and the numbers the site reports."""
+    p = cfg.privacy
+    result = dp_train_steps(
+        worker.model, examples, unit_ids(site.train, p.unit), cfg.train, ledger, worker.loaded.device,
+        int(worker.loaded.tokenizer.pad_token_id), max_grad_norm=p.max_grad_norm, budget=p.budget,
+        seed=seed, lr=lr, steps=steps, global_round=global_round, secure_mode=p.secure_mode,
+        proximal=proximal,
+    )
+    return result, {
+        "dp-epsilon": result.epsilon, "dp-delta": ledger.delta, "dp-steps": result.steps,
+        "dp-steps-total": ledger.steps, "dp-noise-multiplier": ledger.noise_multiplier,
+        "dp-sample-rate": ledger.sample_rate, "dp-clipped-fraction": result.clipped_fraction,
+        "dp-budget": p.budget, "dp-budget-spent": int(result.budget_spent),
+    }
 
 
 def local_evaluate(

@@ -91,6 +91,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg.strategy.name, total - done, len(state), n_bytes / 1e6)
     strategy = build_strategy(cfg, round_offset=done, comm_offset=spent)
     restore_strategy(strategy, run, done)
+    rows = run.metrics()
+    if rows:
+        strategy.restore_privacy(rows[-1].get("privacy", {}))
     commit = _committer(cfg, run, strategy, peft_config, done)
     run.mark(status="running", planned_rounds=total, rounds_started_at=time.time())
     try:
@@ -155,6 +158,11 @@ def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
         parts.append(f"ROUGE-L {ev['rouge-l']:.3f}")
     if record["rejected"]:
         parts.append(f"{len(record['rejected'])} site(s) excluded")
+    privacy = record.get("privacy", {})
+    if "record_level" in privacy:
+        parts.append(f"site epsilon max {privacy['record_level']['max_epsilon']:.2f}")
+    if "site_level" in privacy:
+        parts.append(f"site-level epsilon {privacy['site_level']['epsilon']:.2f}")
     comm = record.get("comm", {})
     if comm:
         parts.append(f"{(comm['up_bytes'] + comm['down_bytes']) / 1e6:.2f} MB "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from common.config import ExperimentConfig
+from common.privacy import SiteLevelLedger
 from server.fedadagrad import FedmiraFedAdagrad
 from server.fedadam import FedmiraFedAdam
 from server.fedprox import FedmiraFedProx
@@ -55,9 +56,12 @@ def build_strategy(
     comm_offset : tuple of int
         Adapter bytes (up, down) already spent by those rounds, for cumulative accounting.
     """
-    s = cfg.strategy
+    s, p = cfg.strategy, cfg.privacy
     cls, extra = STRATEGIES[s.name]
+    site_dp = (SiteLevelLedger(noise_multiplier=p.site_noise_multiplier, clip=p.site_clip,
+                               delta=p.site_delta, mechanism=p.accountant) if p.site_level else None)
     return cls(
+        site_dp=site_dp, secure_mode=p.secure_mode,
         round_config_fn=round_settings(cfg), round_offset=round_offset, evaluate_every=cfg.eval.every,
         total_rounds=s.rounds, seed=cfg.run.seed, aggregation=s.aggregation, trim_fraction=s.trim_fraction,
         norm_factor=s.norm_factor, comm_offset=comm_offset,

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import random
-from logging import WARNING
+import secrets
+from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -41,6 +42,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.aggregation import ArrayDict, combine, norm_outliers, update_norms
+from common.privacy import SiteLevelLedger, site_level_aggregate
 from common.transport import decode_array, npy_values, payload_bytes
 
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
@@ -145,8 +147,25 @@ class AdapterAggregation(AdapterStrategy):
         return ArrayRecord({k: Array(v) for k, v in arrays.items()}), metrics
 
     def aggregate_arrays(self, states: list[ArrayDict], weights: list[float]) -> ArrayDict:
-        """Combine same-shaped adapters (ffa_lora and hetero_svd override this)."""
+        """Combine same-shaped adapters (ffa_lora and hetero_svd override this).
+
+        With site-level DP the combination is the clipped, noised, unweighted mean of the
+        updates around the global adapter (``common.privacy.site_level_aggregate``).
+        """
+        site_dp: SiteLevelLedger | None = getattr(self, "site_dp", None)
+        if site_dp is not None:
+            glob: ArrayDict = getattr(self, "global_arrays")
+            reference = {k: glob[k] for k in states[0]}
+            out, _ = site_level_aggregate(reference, states, clip=site_dp.clip,
+                                          noise_multiplier=site_dp.noise_multiplier, rng=self.dp_rng())
+            return out
         return combine(states, weights, self.aggregation, self.trim_fraction)
+
+    def dp_rng(self) -> np.random.Generator:
+        """Server noise: seeded per round for research runs, from OS entropy in secure mode."""
+        if getattr(self, "secure_mode", False):
+            return np.random.default_rng(secrets.randbits(128))
+        return np.random.default_rng([getattr(self, "seed", 0), getattr(self, "current_round", 0), 7])
 
 
 class FedmiraBase(AdapterStrategy):
@@ -170,6 +189,11 @@ class FedmiraBase(AdapterStrategy):
         Reject an update whose norm exceeds this factor x the others' median (0: off).
     comm_offset : tuple of int
         Bytes (up, down) of the rounds committed before a resume, for cumulative totals.
+    site_dp : SiteLevelLedger, optional
+        Site-level DP: clip each update, unweighted mean, Gaussian noise; its epsilon is
+        accounted per round. Norm-outlier rejection is off then (clipping bounds every site).
+    secure_mode : bool
+        Server noise from OS entropy instead of the run seed.
     """
 
     def __init__(
@@ -184,6 +208,8 @@ class FedmiraBase(AdapterStrategy):
         trim_fraction: float = 0.1,
         norm_factor: float = 10.0,
         comm_offset: tuple[int, int] = (0, 0),
+        site_dp: SiteLevelLedger | None = None,
+        secure_mode: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(train_metrics_aggr_fn=weighted_metrics,
@@ -205,6 +231,9 @@ class FedmiraBase(AdapterStrategy):
         self.rejected: dict[int, list[dict[str, str]]] = {}
         self.aggregates: dict[str, dict[int, MetricRecord | None]] = {"train": {}, "evaluate": {}}
         self._norms: dict[int, float] = {}
+        self.site_dp, self.secure_mode = site_dp, secure_mode
+        self.site_epsilon: dict[str, float] = {}  # last epsilon each site reported (record-level DP)
+        self.available = 0
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -245,6 +274,7 @@ class FedmiraBase(AdapterStrategy):
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
         messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
+        self.available = max(len(list(grid.get_node_ids())), len(messages), 1)
         self.sent_train = {m.metadata.dst_node_id for m in messages}
         self._count(g, "down", messages)
         return messages
@@ -257,18 +287,32 @@ class FedmiraBase(AdapterStrategy):
         replies = list(replies)
         self._note_replies(g, replies)
         valid = [m for m in replies if not m.has_error() and self._adapter_ok(g, m)]
-        valid = self._drop_outliers(g, valid)
-        if len(valid) < self.min_train_nodes:
+        self._note_epsilons(valid)
+        idle = [m for m in valid if _num_examples(m, self.weighted_by_key) == 0]
+        for m in idle:
+            log(INFO, "Round %d: %s trained no step: its privacy budget is spent", g, _site_of(m))
+        valid = [m for m in valid if m not in idle]
+        valid = self._drop_outliers(g, valid) if self.site_dp is None else valid
+        if len(valid) + len(idle) < self.min_train_nodes:  # a spent budget is an answer, not a failure
             self.forget_replies()
             raise RoundFailed(
                 f"Round {g}: only {len(valid)} of {len(replies)} sites returned a usable adapter, "
                 f"fewer than strategy.min_train_sites={self.min_train_nodes}. See the log above."
             )
-        self._keep_site_metrics("train", g, valid)
+        if not valid:
+            self._keep_site_metrics("train", g, idle)
+            self.forget_replies()
+            log(WARNING, "Round %d: every sampled site has spent its privacy budget; the global "
+                         "adapter is unchanged", g)
+            self.aggregates["train"][g] = None
+            return ArrayRecord({k: Array(v) for k, v in self.global_arrays.items()}), None
+        self._keep_site_metrics("train", g, valid + idle)
         try:
             arrays, metrics = super().aggregate_train(g, valid)
         finally:
             self.forget_replies()
+        if self.site_dp is not None:
+            self.site_dp.record(max(len(self.sent_train), len(valid)) / self.available)  # sampling rate
         arrays = _as_float32(arrays) if arrays is not None else None
         self.aggregates["train"][g] = metrics
         return arrays, metrics
@@ -287,6 +331,30 @@ class FedmiraBase(AdapterStrategy):
             log(WARNING, "Round %d: excluded %s: no reply before the round timeout", g, site)
             self.rejected.setdefault(g, []).append(
                 {"site": site, "reason": "no reply before the round timeout (strategy.round_timeout_s)"})
+
+    def _note_epsilons(self, replies: list[Message]) -> None:
+        """Remember each site's reported DP epsilon (sites report it only when sampled)."""
+        for m in replies:
+            rec = next(iter(m.content.metric_records.values()), {})
+            if "dp-epsilon" in rec:
+                self.site_epsilon[_site_of(m)] = float(rec["dp-epsilon"])  # type: ignore[arg-type]
+
+    def privacy_record(self) -> dict[str, Any]:
+        """Epsilon so far: per site (record-level, last reported) and over sites (site-level)."""
+        out: dict[str, Any] = {}
+        if self.site_epsilon:
+            out["record_level"] = {"max_epsilon": max(self.site_epsilon.values()),
+                                   "sites": dict(sorted(self.site_epsilon.items()))}
+        if self.site_dp is not None:
+            out["site_level"] = self.site_dp.summary()
+        return out
+
+    def restore_privacy(self, record: dict[str, Any]) -> None:
+        """Continue the privacy bookkeeping of a resumed run from its last committed round."""
+        self.site_epsilon.update(record.get("record_level", {}).get("sites", {}))
+        history = record.get("site_level", {}).get("history")
+        if self.site_dp is not None and history:
+            self.site_dp.history = [list(h) for h in history]
 
     def _adapter_ok(self, g: int, msg: Message) -> bool:
         metrics = msg.content.metric_records
@@ -424,6 +492,7 @@ class FedmiraBase(AdapterStrategy):
             "evaluate_sites": {s: clean(m) for s, m in self.site_metrics["evaluate"].get(g, {}).items()},
             "rejected": self.rejected.get(g, []),
             "comm": self.comm_record(g),
+            **({"privacy": p} if (p := self.privacy_record()) else {}),
         }
 
 
