@@ -1,0 +1,86 @@
+"""The quality benchmark's bookkeeping: budget, site choice, ratios, targets, resume, results files.
+
+The federated part runs Flower (integration-sized); here the bench runs without strategies on the
+tiny random model and a synthetic IU-format file, so it takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.errors import FedmiraError
+from common.synthetic import make_synthetic_corpus
+from simulations.bench.quality import Budget, choose_local_sites, ratios, run_bench, targets
+
+EXAMS = ["XR CHEST PA AND LATERAL", "CHEST 2V FRONTAL/LATERAL", "PA and lateral chest x-XXXX"]
+
+
+def _iu_csv(path: Path, n: int = 90) -> Path:
+    """A synthetic (PHI-free) file in the IU/Open-i layout, with three exam templates."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"])
+        for i, r in enumerate(make_synthetic_corpus(num_sites=3, num_reports=n, seed=2)):
+            writer.writerow([i + 1, "normal", "normal", EXAMS[i % 3], "", "", r.findings, r.impression])
+    return path
+
+
+def _summary(**means: float) -> dict[str, Any]:
+    return {"summary": {m: {"mean": v, "lo": v, "hi": v} for m, v in means.items()}}
+
+
+def test_ratios_and_targets() -> None:
+    result = {"systems": {
+        "fed_fedavg": _summary(rougeL=0.57, bertscore_f1=0.9, sim=0.8, clinical_f1=0.7, clinical_micro_f1=0.6),
+        "centralized": _summary(rougeL=0.60, bertscore_f1=0.9, sim=0.8, clinical_f1=0.7, clinical_micro_f1=0.6),
+        "retrieval": _summary(rougeL=0.63, bertscore_f1=0.8, sim=0.7, clinical_f1=0.6, clinical_micro_f1=0.5),
+    }}
+    r = ratios(result, ["fed_fedavg"], "centralized")
+    assert r["fed_fedavg"]["rougeL"] == pytest.approx(0.95) and r["fed_fedavg"]["sim"] == pytest.approx(1.0)
+    t = targets(result, r)["fed_fedavg"]
+    assert t["ratio_ge_0.95_every_metric"] is True
+    assert t["above_retrieval_every_metric"] is False  # ROUGE-L 0.57 < 0.63
+    result["systems"]["fed_fedavg"]["summary"]["rougeL"]["mean"] = 0.5
+    assert targets(result, ratios(result, ["fed_fedavg"], "centralized"))["fed_fedavg"][
+        "ratio_ge_0.95_every_metric"] is False
+
+
+def test_choose_local_sites() -> None:
+    sites = [("template_other", 900), ("tpl_01", 600), ("tpl_02", 90)]
+    assert choose_local_sites(sites, []) == ["template_other", "tpl_02"]
+    assert choose_local_sites(sites, ["tpl_01"]) == ["tpl_01"]
+    with pytest.raises(FedmiraError, match="no such training site"):
+        choose_local_sites(sites, ["tpl_09"])
+
+
+def test_budget_key_changes_with_settings(tmp_path: Path) -> None:
+    data = str(_iu_csv(tmp_path / "iu.csv"))
+    assert Budget(data=data).key() == Budget(data=data).key()
+    assert Budget(data=data).key() != Budget(data=data, rounds=5).key()
+
+
+def test_bench_without_federation_on_the_tiny_model_resumes(tmp_path: Path) -> None:
+    data = _iu_csv(tmp_path / "iu.csv")
+    budget = Budget(data=str(data), template_sites=2, rounds=1, local_steps=1, batch_size=2,
+                    strategies=(), reports=6, max_new_tokens=4, model="tiny-random", encoder=False)
+    out = io.StringIO()
+    doc = run_bench(budget, work_root=tmp_path / "work", results_dir=tmp_path / "results", out=out)
+    assert set(doc["systems"]) >= {"centralized", "zero_shot", "retrieval", "most_frequent"}
+    assert sum(n.startswith("local_") for n in doc["systems"]) == 2
+    assert doc["budget_steps"] == 3 and doc["n"] == 6
+    saved = json.loads(next((tmp_path / "results").glob("quality-*.json")).read_text())
+    assert saved["budget_steps"] == 3 and "machine" in saved and saved["machine"]["cpus"]
+    md = next((tmp_path / "results").glob("quality-*.md")).read_text()
+    assert "| system | ROUGE-L |" in md and "Verdict:" in md
+    texts = {r.impression for r in make_synthetic_corpus(num_sites=3, num_reports=90, seed=2)}
+    assert not [t for t in texts if len(t) > 12 and (t in md or t in out.getvalue())]
+    again = io.StringIO()
+    run_bench(budget, work_root=tmp_path / "work", results_dir=tmp_path / "results", out=again)
+    assert again.getvalue().count("[skip]") == 3 and "[train]" not in again.getvalue()
+    assert "centralized: cache" in again.getvalue()
