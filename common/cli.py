@@ -102,6 +102,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                            resamples=args.resamples, permutations=args.permutations)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from simulations.audit_cli import AuditPlan, audit_command
+
+    plan = AuditPlan(canaries=args.canaries, repeats=args.repeats, candidates=args.candidates,
+                     sites=args.sites, seed=args.seed)
+    return audit_command(args.overrides, plan, args.out)
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from simulations.partition_cli import run_partition
 
@@ -228,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity (faster)")
     ev.add_argument("overrides", nargs="*", help="Hydra overrides")
     ev.set_defaults(func=cmd_evaluate)
+
+    audit = sub.add_parser(
+        "audit", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="memorization audit: canaries' exposure with and without DP",
+        description="Plant synthetic canary reports (impression = 'Follow-up code <6 random digits>.') "
+                    "--repeats times each in the first site's training data, train the global adapter "
+                    "twice (FedAvg over --sites sites, strategy.rounds x train.steps; once without DP, "
+                    "once with the privacy.* settings and DP on), then measure for the base model and "
+                    "both adapters each canary's exposure (log2(candidates+1) - log2(rank of the secret "
+                    "among --candidates random secrets), in bits) and whether greedy decoding writes "
+                    "the secret. Writes audit.md, audit.json and exposure.png. Secrets and report "
+                    "text are never printed.\n\n"
+                    "  fedmira audit                                    # embedded SmolLM2, synthetic sites\n"
+                    "  fedmira audit privacy.target_epsilon=4 train.lr=1e-3\n"
+                    "  fedmira audit +debug=tiny --canaries 2           # seconds, tiny random model")
+    audit.add_argument("--canaries", type=int, default=4, help="number of canaries (default 4)")
+    audit.add_argument("--repeats", type=int, default=8, help="copies of each canary planted (default 8)")
+    audit.add_argument("--candidates", type=int, default=255,
+                       help="random candidate secrets each canary is ranked against (default 255: max 8 bits)")
+    audit.add_argument("--sites", type=int, default=2, help="sites trained, canaries in the first (default 2)")
+    audit.add_argument("--seed", type=int, default=0, help="seed of canaries and candidates")
+    audit.add_argument("--out", help="output folder (default <run.out_dir>/audit/<timestamp>)")
+    audit.add_argument("overrides", nargs="*", help="Hydra overrides (privacy.*, train.*, strategy.rounds, ...)")
+    audit.set_defaults(func=cmd_audit)
 
     from simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION, SYSTEM_HELP
 

@@ -63,7 +63,9 @@ def epsilon_for(history: Sequence[Sequence[float]], delta: float, mechanism: str
 
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = entries
-    return float(accountant.get_epsilon(delta=delta))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is just looser
+        warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+        return float(accountant.get_epsilon(delta=delta))
 
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,

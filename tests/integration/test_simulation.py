@@ -121,3 +121,39 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # every round exactly once
     assert json.loads((run_dir / "state.json").read_text())["last_round"] == 6
     _no_flower_left(run_dir)
+
+
+def test_dp_epsilon_grows_per_round_and_stops_at_the_budget(tmp_path: Path) -> None:
+    """privacy=dp through Flower's simulation: each site's epsilon (kept in the node's state and
+    its ledger file) grows round by round, never passes privacy.max_epsilon, and once every site
+    has spent its budget the global adapter stops changing."""
+    from common.adapters import load_adapter_state
+
+    budget = 2.6
+    code = simulate(_cfg(tmp_path, "privacy=dp", "privacy.target_epsilon=0", "privacy.noise_multiplier=1.0",
+                         f"privacy.max_epsilon={budget}", "strategy.rounds=4"))
+    assert code == 0
+    run = RunDir(_run_dir(tmp_path))
+    rows = run.metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    history: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        for site, m in r["train_sites"].items():
+            history.setdefault(site, []).append((m["dp-steps"], m["dp-epsilon"]))
+            assert m["dp-epsilon"] <= budget + 1e-9
+        assert r["privacy"]["record_level"]["max_epsilon"] <= budget + 1e-9
+    grew = 0
+    for site, steps_eps in history.items():
+        assert steps_eps[0][0] > 0 and steps_eps[0][1] > 0
+        for (_, prev), (steps, eps) in zip(steps_eps, steps_eps[1:]):
+            assert (eps > prev) if steps > 0 else (eps == prev), (site, steps_eps)  # grows iff it trained
+            grew += steps > 0
+    assert grew >= 2, history  # some site trained (and spent more) in a later round
+    last = rows[-1]["train_sites"]
+    assert all(m["dp-budget-spent"] == 1 and m["dp-steps"] == 0 for m in last.values())
+    before, after = load_adapter_state(run.round_dir(3)), load_adapter_state(run.round_dir(4))
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+    for site in history:  # the site's own ledger, in its own folder
+        ledger = json.loads((run.path / "sites" / site / "privacy" / f"{run.path.name}.json").read_text())
+        assert ledger["rounds"][0] == 1 and ledger["noise_multiplier"] == 1.0
+    _no_flower_left(run.path)

@@ -1,0 +1,126 @@
+"""Memorization audit with canaries (Carlini et al., "The Secret Sharer", USENIX Security 2019).
+
+A canary is a synthetic report whose impression carries a random secret (``Follow-up code
+482917.``). Planted, repeated, in one site's training data, it lets us ask of a trained adapter:
+
+- **exposure**: how much more likely the model finds the true secret than random candidates.
+  With the secret ranked ``rank`` (1 = most likely) among ``n`` candidates plus itself,
+  ``exposure = log2(n + 1) - log2(rank)``: 0 bits means no preference, ``log2(n + 1)`` bits
+  means the secret is the model's favourite.
+- **verbatim extraction**: whether greedy decoding of the canary's prompt writes the secret.
+
+Everything here is a plain function of a model, a tokenizer and reports; ``simulations/audit_cli``
+trains the arms (with and without DP) and writes the report. Canaries are synthetic: no real
+report is ever used as a canary, and secrets are not logged (only ranks and exposures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from common.config import DataConfig
+from common.prompts import IGNORE_INDEX, collate, encode_example
+from common.reports import Report
+
+SECRET_DIGITS = 6
+_WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
+          "kelvin", "lumen", "marble", "nickel", "onyx", "prism", "quartz", "raven", "sierra", "topaz")
+
+
+@dataclass(frozen=True)
+class Canary:
+    """One planted canary: its report (impression holds the secret) and the secret digits."""
+
+    report: Report
+    secret: str
+
+
+def impression_for(secret: str) -> str:
+    """The canary impression around a secret (the format the candidates share)."""
+    return f"Follow-up code {secret}."
+
+
+def make_canaries(template: Report, k: int, seed: int) -> list[Canary]:
+    """``k`` canaries shaped like ``template`` (site, modality, body part, exam) with unique
+    random findings and secrets of :data:`SECRET_DIGITS` digits."""
+    rng = random.Random(seed)
+    canaries = []
+    for i in range(k):
+        words = " ".join(rng.choice(_WORDS) for _ in range(6))
+        secret = "".join(rng.choice("0123456789") for _ in range(SECRET_DIGITS))
+        report = dataclasses.replace(
+            template, report_id=f"canary-{seed}-{i}", findings=f"Marker study {words}. Structures otherwise unremarkable.",
+            impression=impression_for(secret), patient_id=f"canary-patient-{seed}-{i}", labels=())
+        canaries.append(Canary(report, secret))
+    return canaries
+
+
+def plant(train: Sequence[Report], canaries: Sequence[Canary], repeats: int, seed: int) -> list[Report]:
+    """``train`` with each canary inserted ``repeats`` times at random positions.
+
+    Repeats share the canary's patient_id, so patient-level DP treats them as one unit while
+    record-level DP sees ``repeats`` records (its guarantee then degrades by group privacy).
+    """
+    out = list(train)
+    rng = random.Random(seed)
+    for canary in canaries:
+        for j in range(repeats):
+            out.insert(rng.randrange(len(out) + 1), dataclasses.replace(canary.report, report_id=f"{canary.report.report_id}-{j}"))
+    return out
+
+
+def candidates(secret: str, n: int, seed: int) -> list[str]:
+    """``n`` distinct random secrets other than ``secret`` (same length)."""
+    rng = random.Random(seed)
+    found: set[str] = set()
+    while len(found) < n:
+        c = "".join(rng.choice("0123456789") for _ in range(len(secret)))
+        if c != secret:
+            found.add(c)
+    return sorted(found)
+
+
+@torch.no_grad()
+def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: DataConfig, device: torch.device,
+                 batch_size: int = 16) -> list[float]:
+    """Summed negative log-likelihood (nats) of each report's impression given its prompt."""
+    model.eval()
+    pad = int(tokenizer.pad_token_id)
+    examples = [encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens) for r in reports]
+    out: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        out.extend(tok.sum(dim=1).tolist())
+    return out
+
+
+def exposure(secret_nll: float, candidate_nll: Sequence[float]) -> tuple[int, float]:
+    """(rank of the secret among itself + candidates, exposure in bits); ties count against it."""
+    rank = 1 + sum(1 for c in candidate_nll if c <= secret_nll)
+    return rank, math.log2(len(candidate_nll) + 1) - math.log2(rank)
+
+
+def canary_exposure(model: Any, tokenizer: Any, canary: Canary, n_candidates: int, data: DataConfig,
+                    device: torch.device, seed: int, batch_size: int = 16) -> dict[str, float | int]:
+    """Rank and exposure of one canary's secret among ``n_candidates`` random ones."""
+    others = candidates(canary.secret, n_candidates, seed)
+    reports = [dataclasses.replace(canary.report, impression=impression_for(s)) for s in [canary.secret, *others]]
+    nll = sequence_nll(model, tokenizer, reports, data, device, batch_size)
+    rank, bits = exposure(nll[0], nll[1:])
+    return {"rank": rank, "exposure_bits": bits, "max_bits": math.log2(n_candidates + 1), "secret_nll": nll[0]}
+
+
+def extracted(generated: str, secret: str) -> bool:
+    """Whether a generated impression reproduces the secret verbatim (digits, spacing ignored)."""
+    return secret in re.sub(r"\D", "", generated)
