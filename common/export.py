@@ -36,6 +36,36 @@ def _site_table(run: RunDir) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def privacy_line(cfg: ExperimentConfig) -> str:
+    """The run's privacy settings in one table cell."""
+    p = cfg.privacy
+    parts = []
+    if p.enabled:
+        plan = (f"target epsilon {p.target_epsilon:g}" if p.target_epsilon else f"noise multiplier {p.noise_multiplier:g}")
+        parts.append(f"DP-SGD per {p.unit} ({plan}, delta {p.delta:g}, clip {p.max_grad_norm:g}, "
+                     f"budget {p.budget:g}, {p.accountant} accountant)")
+    if p.site_level:
+        parts.append(f"site-level DP (clip {p.site_clip:g}, noise multiplier {p.site_noise_multiplier:g}, "
+                     f"delta {p.site_delta:g})")
+    return "; ".join(parts) or "no differential privacy (adapters and metrics only leave sites)"
+
+
+def _privacy_section(privacy: dict[str, Any]) -> list[str]:
+    """Epsilon spent per site (record level) and over sites (site level), as of the last round."""
+    if not privacy:
+        return []
+    lines = ["", "## Privacy spent (as of the last round)", ""]
+    record = privacy.get("record_level")
+    if record:
+        lines += ["| site | epsilon |", "|---|---|"]
+        lines += [f"| {site} | {eps:.3f} |" for site, eps in record["sites"].items()]
+    site = privacy.get("site_level")
+    if site:
+        lines += ["", f"Site-level: epsilon {site['epsilon']:.3f} at delta {site['delta']:g} after "
+                      f"{site['rounds']} rounds."]
+    return lines
+
+
 def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
     """Markdown model card from the run folder (numbers and ids only, no report text)."""
     rows = run.metrics()
@@ -53,7 +83,7 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
         f"fraction_train={cfg.strategy.fraction_train} |",
         f"| local training | {cfg.train.steps} steps x batch {cfg.train.batch_size} x accum "
         f"{cfg.train.grad_accum}, lr {cfg.train.lr} |",
-        f"| privacy | {'DP-SGD' if cfg.privacy.enabled else 'no differential privacy (adapters and metrics only leave sites)'} |",
+        f"| privacy | {privacy_line(cfg)} |",
         f"| config hash | `{doc.get('config_hash', cfg.config_hash())}` |",
         f"| locked-part hash | `{doc.get('lock_hash', cfg.lock_hash())}` |",
         "",
@@ -78,6 +108,7 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
         cols = list(sites[0])
         lines += ["", "## Data per site", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(s[c] for c in cols) + " |" for s in sites]
+    lines += _privacy_section(last.get("privacy", {}))
     if last.get("rejected"):
         lines += ["", f"Sites excluded in the last round: {len(last['rejected'])}."]
     return "\n".join(lines) + "\n"

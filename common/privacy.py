@@ -529,3 +529,23 @@ class SiteLevelLedger:
     def summary(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "clip": self.clip, "rounds": self.rounds, "history": [list(h) for h in self.history]}
+
+
+# ============================================================================ secure aggregation
+def secagg_quantization_check(state: dict[str, np.ndarray], clipping_range: float = 8.0,
+                              quantization_range: int = 1 << 22) -> dict[str, float | int]:
+    """What Flower's SecAgg+ quantization would do to an adapter (its defaults as arguments).
+
+    SecAgg+ clips every value to ``[-clipping_range, clipping_range]`` *silently*
+    (``np.clip``) and stochastically rounds it to one of ``quantization_range`` levels, so a step
+    of ``2 * clipping_range / quantization_range``. Returns how many values would be clipped,
+    the largest magnitude, the step, and the step relative to the typical (median nonzero)
+    magnitude: a ratio near or above 1 means quantization noise swamps the values.
+    """
+    values = np.concatenate([np.abs(np.asarray(v, dtype=np.float64)).ravel() for v in state.values()])
+    step = 2 * clipping_range / quantization_range
+    nonzero = values[values > 0]
+    typical = float(np.median(nonzero)) if nonzero.size else 0.0
+    return {"values": int(values.size), "clipped": int((values > clipping_range).sum()),
+            "max_abs": float(values.max()) if values.size else 0.0, "step": step,
+            "step_over_typical": step / typical if typical > 0 else math.inf}

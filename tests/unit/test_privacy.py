@@ -289,3 +289,13 @@ def test_site_level_ledger_accounts_each_round() -> None:
     assert ledger.history == [[1.0, 4 / 42, 3]] and ledger.rounds == 3
     assert ledger.epsilon() == pytest.approx(epsilon_for([(1.0, 4 / 42, 3)], 1e-3))
     assert ledger.summary()["epsilon"] > 0
+
+
+def test_secagg_quantization_check_counts_silent_clipping() -> None:
+    from common.privacy import secagg_quantization_check
+
+    state = {"a": np.array([0.5, -9.0, 0.01], np.float32), "b": np.array([0.0, 20.0], np.float32)}
+    report = secagg_quantization_check(state, clipping_range=8.0, quantization_range=1 << 22)
+    assert report["clipped"] == 2 and report["max_abs"] == pytest.approx(20.0) and report["values"] == 5
+    assert report["step"] == pytest.approx(16 / 2 ** 22)
+    assert report["step_over_typical"] == pytest.approx((16 / 2 ** 22) / 4.75)  # median of 0.01, 0.5, 9, 20

@@ -155,3 +155,15 @@ def test_the_site_ledger_grows_per_round_stops_at_the_budget_and_survives_a_rest
             break
     assert spent is not None, "the budget was never reached"
     assert float(metrics["dp-epsilon"]) > eps[1]
+
+
+def test_model_card_states_privacy_and_epsilon_per_site() -> None:
+    from common.export import _privacy_section, privacy_line
+
+    cfg = compose_config(["privacy=dp", "privacy.target_epsilon=3"])
+    assert privacy_line(cfg).startswith("DP-SGD per record (target epsilon 3, delta 1e-05")
+    assert "no differential privacy" in privacy_line(compose_config([]))
+    assert "site-level DP (clip 1" in privacy_line(compose_config(["privacy=site_dp"]))
+    lines = _privacy_section({"record_level": {"max_epsilon": 2.5, "sites": {"site_01": 2.5}},
+                              "site_level": {"epsilon": 1.25, "delta": 1e-3, "rounds": 3}})
+    assert "| site_01 | 2.500 |" in lines and any("epsilon 1.250 at delta 0.001 after 3 rounds" in x for x in lines)
