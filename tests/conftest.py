@@ -7,6 +7,7 @@ tokenizer come from a seed, the reports from the synthetic corpus generator.
 from __future__ import annotations
 
 import copy
+import os
 import random
 from typing import Any, Callable
 
@@ -21,6 +22,9 @@ from common.reports import Report
 from common.synthetic import make_synthetic_corpus
 
 SEED = 1234
+#: Where model tests run: ``FEDMIRA_TEST_DEVICE=cuda pytest tests/unit`` checks them on a GPU
+#: (in float32, so expected numbers hold; bf16 is checked by simulations/scripts/cuda_check.py).
+TEST_DEVICE = os.environ.get("FEDMIRA_TEST_DEVICE", "cpu")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,8 +46,9 @@ def _fixed_seeds() -> None:
 
 @pytest.fixture(scope="session")
 def tiny() -> LoadedModel:
-    """The tiny random Llama + tokenizer on CPU. Read-only: copy the model before wrapping it."""
-    return load_base_model(ModelConfig(name_or_path="tiny-random", device="cpu"))
+    """The tiny random Llama + tokenizer (CPU unless FEDMIRA_TEST_DEVICE). Read-only: copy the model
+    before wrapping it."""
+    return load_base_model(ModelConfig(name_or_path="tiny-random", device=TEST_DEVICE, dtype="float32"))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def _logits(model: Any, tiny: LoadedModel) -> torch.Tensor:
                 return_tensors="pt", padding=True)
     model.eval()
     with torch.no_grad():
-        return model(**batch).logits
+        return model(**{k: v.to(tiny.device) for k, v in batch.items()}).logits.cpu()
 
 
 def test_only_lora_tensors_are_exported(tiny: LoadedModel, new_lora: Factory) -> None:

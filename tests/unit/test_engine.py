@@ -128,7 +128,7 @@ def test_evaluate_loss_matches_a_hand_computed_loss(
     assert loss_1 == pytest.approx(loss_6, rel=1e-5)
     ex = examples[0]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
+        logits = model(input_ids=torch.tensor([ex.input_ids], device=tiny.device)).logits[0, :-1].cpu()
     labels = torch.tensor(ex.labels[1:])
     mask = labels != -100
     manual = torch.nn.functional.cross_entropy(logits[mask], labels[mask])

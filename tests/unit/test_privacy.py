@@ -79,14 +79,15 @@ def test_zero_noise_and_unreachable_clip_equals_the_plain_step(
 # --------------------------------------------------------------------------- clipping bounds
 def _dp_grad(model: Any, examples: list[Example], sample: list[list[int]], clip: float, sigma: float,
              pad: int, expected: float) -> tuple[torch.Tensor, int]:
+    device = next(model.parameters()).device
     model.train()  # Opacus records activations in training mode only
     params = [p for p in model.parameters() if p.requires_grad]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     opt = make_dp_optimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_units=expected, device=torch.device("cpu"), seed=0, secure_mode=False)
+                            expected_units=expected, device=device, seed=0, secure_mode=False)
     try:
         stats = dp_gradient(gsm, opt, params, examples, sample, micro_batch=3, pad_id=pad,
-                            device=torch.device("cpu"))
+                            device=device)
         flat = torch.cat([p.grad.reshape(-1) for p in params])
     finally:
         gsm._close()

@@ -1,0 +1,179 @@
+"""What a hospital's GPU server should see: fedmira's site code on CUDA, checked and timed.
+
+Run on a CUDA machine (no data, no downloads: random models built from configs)::
+
+    python simulations/scripts/cuda_check.py --out cuda_check.json
+
+1. ``model.device=auto`` picks CUDA and ``dtype=auto`` picks bf16 (fp16 where bf16 is missing).
+2. Plain LoRA training, DP-SGD (Opacus hooks) and batched generation run in bf16 on the GPU:
+   finite losses, the loss goes down, the adapter comes back as float32 CPU tensors.
+3. With LoRA dropout off and fp32, training on CUDA gives the same adapter as on the CPU
+   (same seeded batches), so a site's GPU does not change what it contributes.
+4. Timing on a SmolLM2-135M-shaped random model (30 layers, hidden 576), batch 8 x ~128 tokens:
+   a plain step, a DP-SGD step and their ratio, fp32 and bf16.
+Prints one JSON document (also written to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def _tiny(device: str, dtype: str) -> Any:
+    from common.config import ModelConfig
+    from common.model import load_base_model
+
+    return load_base_model(ModelConfig(name_or_path="tiny-random", device=device, dtype=dtype))
+
+
+def _reports(n: int) -> list[Any]:
+    from common.synthetic import make_synthetic_corpus
+
+    return list(make_synthetic_corpus(num_sites=2, num_reports=max(n, 8), seed=5))[:n]
+
+
+def check_bf16_site_path() -> dict[str, Any]:
+    """Auto device/dtype, plain + DP training and generation on the GPU."""
+    from common.adapters import get_adapter_state
+    from common.config import DataConfig, GenerateConfig, LoraConfig, TrainConfig
+    from common.engine import encode_reports, evaluate_loss, generate, train_steps
+    from common.model import apply_lora
+    from common.privacy import AccountantState, dp_train_steps
+
+    loaded = _tiny("auto", "auto")
+    data = DataConfig(max_length=224, max_target_tokens=48)
+    reports = _reports(16)
+    ex = encode_reports(reports, loaded.tokenizer, data)
+    pad = int(loaded.tokenizer.pad_token_id)
+    model = apply_lora(loaded.model, LoraConfig(), seed=0)
+    before, _ = evaluate_loss(model, ex, loaded.device, pad)
+    plain = train_steps(model, ex, TrainConfig(steps=10, batch_size=4, lr=1e-2), loaded.device, pad)
+    after, _ = evaluate_loss(model, ex, loaded.device, pad)
+    ledger = AccountantState(units=len(ex), noise_multiplier=1.0, sample_rate=0.25, planned_steps=5)
+    dp = dp_train_steps(model, ex, list(range(len(ex))), TrainConfig(steps=5, batch_size=4, lr=1e-3), ledger,
+                        loaded.device, pad, max_grad_norm=1.0, seed=0)
+    texts = generate(model, loaded.tokenizer, reports[:8], data, GenerateConfig(max_new_tokens=8, batch_size=8), loaded.device)
+    state = get_adapter_state(model)
+    return {
+        "device": str(loaded.device), "dtype": str(loaded.dtype),
+        "loss_before": before, "loss_after_plain": after, "plain_mean_loss": plain.mean_loss,
+        "dp_steps": dp.steps, "dp_mean_loss": dp.mean_loss, "dp_epsilon": dp.epsilon,
+        "generated": len(texts), "adapter_dtypes": sorted({str(v.dtype) for v in state.values()}),
+        "adapter_devices": sorted({v.device.type for v in state.values()}),
+        "ok": bool(math.isfinite(after) and after < before and math.isfinite(dp.mean_loss)
+                   and all(v.device.type == "cpu" for v in state.values())),
+    }
+
+
+def check_cpu_cuda_agree() -> dict[str, Any]:
+    """fp32, dropout off: the adapter after 3 seeded steps on CUDA equals the CPU one."""
+    from common.adapters import get_adapter_state
+    from common.config import DataConfig, LoraConfig, TrainConfig
+    from common.engine import encode_reports, train_steps
+    from common.model import apply_lora
+
+    states = {}
+    for device in ("cpu", "cuda"):
+        loaded = _tiny(device, "float32")
+        ex = encode_reports(_reports(12), loaded.tokenizer, DataConfig(max_length=224, max_target_tokens=48))
+        model = apply_lora(loaded.model, LoraConfig(dropout=0.0), seed=0)
+        train_steps(model, ex, TrainConfig(steps=3, batch_size=4, lr=1e-2), loaded.device,
+                    int(loaded.tokenizer.pad_token_id), seed=1)
+        states[device] = get_adapter_state(model)
+    diff = max(float((states["cpu"][k] - states["cuda"][k]).abs().max()) for k in states["cpu"])
+    scale = max(float(v.abs().max()) for v in states["cpu"].values())
+    return {"max_abs_diff": diff, "max_abs_value": scale, "ok": diff <= 1e-4 * max(scale, 1.0)}
+
+
+def _smollm2_shaped(dtype: torch.dtype) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device="cuda", dtype=dtype).eval()
+
+
+def time_dp_cost(dtype: torch.dtype, pairs: int = 5, batch: int = 8, length: int = 128) -> dict[str, Any]:
+    """Median seconds per plain and DP-SGD step (3 steps per call) on a SmolLM2-shaped model."""
+    from common.config import LoraConfig, TrainConfig
+    from common.engine import train_steps
+    from common.model import apply_lora
+    from common.privacy import AccountantState, dp_train_steps
+    from common.prompts import IGNORE_INDEX, Example
+
+    model = apply_lora(_smollm2_shaped(dtype), LoraConfig(), seed=0)
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for _ in range(batch):
+        ids = torch.randint(5, 49000, (length,), generator=g).tolist()
+        ex.append(Example(ids, [IGNORE_INDEX] * (length - 24) + ids[-24:]))
+    cfg = TrainConfig(steps=3, batch_size=batch, lr=1e-4)
+    device = torch.device("cuda")
+
+    def plain() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        train_steps(model, ex, cfg, device, 0, seed=0)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / cfg.steps
+
+    def dp() -> float:
+        ledger = AccountantState(units=batch, noise_multiplier=1.0, sample_rate=1.0, planned_steps=3)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dp_train_steps(model, ex, list(range(batch)), cfg, ledger, device, 0, max_grad_norm=1.0, seed=0)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / cfg.steps
+
+    plain(), dp()
+    results = [(dp(), plain()) if i % 2 == 0 else tuple(reversed((plain(), dp()))) for i in range(pairs)]
+    torch.cuda.reset_peak_memory_stats()
+    dp()
+    dp_mem = torch.cuda.max_memory_allocated() / 2 ** 20
+    torch.cuda.reset_peak_memory_stats()
+    plain()
+    plain_mem = torch.cuda.max_memory_allocated() / 2 ** 20
+    return {
+        "dtype": str(dtype), "batch": batch, "length": length,
+        "plain_s_per_step": statistics.median(b for _, b in results),
+        "dp_s_per_step": statistics.median(a for a, _ in results),
+        "ratio_median_of_pairs": statistics.median(a / b for a, b in results),
+        "peak_mb_plain": round(plain_mem), "peak_mb_dp": round(dp_mem),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available here: this check is for a GPU machine.")
+    report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    for name, fn in (("bf16_site_path", check_bf16_site_path), ("cpu_cuda_agree", check_cpu_cuda_agree),
+                     ("dp_cost_fp32", lambda: time_dp_cost(torch.float32)),
+                     ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16))):
+        t = time.perf_counter()
+        try:
+            report[name] = {**fn(), "seconds": round(time.perf_counter() - t, 1)}
+        except Exception as exc:  # report every check, even after one fails
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(name, json.dumps(report[name]), flush=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
