@@ -7,13 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmira-installed
 
-.PHONY: setup run test test-slow test-all clean-runs help bench-quality
+.PHONY: setup run test test-slow test-all clean-runs help bench bench-quality
 
 help:
 	@echo "make run        set up, then run the main job (fedmira simulate: 42 synthetic hospitals)"
 	@echo "make test       set up, then run the default test suite (CPU, a few minutes)"
 	@echo "make test-slow  tests that need the embedded SmolLM2 model or minutes of CPU"
 	@echo "make setup      only create $(VENV) and install fedmira"
+	@echo "make bench      costs side by side: bytes, client/simulation overhead, aggregation (<10 min; results/)"
 	@echo "make bench-quality  federated vs centralized vs local vs baselines on the IU reports (~35 min, resumable)"
 
 setup: $(STAMP)
@@ -37,6 +38,11 @@ test-slow: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+# Cost benchmarks, each a ratio to a baseline measured in the same run; writes results/bench-*.{json,md}.
+# ARGS="--quick" for a smoke run, ARGS="--only comm,aggregation" for some of them.
+bench: setup
+	$(BIN)/python -m simulations.bench.run $(ARGS)
 
 # Quality on real reports (IU); resumable: a rerun skips what is done. IU_DATA overrides the path.
 IU_DATA ?= ../shared/data/iu_xray/indiana_reports.csv

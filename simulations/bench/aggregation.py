@@ -3,7 +3,8 @@
 Builds random LoRA adapters with the shapes of the embedded model (SmolLM2-135M, r=8 on q_proj
 and v_proj: 30 layers, q_proj 576x576, v_proj 576->192 (3 KV heads x 64), 120 tensors, 460,800
 parameters) for K sites, and times each aggregation rule (median of several repeats) next to a
-bare NumPy weighted mean, which is what Flower's own FedAvg does::
+bare NumPy weighted mean, which is what Flower's own FedAvg does (``run`` gives the same numbers
+to ``python -m simulations.bench.run`` as rows)::
 
     python -m simulations.bench.aggregation                  # 42 sites, 5 repeats
     python -m simulations.bench.aggregation --sites 4        # the default 10% sample of 42
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 import common.aggregation as agg
+from simulations.bench.common import BenchRow
 
 LAYERS, HIDDEN, KV_DIM = 30, 576, 192
 
@@ -147,6 +149,35 @@ def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Any:
         "site": ConfigRecord({"site-id": f"site_{node:02d}"}),
     })
     return Message(content, reply_to=instruction)
+
+
+def bench_rows(rows: list[tuple[str, tuple[float, float]]], sites: int, repeats: int) -> list[BenchRow]:
+    """The timings as the runner's rows: each rule vs the bare NumPy mean, hetero vs FedAvg."""
+    timings = dict(rows)
+    base, base_best = rows[0][1]
+    setting = f"{sites} adapters, 120 tensors / 460,800 params each, median of {repeats}"
+    out = [BenchRow(name=rows[0][0], value=base, unit="ms", note=f"{setting}; best {base_best:.1f} ms")]
+    for name, (ms, best) in rows[1:]:
+        out.append(BenchRow(name=name, value=ms, unit="ms", baseline=base,
+                            note=f"vs the bare NumPy mean; best {best:.1f} ms (x{best / base_best:.1f})"))
+    pairs = [
+        ("hetero_svd r=4/8/16 (global + updates) / fedavg math",
+         next(k for k in timings if k.startswith("hetero_svd r=4/8/16->16, global")), "fedavg: weighted_mean"),
+        ("FedmiraHeteroSVD / FedmiraFedAvg aggregate_train",
+         "FedmiraHeteroSVD.aggregate_train", "FedmiraFedAvg.aggregate_train"),
+    ]
+    for name, exact, fedavg in pairs:
+        if exact in timings and fedavg in timings:
+            out.append(BenchRow(name=name, value=timings[exact][0], unit="ms", baseline=timings[fedavg][0],
+                                note="the exact heterogeneous-rank aggregate vs FedAvg's mean of the factors"))
+    return out
+
+
+def run(quick: bool) -> list[BenchRow]:
+    """42 sites, 5 repeats (``quick``: 2 repeats); the math and the Flower strategies."""
+    repeats, sites = (2 if quick else 5), 42
+    rng = np.random.default_rng(0)
+    return bench_rows(math_rows(sites, repeats, rng) + strategy_rows(sites, repeats, rng), sites, repeats)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,206 @@
+"""Client overhead: local training through the ClientApp vs a bare PEFT training loop.
+
+A (the fedmira path): ``client.client_app.train`` called with a real ``Message`` and
+``Context``, exactly as Flower calls it at a site: parse the run config, the site's cached
+reports and model (``common.site.ModelCache``), load the global adapter, ``local_train``
+(``common.engine.train_steps``), encode the reply. Timed around the whole handler call.
+
+B (the baseline): the loop anyone writes with PEFT: the same LoRA model object, the same batches
+in the same order (same collate), ``model(..., labels=...).loss``, backward, gradient clipping
+at the same norm, ``torch.optim.AdamW`` at the same learning rate, the same torch threads.
+
+Both count the same tokens (attention mask), so tokens/s compare directly. Measurements are
+interleaved A B, B A, A B, ... (order alternates so neither side always runs second) after one
+warm-up each, and the ratio is the median of the pairs' ratios::
+
+    python -m simulations.bench.client_overhead            # embedded SmolLM2-135M, ~2 minutes
+    python -m simulations.bench.client_overhead --quick    # tiny random model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from simulations.bench.common import BenchRow, median_ratio
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure: the model, batch shape, steps per call and A/B pairs."""
+
+    overrides: tuple[str, ...]
+    steps: int
+    pairs: int
+    label: str
+
+
+# The synthetic reports are short (~120 tokens with the site-aware prompt): "short sequences".
+FULL = Settings(("train.batch_size=4",), steps=2, pairs=4, label="embedded SmolLM2-135M")
+QUICK = Settings(("+debug=tiny", "train.batch_size=4"), steps=3, pairs=3, label="tiny-random")
+# One torch thread on both sides: with 2 threads on 2 cores shared with other work, OpenMP's
+# barriers stall and the same SmolLM2 step took 2 to 17 s; one thread varies a few percent.
+# The overhead being measured (Python around the loop) does not depend on the thread count.
+THREADS = 1
+SITE_REPORTS = 32
+GLOBAL_ROUND = 1
+
+
+def _site_folder(root: Path) -> Path:
+    """A hospital folder with synthetic reports (train.jsonl, val.jsonl)."""
+    from common.reports import write_jsonl
+    from common.synthetic import make_synthetic_corpus
+
+    reports = make_synthetic_corpus(num_sites=1, num_reports=SITE_REPORTS + 4, seed=11)
+    folder = root / "site_bench"
+    write_jsonl(reports[:SITE_REPORTS], folder / "train.jsonl")
+    write_jsonl(reports[SITE_REPORTS:], folder / "val.jsonl")
+    return folder
+
+
+def _message(state: dict[str, torch.Tensor], lr: float, steps: int) -> Message:
+    """The server's train instruction: the global adapter and the round's settings."""
+    metadata = Metadata(run_id=1, message_id="bench", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id=str(GLOBAL_ROUND), created_at=time.time(), ttl=3600.0,
+                        message_type=MessageType.TRAIN)
+    config = ConfigRecord({"global-round": GLOBAL_ROUND, "lr": lr, "local-steps": steps})
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "config": config}), metadata=metadata)
+
+
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The example indices of each step, as ``train_steps`` draws them for this seed."""
+    import random
+
+    from common.engine import _batches  # the exact sampler of the site path: same batches in B
+
+    it = _batches(n, batch_size, random.Random(seed))
+    return [next(it) for _ in range(steps)]
+
+
+def bare_loop(model: Any, examples: list[Any], order: list[list[int]], pad_id: int,
+              lr: float, max_grad_norm: float) -> float:
+    """Seconds for a plain PEFT training loop over ``order`` (collate included, as a DataLoader would)."""
+    from common.prompts import collate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    start = time.perf_counter()
+    for idx in order:
+        batch = collate([examples[i] for i in idx], pad_id)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - start
+    model.eval()
+    return seconds
+
+
+def measure(settings: Settings) -> dict[str, Any]:
+    """Interleaved A/B timings; returns tokens per call and the per-call seconds of each side."""
+    import client.client_app as client_app
+    from common.adapters import get_adapter_state, set_adapter_state
+    from common.compose import compose_config
+    from common.engine import encode_reports
+    from common.site import load_site
+
+    threads = THREADS
+    cfg = compose_config([*settings.overrides, f"train.threads={threads}", f"train.steps={settings.steps}"])
+    with tempfile.TemporaryDirectory(prefix="fedmira-bench-") as tmp:
+        folder = _site_folder(Path(tmp))
+        context = Context(run_id=1, node_id=1, node_config={"data-path": str(folder), "site-id": "site_bench"},
+                          state=RecordDict(), run_config=cfg.to_run_config())
+        lr = cfg.train.lr
+
+        def call_a() -> float:
+            msg = _message(initial, lr, settings.steps)
+            start = time.perf_counter()
+            client_app.train(msg, context)
+            return time.perf_counter() - start
+
+        cold_start = time.perf_counter()
+        worker, _ = client_app._MODELS.get(cfg.model, cfg.lora, seed=cfg.train.seed)  # the handler's cache
+        initial = {k: v.clone() for k, v in get_adapter_state(worker.model).items()}
+        call_a()  # the first call: base model load + LoRA wrap + tokenizing the site, then training
+        cold_s = time.perf_counter() - cold_start
+        tok = worker.loaded.tokenizer
+        examples = encode_reports(load_site(folder).train, tok, cfg.data)
+        seed = cfg.train.seed * 1000003 + GLOBAL_ROUND * 1009 + 0  # the handler's seed for site index 0
+        order = batch_order(len(examples), cfg.train.batch_size, settings.steps, seed)
+        tokens = sum(sum(len(examples[i].input_ids) for i in idx) for idx in order)
+
+        def call_b() -> float:
+            set_adapter_state(worker.model, initial)
+            torch.set_num_threads(threads)
+            return bare_loop(worker.model, examples, order, int(tok.pad_token_id), lr, cfg.train.max_grad_norm)
+
+        call_b()  # warm-up of the baseline (the handler's warm-up was its cold call)
+        a_s: list[float] = []
+        b_s: list[float] = []
+        for i in range(settings.pairs):  # A B, B A, A B ...: neither side always runs second
+            if i % 2 == 0:
+                a_s.append(call_a())
+                b_s.append(call_b())
+            else:
+                b_s.append(call_b())
+                a_s.append(call_a())
+    return {"tokens": tokens, "a_s": a_s, "b_s": b_s, "cold_s": cold_s, "threads": threads,
+            "batch": cfg.train.batch_size, "rows": len(examples)}
+
+
+def rows_from(m: dict[str, Any], settings: Settings) -> list[BenchRow]:
+    """Tokens/s of both sides, the median pair ratio, the per-call overhead and the cold start."""
+    tokens = m["tokens"]
+    a_tps = [tokens / s for s in m["a_s"]]
+    b_tps = [tokens / s for s in m["b_s"]]
+    pair_ratios = ", ".join(f"{a / b:.3f}" for a, b in zip(a_tps, b_tps))
+    best = max(a_tps) / max(b_tps)  # the fastest runs are the least disturbed by other work
+    per_token = tokens / (settings.steps * m["batch"])
+    setting = (f"{settings.label}, LoRA r=8 q,v, batch {m['batch']}, ~{per_token:.0f} tokens/row, "
+               f"{settings.steps} steps per call, {m['threads']} threads, {settings.pairs} interleaved pairs")
+    overhead = statistics.median(a - b for a, b in zip(m["a_s"], m["b_s"]))
+    return [
+        BenchRow(name="ClientApp train handler / bare PEFT loop (tokens/s)",
+                 value=statistics.median(a_tps), unit="tok/s", baseline=statistics.median(b_tps),
+                 ratio=median_ratio(list(zip(a_tps, b_tps))), target=">= 0.95",
+                 note=f"{setting}; median of per-pair ratios ({pair_ratios}); best vs best {best:.3f}"),
+        BenchRow(name="ClientApp extra time per train call", value=overhead * 1000, unit="ms",
+                 note=f"median of (handler - bare loop) per pair; a call of {settings.steps} steps "
+                      f"takes {statistics.median(m['a_s']):.2f} s"),
+        BenchRow(name="ClientApp first call (cold) vs a warm call", value=m["cold_s"], unit="s",
+                 baseline=statistics.median(m["a_s"]),
+                 note="cold: base model load + LoRA wrap + tokenizing the site + the same training; "
+                      "a simulated or deployed site pays it once per process (ModelCache)"),
+    ]
+
+
+def run(quick: bool) -> list[BenchRow]:
+    """``quick``: the tiny random model instead of SmolLM2 (same code path, seconds)."""
+    settings = QUICK if quick else FULL
+    return rows_from(measure(settings), settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the rows (the runner, ``python -m simulations.bench.run``, also writes them)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model instead of SmolLM2")
+    args = parser.parse_args(argv)
+    from simulations.bench.run import format_table
+
+    print(format_table({"client_overhead": run(args.quick)}, notes=True))
+
+
+if __name__ == "__main__":
+    main()
