@@ -272,7 +272,7 @@ def _members(units: Sequence[int]) -> list[list[int]]:
 def _group_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int,
                         identity: bool) -> torch.Tensor:
     """Turn per-row gradient samples into per-unit ones (a patient's rows summed); unit norms."""
-    sq = torch.zeros(n_units, device=owner.device)
+    norms = []
     for p in params:
         gs = p.grad_sample
         if isinstance(gs, list):
@@ -282,8 +282,8 @@ def _group_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tenso
         if not identity:
             gs = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype, device=gs.device).index_add_(0, owner, gs)
         p.grad_sample = gs
-        sq += gs.reshape(n_units, -1).float().pow(2).sum(dim=1).to(sq.device)
-    return sq.sqrt()
+        norms.append(torch.linalg.vector_norm(gs.reshape(n_units, -1), dim=1, dtype=torch.float32))
+    return torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)  # one norm per unit over all parameters
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ Run on a CUDA machine (no data, no downloads: random models built from configs):
    finite losses, the loss goes down, the adapter comes back as float32 CPU tensors.
 3. With LoRA dropout off and fp32, training on CUDA gives the same adapter as on the CPU
    (same seeded batches), so a site's GPU does not change what it contributes.
-4. Timing on a SmolLM2-135M-shaped random model (30 layers, hidden 576), batch 8 x ~128 tokens:
-   a plain step, a DP-SGD step and their ratio, fp32 and bf16.
+4. Timing on a SmolLM2-135M-shaped random model (30 layers, hidden 576), batch 8 and 32 x 128
+   tokens: a plain step, a DP-SGD step and their ratio, fp32 and bf16.
 Prints one JSON document (also written to ``--out``).
 """
 
@@ -161,7 +161,8 @@ def main() -> None:
     report: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for name, fn in (("bf16_site_path", check_bf16_site_path), ("cpu_cuda_agree", check_cpu_cuda_agree),
                      ("dp_cost_fp32", lambda: time_dp_cost(torch.float32)),
-                     ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16))):
+                     ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16)),
+                     ("dp_cost_bf16_batch32", lambda: time_dp_cost(torch.bfloat16, batch=32))):
         t = time.perf_counter()
         try:
             report[name] = {**fn(), "seconds": round(time.perf_counter() - t, 1)}
