@@ -87,12 +87,15 @@ def test_median_ratio_of_interleaved_pairs() -> None:
 
 
 def test_client_overhead_rows_from_timings() -> None:
-    m = {"tokens": 1000, "a_s": [2.0, 1.0, 4.0], "b_s": [1.0, 1.0, 2.0], "cold_s": 9.0, "threads": 1, "batch": 4}
-    ratio_row, extra, cold = rows_from(m, QUICK)
+    m = {"tokens": 1000, "a_s": [2.0, 1.0, 4.0], "b_s": [1.0, 1.0, 2.0], "c_s": [1.0, 0.5, 2.0],
+         "cold_s": 9.0, "threads": 1, "batch": 4}
+    ratio_row, loop_row, plumbing, cold = rows_from(m, QUICK)
     # tokens/s: A = 500, 1000, 250; B = 1000, 1000, 500; pair ratios 0.5, 1.0, 0.5
     assert ratio_row.value == 500 and ratio_row.baseline == 1000 and ratio_row.ratio == 0.5
     assert ratio_row.met is False and ratio_row.target == ">= 0.95"
-    assert extra.value == pytest.approx(1000.0) and extra.unit == "ms"  # median of 1, 0, 2 s
+    # C = 1000, 2000, 500 tok/s vs B: ratios 1, 2, 1
+    assert loop_row.ratio == 1.0 and loop_row.value == 1000 and not loop_row.target
+    assert plumbing.value == pytest.approx(1000.0) and plumbing.unit == "ms"  # median of A - C: 1, 0.5, 2 s
     assert cold.value == 9.0 and cold.baseline == 2.0
 
 
