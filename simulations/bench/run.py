@@ -249,7 +249,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                "beside it, their ratio and, for some, a target the ratio should meet.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats and smaller sizes (a smoke run of every benchmark, ~2 minutes)")
+                        help="fewer repeats and smaller sizes (a smoke run of every benchmark, ~3 minutes)")
     parser.add_argument("--only", default="",
                         help="comma-separated benchmark names to run (default: all, in registry order)")
     parser.add_argument("--out", type=Path, default=Path("results"),
