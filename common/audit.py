@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataConfig
-from common.prompts import IGNORE_INDEX, collate, encode_example
+from common.prompts import IGNORE_INDEX, encode_example
 from common.reports import Report
 
 SECRET_DIGITS = 6
@@ -91,16 +91,28 @@ def candidates(secret: str, n: int, seed: int) -> list[str]:
 @torch.no_grad()
 def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: DataConfig, device: torch.device,
                  batch_size: int = 16) -> list[float]:
-    """Summed negative log-likelihood (nats) of each report's impression given its prompt."""
+    """Summed negative log-likelihood (nats) of each report's impression given its prompt.
+
+    Rows are left-padded so every impression ends at the last position, and the model computes
+    logits only for the last ``max target length + 1`` positions (``logits_to_keep``): the
+    vocabulary projection over the whole prompt would cost more than the rest of the forward
+    pass for a small model with a large vocabulary, and ranking candidates needs only targets.
+    """
     model.eval()
     pad = int(tokenizer.pad_token_id)
     examples = [encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens) for r in reports]
     out: list[float] = []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        chunk = examples[i : i + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in chunk], device=device)
+        labels = torch.tensor([[IGNORE_INDEX] * (width - len(e.labels)) + e.labels for e in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in chunk], device=device)
+        keep = max(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in chunk) + 1
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=keep).logits[:, :-1].float()
+        target = labels[:, width - keep + 1 :]
+        tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
         out.extend(tok.sum(dim=1).tolist())
     return out
 

@@ -108,7 +108,7 @@ def measure(worker: Worker, state: dict[str, torch.Tensor], canaries: Sequence[C
     gen = GenerateConfig(max_new_tokens=16, num_beams=1, batch_size=len(canaries))
     outputs = generate(worker.model, tok, [c.report for c in canaries], cfg.data, gen, device)
     rows = []
-    for i, (canary, text) in enumerate(zip(canaries, outputs)):
+    for i, (canary, text) in enumerate(tqdm(list(zip(canaries, outputs)), desc="exposure", unit="canary", leave=False)):
         scores = canary_exposure(worker.model, tok, canary, plan.candidates, cfg.data, device, seed=plan.seed + i)
         rows.append({"canary": i, **scores, "extracted": extracted(text, canary.secret)})
     return rows

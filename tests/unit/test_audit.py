@@ -67,3 +67,21 @@ def test_tiny_audit_end_to_end(tmp_path: Path) -> None:
             assert "secret" not in c
     assert (tmp_path / "exposure.png").stat().st_size > 1000
     assert (tmp_path / "dp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sequence_nll_equals_the_summed_token_loss(tiny, reports: list[Report], data_cfg) -> None:  # type: ignore[no-untyped-def]
+    """Left padding + logits for the targets only gives each row's full-forward summed loss."""
+    import torch
+
+    from common.audit import sequence_nll
+    from common.engine import encode_reports, token_loss
+    from common.prompts import collate
+
+    rows = reports[:5]  # different lengths, so padding is exercised
+    got = sequence_nll(tiny.model, tiny.tokenizer, rows, data_cfg, tiny.device, batch_size=3)
+    pad = int(tiny.tokenizer.pad_token_id)
+    for report, value in zip(rows, got):
+        ex = encode_reports([report], tiny.tokenizer, data_cfg)
+        with torch.no_grad():
+            expected, _ = token_loss(tiny.model, {k: v.to(tiny.device) for k, v in collate(ex, pad).items()})
+        assert value == pytest.approx(float(expected), rel=1e-4)
