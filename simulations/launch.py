@@ -194,11 +194,11 @@ def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: Text
 
     def on_line(line: str) -> None:
         if "[fedmira]" in line:
-            bar.write(line.split("[fedmira]", 1)[1].strip())
+            bar.write(line.split("[fedmira]", 1)[1].strip(), file=out)
             bar.n = run.last_round
             bar.refresh()
         elif verbose or "ERROR" in line or "Traceback" in line or "excluded" in line:
-            bar.write(line)
+            bar.write(line, file=out)
 
     with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, \
             SimulationSuperLink(run.path, cfg.mode.ray_address) as link:

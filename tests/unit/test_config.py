@@ -95,7 +95,7 @@ def test_overlays_apply_their_changes() -> None:
     """`+debug=tiny` switches to the tiny model; `+experiment=iu_8sites` to IU + iid."""
     debug = compose_config(["+debug=tiny"])
     assert debug.model.name_or_path == "tiny-random"
-    assert (debug.data.synthetic_sites, debug.data.max_length, debug.train.lr) == (3, 224, 5e-3)
+    assert (debug.data.synthetic_sites, debug.data.max_length, debug.train.lr) == (3, 320, 5e-3)
     iu = compose_config(["+experiment=iu_8sites"])
     assert (iu.data.format, iu.partition.method, iu.partition.num_sites, iu.run.name) == (
         "iu", "iid", 8, "iu_8sites")
