@@ -16,6 +16,7 @@ report is ever used as a canary, and secrets are not logged (only ranks and expo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DataConfig
-from common.prompts import IGNORE_INDEX, encode_example
+from common.prompts import IGNORE_INDEX, encode_example, prompt_ids, target_ids
 from common.reports import Report
 
 SECRET_DIGITS = 6
@@ -117,6 +118,40 @@ def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: Da
     return out
 
 
+@torch.no_grad()
+def candidate_nll(model: Any, tokenizer: Any, report: Report, impressions: Sequence[str], data: DataConfig,
+                  device: torch.device, batch_size: int = 64) -> list[float]:
+    """Summed NLL of each candidate impression after ``report``'s prompt, the prompt run once.
+
+    Candidates share the prompt, so its keys and values are computed once and reused (a copy of
+    the cache per batch); only the few impression tokens run per candidate. Equal to
+    :func:`sequence_nll` on the candidate reports (tested), tens of times faster for a long prompt.
+    """
+    model.eval()
+    target_len = data.max_target_tokens
+    targets = [target_ids(dataclasses.replace(report, impression=text), tokenizer, target_len) for text in impressions]
+    prompt = prompt_ids(report, tokenizer, data.template, data.max_length - max(len(t) for t in targets))
+    first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    cache, last = first.past_key_values, first.logits[:, -1:].float()
+    pad = int(tokenizer.pad_token_id)
+    out: list[float] = []
+    for i in range(0, len(targets), batch_size):
+        chunk = targets[i : i + batch_size]
+        width = max(len(t) for t in chunk)
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in chunk], device=device)
+        labels = torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in chunk], device=device)
+        mask = torch.cat([torch.ones(len(chunk), len(prompt), dtype=torch.long, device=device),
+                          (labels != IGNORE_INDEX).long()], dim=1)
+        past = copy.deepcopy(cache)
+        past.batch_repeat_interleave(len(chunk))
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).logits.float()
+        # token 0 is predicted by the prompt's last position, token j by the candidate's token j-1
+        full = torch.cat([last.expand(len(chunk), 1, -1), logits[:, :-1]], dim=1)
+        tok = F.cross_entropy(full.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        out.extend(tok.sum(dim=1).tolist())
+    return out
+
+
 def exposure(secret_nll: float, candidate_nll: Sequence[float]) -> tuple[int, float]:
     """(rank of the secret among itself + candidates, exposure in bits); ties count against it."""
     rank = 1 + sum(1 for c in candidate_nll if c <= secret_nll)
@@ -124,11 +159,11 @@ def exposure(secret_nll: float, candidate_nll: Sequence[float]) -> tuple[int, fl
 
 
 def canary_exposure(model: Any, tokenizer: Any, canary: Canary, n_candidates: int, data: DataConfig,
-                    device: torch.device, seed: int, batch_size: int = 16) -> dict[str, float | int]:
+                    device: torch.device, seed: int, batch_size: int = 64) -> dict[str, float | int]:
     """Rank and exposure of one canary's secret among ``n_candidates`` random ones."""
     others = candidates(canary.secret, n_candidates, seed)
-    reports = [dataclasses.replace(canary.report, impression=impression_for(s)) for s in [canary.secret, *others]]
-    nll = sequence_nll(model, tokenizer, reports, data, device, batch_size)
+    nll = candidate_nll(model, tokenizer, canary.report, [impression_for(s) for s in [canary.secret, *others]],
+                        data, device, batch_size)
     rank, bits = exposure(nll[0], nll[1:])
     return {"rank": rank, "exposure_bits": bits, "max_bits": math.log2(n_candidates + 1), "secret_nll": nll[0]}
 

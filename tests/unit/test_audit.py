@@ -85,3 +85,15 @@ def test_sequence_nll_equals_the_summed_token_loss(tiny, reports: list[Report], 
         with torch.no_grad():
             expected, _ = token_loss(tiny.model, {k: v.to(tiny.device) for k, v in collate(ex, pad).items()})
         assert value == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_prefix_cached_candidates_equal_the_full_forward(tiny, reports: list[Report], data_cfg) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from common.audit import candidate_nll, sequence_nll
+
+    texts = [impression_for(s) for s in ("123456", "654321", "000000")] + ["No acute findings at all today."]
+    cached = candidate_nll(tiny.model, tiny.tokenizer, reports[0], texts, data_cfg, tiny.device, batch_size=3)
+    full = sequence_nll(tiny.model, tiny.tokenizer, [dataclasses.replace(reports[0], impression=t) for t in texts],
+                        data_cfg, tiny.device)
+    assert cached == pytest.approx(full, rel=1e-4)
