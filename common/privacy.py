@@ -73,9 +73,11 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, st
     """The noise multiplier that spends ``target_epsilon`` in ``steps`` steps (Opacus' solver)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=max(steps, 1),
-                                      accountant=mechanism))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, noted once here
+        warnings.filterwarnings("ignore", message="Optimal order", category=UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=max(steps, 1),
+                                          accountant=mechanism))
 
 
 def affordable_steps(history: Sequence[Sequence[float]], noise_multiplier: float, sample_rate: float,
