@@ -171,3 +171,14 @@ def canary_exposure(model: Any, tokenizer: Any, canary: Canary, n_candidates: in
 def extracted(generated: str, secret: str) -> bool:
     """Whether a generated impression reproduces the secret verbatim (digits, spacing ignored)."""
     return secret in re.sub(r"\D", "", generated)
+
+
+def matched_digits(generated: str, secret: str) -> int:
+    """How many of the secret's digits the generation got right, position by position.
+
+    Verbatim extraction is all-or-nothing; a model that writes the canary's format with 5 of
+    6 digits right has still memorized most of the secret, and this shows it.
+    """
+    digits = re.sub(r"\D", "", generated)
+    return max((sum(a == b for a, b in zip(digits[i : i + len(secret)], secret))
+                for i in range(max(1, len(digits) - len(secret) + 1))), default=0)

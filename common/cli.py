@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the secret. Writes audit.md, audit.json and exposure.png. Secrets and report "
                     "text are never printed.\n\n"
                     "  fedmira audit                                    # embedded SmolLM2, synthetic sites\n"
+                    "  fedmira audit --sites 1 --canaries 2 --repeats 16 --candidates 127 \\\n"
+                    "      strategy.rounds=1 train.steps=24 train.lr=5e-3  # memorizes without DP (~6 min)\n"
                     "  fedmira audit privacy.target_epsilon=4 train.lr=1e-3\n"
                     "  fedmira audit +debug=tiny --canaries 2           # seconds, tiny random model")
     audit.add_argument("--canaries", type=int, default=4, help="number of canaries (default 4)")

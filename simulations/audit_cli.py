@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
 from common.aggregation import combine
-from common.audit import Canary, canary_exposure, extracted, make_canaries, plant
+from common.audit import SECRET_DIGITS, Canary, canary_exposure, extracted, make_canaries, matched_digits, plant
 from common.config import ExperimentConfig, GenerateConfig
 from common.engine import generate
 from common.errors import FedmiraError
@@ -110,7 +110,8 @@ def measure(worker: Worker, state: dict[str, torch.Tensor], canaries: Sequence[C
     rows = []
     for i, (canary, text) in enumerate(tqdm(list(zip(canaries, outputs)), desc="exposure", unit="canary", leave=False)):
         scores = canary_exposure(worker.model, tok, canary, plan.candidates, cfg.data, device, seed=plan.seed + i)
-        rows.append({"canary": i, **scores, "extracted": extracted(text, canary.secret)})
+        rows.append({"canary": i, **scores, "extracted": extracted(text, canary.secret),
+                     "matched_digits": matched_digits(text, canary.secret)})
     return rows
 
 
@@ -146,7 +147,8 @@ def summary(arm: dict[str, Any]) -> dict[str, float]:
     bits = [r["exposure_bits"] for r in rows]
     return {"mean_exposure": float(np.mean(bits)), "max_exposure": float(np.max(bits)),
             "median_rank": float(np.median([r["rank"] for r in rows])),
-            "extracted": int(sum(r["extracted"] for r in rows)), "canaries": len(rows)}
+            "extracted": int(sum(r["extracted"] for r in rows)), "canaries": len(rows),
+            "matched_digits": float(np.mean([r.get("matched_digits", 0) for r in rows]))}
 
 
 def audit_markdown(result: dict[str, Any]) -> str:
@@ -158,14 +160,14 @@ def audit_markdown(result: dict[str, Any]) -> str:
         f"training data; exposure against {plan['candidates']} random candidate secrets (max "
         f"{max_bits:.2f} bits); model {result['model']}, {result['rounds']} rounds x "
         f"{result['local_steps']} local steps, lr {result['lr']:g}; {result['seconds']:.0f} s.", "",
-        "| model | mean exposure (bits) | max exposure | median rank | verbatim extractions | epsilon (canary site) |",
-        "|---|---|---|---|---|---|",
+        f"| model | mean exposure (bits) | max exposure | median rank | verbatim extractions | secret digits written (of {SECRET_DIGITS}) | epsilon (canary site) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, label in (("base", "base (no training)"), ("no_dp", "federated, no DP"), ("dp", "federated, DP-SGD")):
         s = summary(result["arms"][arm])
         eps = result["arms"][arm]["info"].get("epsilon", {}).get(result["canary_site"])
         lines.append(f"| {label} | {s['mean_exposure']:.2f} | {s['max_exposure']:.2f} | {s['median_rank']:.0f} | "
-                     f"{s['extracted']}/{s['canaries']} | {'-' if eps is None else f'{eps:.2f}'} |")
+                     f"{s['extracted']}/{s['canaries']} | {s['matched_digits']:.1f} | {'-' if eps is None else f'{eps:.2f}'} |")
     p = result["privacy"]
     lines += ["", f"DP arm: unit={p['unit']}, target_epsilon={p['target_epsilon']:g}, delta={p['delta']:g}, "
               f"clip={p['max_grad_norm']:g}. With record-level DP a canary repeated {plan['repeats']} times is "
@@ -219,7 +221,8 @@ def audit_command(overrides: Sequence[str], plan: AuditPlan, out: str | None, st
     for arm in ("base", "no_dp", "dp"):
         s = summary(result["arms"][arm])
         print(f"{arm:>6}: mean exposure {s['mean_exposure']:.2f} bits (max {s['max_exposure']:.2f}), "
-              f"median rank {s['median_rank']:.0f}/{plan.candidates + 1}, extracted {s['extracted']}/{s['canaries']}",
+              f"median rank {s['median_rank']:.0f}/{plan.candidates + 1}, extracted {s['extracted']}/{s['canaries']}, "
+              f"{s['matched_digits']:.1f}/{SECRET_DIGITS} secret digits written",
               file=printer)
     print(f"Report: {folder / 'audit.md'}", file=printer)
     return 0

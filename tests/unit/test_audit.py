@@ -97,3 +97,12 @@ def test_prefix_cached_candidates_equal_the_full_forward(tiny, reports: list[Rep
     full = sequence_nll(tiny.model, tiny.tokenizer, [dataclasses.replace(reports[0], impression=t) for t in texts],
                         data_cfg, tiny.device)
     assert cached == pytest.approx(full, rel=1e-4)
+
+
+def test_matched_digits_counts_positions_right() -> None:
+    from common.audit import matched_digits
+
+    assert matched_digits("Follow-up code 489221.", "489241") == 5
+    assert matched_digits("Follow-up code 489241.", "489241") == 6
+    assert matched_digits("No acute findings.", "489241") == 0
+    assert matched_digits("code 12 489241 x", "489241") == 6  # found after other digits
