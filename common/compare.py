@@ -570,16 +570,6 @@ def plot_compare(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_compare(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """``compare.md``, ``compare.json`` (no per-sample rows), ``compare.png``, ``per_sample.csv``."""
     root = Path(out_dir)
@@ -587,7 +577,9 @@ def write_compare(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths = {"markdown": root / COMPARE_MD, "json": root / COMPARE_JSON, "plot": root / COMPARE_PNG,
              "per_sample": root / PER_SAMPLE_CSV}
     summary = {k: v for k, v in result.items() if k not in ("per_sample", "paths")}
-    paths["json"].write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
+    from common.evaluation import json_safe  # one NaN -> null rule for every JSON report
+
+    paths["json"].write_text(json.dumps(json_safe(summary), indent=2), encoding="utf-8")
     paths["markdown"].write_text(compare_markdown(result), encoding="utf-8")
     plot_compare(result, paths["plot"])
     columns = ["system", "report_id", "site_id", *result["metrics"]]

@@ -145,7 +145,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
              "per_sample_csv": root / PER_SAMPLE_CSV, "sites_png": root / SITES_PNG,
              "modalities_png": root / MODALITIES_PNG}
     summary = {k: v for k, v in result.items() if k != "per_sample"}
-    paths["report_json"].write_text(json.dumps(_json_safe(summary), indent=2), encoding="utf-8")
+    paths["report_json"].write_text(json.dumps(json_safe(summary), indent=2), encoding="utf-8")
     _write_csv(result["per_sample"], paths["per_sample_csv"])
     paths["report_md"].write_text(report_markdown(result), encoding="utf-8")
     missing = result.get("missing", [])
@@ -155,14 +155,14 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     return paths
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, so the file is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
