@@ -330,11 +330,11 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
 
 def write_results(doc: dict[str, Any], results_dir: Path, out: TextIO) -> dict[str, Any]:
     """``results/quality-<date>.json`` and ``.md``; prints the Markdown."""
-    from common.compare import _json_safe
+    from common.evaluation import json_safe
 
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"quality-{doc['date'][:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(_json_safe(doc), indent=2, default=str))
+    stem.with_suffix(".json").write_text(json.dumps(json_safe(doc), indent=2, default=str))
     md = results_markdown(doc)
     stem.with_suffix(".md").write_text(md)
     print("\n" + md, file=out)
