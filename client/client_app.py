@@ -23,10 +23,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig
+from common.engine import OPTIMIZER_KEY
 from common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
 from common.site import (
     ModelCache, SiteData, load_site, local_evaluate, local_train, plan_ledger, site_lora, site_rank,
@@ -78,6 +80,12 @@ def _save_ledger(context: Context, cfg: ExperimentConfig, folder: Path, ledger: 
     save_state(ledger, _ledger_path(context, cfg, folder))
 
 
+def _optimizer_store(context: Context) -> dict[str, torch.Tensor]:
+    """AdamW moments this node kept from its last round (empty at its first)."""
+    record = context.state.array_records.get(OPTIMIZER_KEY)
+    return dict(record.to_torch_state_dict()) if record is not None else {}
+
+
 def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData, int, Path, object, bool, float]:
     start = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
@@ -95,14 +103,17 @@ def train(msg: Message, context: Context) -> Message:
     g = int(conf["global-round"])
     global_state = msg.content["arrays"].to_torch_state_dict()
     ledger = _load_ledger(context, cfg, site, folder) if cfg.privacy.enabled else None
+    store = _optimizer_store(context) if cfg.train.keep_optimizer_state else None
     state, metrics = local_train(
         worker, site, cfg, global_state,  # type: ignore[arg-type]
         lr=float(conf["lr"]), steps=int(conf["local-steps"]), seed=cfg.train.seed * 1000003 + g * 1009 + index,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]  (sent by fedprox)
-        ledger=ledger, global_round=g,
+        ledger=ledger, global_round=g, optimizer_store=store,
     )
     if ledger is not None:
         _save_ledger(context, cfg, folder, ledger)
+    if store:  # the site's own AdamW moments: node state only, never in the reply
+        context.state[OPTIMIZER_KEY] = ArrayRecord(dict(store))
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})
     payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
     content = RecordDict({

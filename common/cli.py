@@ -24,6 +24,12 @@ Overrides (any number, after the options):
 Run `fedmira config` to list every key with its default and meaning.
 """
 
+INPUT_HELP = ("report file (JSONL, CSV or IU CSV) scored as it is: every report, as an external site, "
+              "no re-splitting of data.path; bad rows are skipped and counted (data.policy)")
+PRIOR_HELP = ("with --input: that hospital's own prior reports, the retrieval index of site_aware_rag "
+              "prompts. Matched by site_id: it must hold only the --input file's site ids (else an "
+              "error names both sets); a report id in both files is never its own prior")
+
 
 def _compose(overrides: Sequence[str]):  # type: ignore[no-untyped-def]
     from common.compose import compose_config
@@ -90,7 +96,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from simulations.evaluate_cli import evaluate_command
 
-    return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder)
+    return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder,
+                            input=args.input, prior=args.prior)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -99,7 +106,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare_command(args.overrides, args.system, reference=args.reference, out=args.out,
                            cache=args.cache, limit=args.limit, zero_shot=not args.no_zero_shot,
                            baselines=not args.no_baselines, no_encoder=args.no_encoder,
-                           resamples=args.resamples, permutations=args.permutations)
+                           resamples=args.resamples, permutations=args.permutations,
+                           input=args.input, prior=args.prior)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -229,10 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "and a negation-aware clinical F1 (CheXpert observations for chest). Writes "
                     "report.md/json, per_sample.csv (ids and scores only), predictions.jsonl and "
                     "plots, with bootstrap confidence intervals.\n\n"
-                    "  fedmira evaluate --adapter RUN_DIR/final_adapter data=iu_xray data.path=...")
+                    "With --input FILE a new hospital's file is scored as it is: every report, no "
+                    "re-splitting, all in the external group (data.path and partition are not used). "
+                    "With --prior FILE (the hospital's own earlier reports) site_aware_rag prompts "
+                    "retrieve from that archive; without it they say there are no prior reports.\n\n"
+                    "  fedmira evaluate --adapter RUN_DIR/final_adapter data=iu_xray data.path=...\n"
+                    "  fedmira evaluate --adapter RUN_DIR/final_adapter --input new_site.jsonl \\\n"
+                    "      --prior new_site_archive.jsonl data.template=site_aware_rag data.neighbors=2")
     ev.add_argument("--adapter", help="PEFT adapter folder; without it the base model is evaluated zero-shot")
+    ev.add_argument("--input", metavar="FILE", help=INPUT_HELP)
+    ev.add_argument("--prior", metavar="FILE", help=PRIOR_HELP)
     ev.add_argument("--out", help="output folder (default: <run.out_dir>/eval/<timestamp>)")
-    ev.add_argument("--limit", type=int, default=200, help="held-out reports to score (0: all; default 200)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="held-out reports of data.path to score (0: all; default 200); not with --input")
     ev.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity (faster)")
     ev.add_argument("overrides", nargs="*", help="Hydra overrides")
     ev.set_defaults(func=cmd_evaluate)
@@ -271,8 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--system", action="append", default=[], metavar="NAME=PATH[:TEMPLATE]", help=SYSTEM_HELP)
     cmp.add_argument("--reference", help="system tested against all others (default: the first --system, "
                                          "else zero_shot)")
-    cmp.add_argument("--limit", type=int, default=200, help="held-out reports (0: all; default 200), "
-                                                            "chosen as by `fedmira evaluate`")
+    cmp.add_argument("--limit", type=int, default=None,
+                     help="held-out reports (0: all; default 200), chosen as by `fedmira evaluate`; "
+                          "not with --input")
+    cmp.add_argument("--input", metavar="FILE", help=INPUT_HELP)
+    cmp.add_argument("--prior", metavar="FILE", help=PRIOR_HELP + "; also the baselines' training pool "
+                     "(required for them with --input: else pass --no-baselines)")
     cmp.add_argument("--out", help="output folder (default: <run.out_dir>/compare/<timestamp>)")
     cmp.add_argument("--cache", help="prediction cache (default: <run.out_dir>/compare/cache)")
     cmp.add_argument("--no-zero-shot", action="store_true", help="leave out the base model zero-shot")

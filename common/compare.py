@@ -12,7 +12,9 @@ on the same reports, chosen exactly as ``fedmira evaluate`` chooses them, so the
   Holm-Bonferroni across the whole family (systems x metrics), and says plainly whether the best
   fine-tuned system beats retrieval.
 * :func:`run_compare` does the whole job: split, baselines, generation (reusing cached
-  predictions), scoring, and the written report (Markdown, JSON, plot, per-sample CSV).
+  predictions), scoring, and the written report (Markdown, JSON, plot, per-sample CSV). With
+  ``input_path`` the held-out set is every report of a new hospital's file (all external) and
+  the baselines' pool is that hospital's prior-report file (:func:`held_out_from_file`).
 
 Only ids, system names and numbers reach the console and the report files; the generated
 impressions go to ``predictions/<system>.jsonl`` and the prediction cache, which stay on the
@@ -41,11 +43,14 @@ from tqdm.auto import tqdm
 
 from common.adapters import ADAPTER_CONFIG
 from common.errors import FedmiraError
-from common.prompts import TEMPLATES
+from common.prompts import RAG_TEMPLATES, TEMPLATES
 from common.reports import Report
 
 ZERO_SHOT, RETRIEVAL, MOST_FREQUENT, ADAPTER = "zero_shot", "retrieval", "most_frequent", "adapter"
-BASELINE_KINDS = (RETRIEVAL, MOST_FREQUENT)
+RETRIEVAL_SITE = "retrieval_site"
+BASELINE_KINDS = (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT)
+#: Retrieval baselines: the verdict is against the strongest of them.
+RETRIEVAL_KINDS = (RETRIEVAL, RETRIEVAL_SITE)
 #: Words that mean "the base model without an adapter" in ``--system NAME=base``.
 BASE_WORDS = ("base", "zero-shot", "zero_shot", "none")
 FINAL_ADAPTER = "final_adapter"
@@ -193,13 +198,16 @@ def check_base_model(spec: SystemSpec, cfg: Any) -> None:
             "(every compared adapter must share one base model).")
 
 
-def training_overlap(spec: SystemSpec, cfg: Any, held_out: Sequence[Report], out: TextIO) -> int:
+def training_overlap(spec: SystemSpec, cfg: Any, held_out: Sequence[Report], out: TextIO, *,
+                     external_file: bool = False) -> int:
     """How many held-out reports the adapter was trained on, judged from its run's recorded split.
 
     An adapter trained under another split (another seed, site count or cap) may have seen the
     reports evaluated here; that would flatter it. When the recorded locked part equals ``cfg``'s
     the split is the same and nothing is recomputed. A recorded config that cannot be read
-    (older schema) is reported and skipped.
+    (older schema) is reported and skipped. ``external_file``: the held-out reports come from
+    another file (``--input``), so the split is always recomputed and a report counts as trained
+    on when both its id and its findings match (ids alone may repeat across hospitals).
     """
     from common.config import ExperimentConfig
     from simulations.launch import load_pooled_reports, split_sites
@@ -213,9 +221,12 @@ def training_overlap(spec: SystemSpec, cfg: Any, held_out: Sequence[Report], out
         print(f"  {spec.name}: its run's config.json could not be read; its training split is not checked",
               file=out)
         return 0
-    if theirs.lock_hash() == cfg.lock_hash():
+    if not external_file and theirs.lock_hash() == cfg.lock_hash():
         return 0
     splits = split_sites(theirs, load_pooled_reports(theirs, io.StringIO()))
+    if external_file:
+        seen = {(r.report_id, r.findings) for s in splits if not s.external for r in s.train}
+        return sum((r.report_id, r.findings) in seen for r in held_out)
     trained = {r.report_id for s in splits if not s.external for r in s.train}
     return len(trained & {r.report_id for r in held_out})
 
@@ -231,7 +242,7 @@ def default_systems(adapters: Sequence[SystemSpec], *, zero_shot: bool = True,
     if zero_shot:
         out.append(SystemSpec(ZERO_SHOT, ZERO_SHOT))
     if baselines:
-        out += [SystemSpec(RETRIEVAL, RETRIEVAL), SystemSpec(MOST_FREQUENT, MOST_FREQUENT)]
+        out += [SystemSpec(k, k) for k in BASELINE_KINDS]
     return out
 
 
@@ -272,9 +283,20 @@ def cache_key(cfg: Any, spec: SystemSpec, template: str, reports: Sequence[Repor
     return {
         "model": model, "adapter": adapter_fingerprint(spec.adapter) if spec.adapter else None,
         "template": template, "max_length": cfg.data.max_length,
+        **_rag_key(cfg, template),
         "generate": dataclasses.asdict(cfg.generate), "reports": reports_fingerprint(reports),
         "n_reports": len(reports),
     }
+
+
+def _rag_key(cfg: Any, template: str) -> dict[str, Any]:
+    """What else decides a retrieval-augmented prompt (absent for other templates, so older
+    cache entries stay valid)."""
+    if template not in RAG_TEMPLATES:
+        return {} if cfg.data.preamble == "full" else {"preamble": cfg.data.preamble}
+    d = cfg.data
+    return {"neighbors": d.neighbors, "retriever": d.retriever, "neighbor_tokens": d.neighbor_tokens,
+            "preamble": d.preamble}
 
 
 def _key_hash(key: dict[str, Any]) -> str:
@@ -422,7 +444,10 @@ def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: dict
     from common.stats import mean_difference_ci
 
     adapters = [n for n in rows if kinds.get(n) == ADAPTER]
-    retrieval = next((n for n in rows if kinds.get(n) == RETRIEVAL), None)
+    retrievals = [n for n in rows if kinds.get(n) in RETRIEVAL_KINDS]
+    # The bar is the strongest retrieval baseline (pooled or within the site), by mean ROUGE-L.
+    retrieval = max(retrievals, key=lambda n: (_mean([r.get(HEADLINE) for r in rows[n]]) or 0.0,
+                                               -retrievals.index(n))) if retrievals else None
     if retrieval is None:
         return {"beats_retrieval": None, "best": None,
                 "sentence": "Retrieval was not compared (--no-baselines), so this report cannot say "
@@ -514,7 +539,10 @@ def compare_markdown(result: dict[str, Any]) -> str:
     meta, fam, boot = result.get("meta", {}), result["family"], result["bootstrap"]
     lines = ["# System comparison", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
-    lines += [f"- reports: {result['n']} (the same held-out set as `fedmira evaluate`)",
+    from_file = "input" in meta
+    held_out = ("every report of the --input file, all external" if from_file
+                else "the same held-out set as `fedmira evaluate`")
+    lines += [f"- reports: {result['n']} ({held_out})",
               f"- reference system: `{result['reference']}`", ""]
     lines += ["## Verdict", "", result["verdict"]["sentence"], ""]
     lines += ["## Systems (mean [95% bootstrap CI])", ""] + summary_table(result)
@@ -526,10 +554,12 @@ def compare_markdown(result: dict[str, Any]) -> str:
               f"when the reference scores higher. Wilcoxon signed-rank (zero differences dropped); "
               f"paired approximate randomization with {boot['n_permutations']} sign flips; "
               f"bootstrap {boot['n_resamples']} resamples, seed {boot['seed']}.", ""]
+    pool = ("the --prior file's reports (the hospital's own archive), never a scored report" if from_file
+            else "the train splits of the internal sites")
     lines += ["## Notes", "",
               "- retrieval: the impression of the training report whose findings are most similar "
-              "(TF-IDF cosine); most_frequent: the most frequent training impression. Both see only "
-              "the train splits of the internal sites.",
+              "(TF-IDF cosine); retrieval_site: the same within the report's own site; most_frequent: "
+              f"the most frequent training impression. They see only {pool}.",
               "- Clinical F1 is per report (1 when neither text mentions an observation); clinical "
               "micro-F1 pools the counts over reports.",
               "- BERTScore-F1 and similarity use all-MiniLM-L6-v2 and are blind to negation.", ""]
@@ -618,6 +648,35 @@ def held_out_and_pool(cfg: Any, limit: int, out: TextIO) -> tuple[list[Report], 
     return reports, external, pool
 
 
+def held_out_from_file(cfg: Any, systems: Sequence[SystemSpec], input_path: str, prior_path: str | None,
+                       out: TextIO) -> tuple[list[Report], set[str], list[Report], dict[str, Any]]:
+    """A new hospital's file as the held-out set (every report, all external) and its prior-report
+    file as the baselines' training pool and retrieval index (see
+    :func:`common.evaluation.load_file_set`), plus what the report records about the files.
+
+    Raises
+    ------
+    FedmiraError
+        Bad files (file:line of the first problem), prior reports of other sites, or baselines
+        asked for without a pool to learn from.
+    """
+    from common.evaluation import load_file_set
+
+    baselines = [s.name for s in systems if s.kind in BASELINE_KINDS]
+    if baselines and not prior_path:
+        raise FedmiraError(
+            f"The baselines ({', '.join(baselines)}) learn from a training pool; with --input FILE that "
+            "pool is the hospital's own earlier reports: pass --prior FILE (its prior reports, same "
+            "site_id), or leave the baselines out with --no-baselines.")
+    files = load_file_set(input_path, prior_path, cfg.data, out)
+    if baselines and not files.prior:
+        raise FedmiraError(
+            f"--prior {prior_path} has no report left once the reports scored from --input are "
+            f"excluded, so the baselines ({', '.join(baselines)}) have nothing to learn from: pass the "
+            "hospital's earlier reports as --prior, or --no-baselines.")
+    return files.reports, files.sites, files.prior, files.meta()
+
+
 def predict_system(spec: SystemSpec, cfg: Any, reports: list[Report], pool: list[Report], *,
                    cache_dir: Path | None, progress: bool = True,
                    generate_fn: Callable[..., list[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
@@ -632,12 +691,14 @@ def predict_system(spec: SystemSpec, cfg: Any, reports: list[Report], pool: list
         from common.inference import generate_impressions as generate_fn
     template = system_template(spec, cfg)
     key = cache_key(cfg, spec, template, reports)
+    if template in RAG_TEMPLATES:  # the prompts also depend on the index they retrieve from
+        key["prior"] = reports_fingerprint(pool)
     cached = load_cached(cache_dir, key, reports) if cache_dir else None
     info: dict[str, Any] = {"template": template, "adapter": spec.adapter, "cache_key": _key_hash(key)}
     if cached is not None:
         return cached, {**info, "source": "cache", "seconds": round(time.perf_counter() - t0, 2)}
     run_cfg = cfg.replace(data=dataclasses.replace(cfg.data, template=template))
-    hyps = generate_fn(run_cfg, reports, spec.adapter, progress=progress)
+    hyps = generate_fn(run_cfg, reports, spec.adapter, progress=progress, prior=pool)
     if cache_dir:
         store_cached(cache_dir, key, reports, hyps)
     return hyps, {**info, "source": "generated", "seconds": round(time.perf_counter() - t0, 2)}
@@ -646,7 +707,8 @@ def predict_system(spec: SystemSpec, cfg: Any, reports: list[Report], pool: list
 def run_compare(cfg: Any, systems: Sequence[SystemSpec], *, reference: str | None = None, limit: int = 200,
                 out_dir: str | Path, cache_dir: str | Path | None = None, use_encoder: bool = True,
                 n_resamples: int = 1000, n_permutations: int = 10000, progress: bool = True,
-                out: TextIO | None = None) -> dict[str, Any]:
+                out: TextIO | None = None, input_path: str | None = None,
+                prior_path: str | None = None) -> dict[str, Any]:
     """Predict with every system on the held-out reports, compare them and write the report.
 
     Parameters
@@ -664,6 +726,10 @@ def run_compare(cfg: Any, systems: Sequence[SystemSpec], *, reference: str | Non
         Report folder.
     cache_dir : str or Path, optional
         Prediction cache (default ``<run.out_dir>/compare/cache``).
+    input_path, prior_path : str, optional
+        Score every report of this file instead (all external; ``limit``, ``data.path`` and
+        ``partition`` unused); the prior file is the baselines' pool and the retrieval index.
+        Baselines without a prior file are refused (:func:`held_out_from_file`).
 
     Returns
     -------
@@ -681,12 +747,29 @@ def run_compare(cfg: Any, systems: Sequence[SystemSpec], *, reference: str | Non
                            f"({', '.join(s.name for s in systems)}).")
     cache = Path(cache_dir) if cache_dir else Path(cfg.run.out_dir) / "compare" / CACHE_DIR
     root = Path(out_dir)
-    reports, external, pool = held_out_and_pool(cfg, limit, stream)
-    print(f"comparing {len(systems)} systems on {len(reports)} held-out reports from "
-          f"{len({r.site_id for r in reports})} sites ({len(external)} external); "
-          f"baselines learn from {len(pool)} training reports", file=stream)
+    file_meta: dict[str, Any] = {}
+    if input_path:
+        from common.evaluation import retrieval_note
+
+        reports, external, pool, file_meta = held_out_from_file(cfg, systems, input_path, prior_path,
+                                                                stream)
+        learn = (f"baselines learn from {len(pool)} prior reports of {prior_path}" if prior_path
+                 else "no --prior file, no baselines")
+        print(f"comparing {len(systems)} systems on every report of {input_path}: {len(reports)} reports "
+              f"from {len(external)} sites (all external); {learn}", file=stream)
+        print(retrieval_note(reports, pool, "prior file"), file=stream)
+    else:
+        reports, external, pool = held_out_and_pool(cfg, limit, stream)
+        print(f"comparing {len(systems)} systems on {len(reports)} held-out reports from "
+              f"{len({r.site_id for r in reports})} sites ({len(external)} external); "
+              f"baselines learn from {len(pool)} training reports", file=stream)
     for spec in systems:
-        overlap = training_overlap(spec, cfg, reports, stream)
+        overlap = training_overlap(spec, cfg, reports, stream, external_file=bool(input_path))
+        if overlap and input_path:
+            raise FedmiraError(
+                f"--system {spec.name} was trained on {overlap} of the {len(reports)} reports of "
+                f"{input_path} (same report id and findings as in its run's training split), so they are "
+                "not held out for it: remove those reports from the --input file or compare another adapter.")
         if overlap:
             raise FedmiraError(
                 f"--system {spec.name} was trained on {overlap} of the {len(reports)} held-out reports "
@@ -711,6 +794,10 @@ def run_compare(cfg: Any, systems: Sequence[SystemSpec], *, reference: str | Non
         "max_new_tokens": cfg.generate.max_new_tokens, "encoder_metrics": use_encoder,
         "score_s": round(time.perf_counter() - t0, 1),
     }
+    if input_path:  # no split of data.path: record the files instead
+        for key in ("data", "partition", "limit"):
+            result["meta"].pop(key)
+        result["meta"] = {**file_meta, **result["meta"]}
     result["paths"] = {k: str(v) for k, v in write_compare(result, root).items()}
     result["paths"]["predictions"] = str(root / PREDICTIONS_DIR)
     return result
@@ -738,3 +825,28 @@ def print_compare(result: dict[str, Any], stream: TextIO) -> None:
     print(result["verdict"]["sentence"], file=stream)
     for key, path in result.get("paths", {}).items():
         print(f"  {key:<11} {path}", file=stream)
+
+
+def final_quality(cfg: Any, adapter: str | Path, out_dir: str | Path, stream: TextIO) -> dict[str, Any]:
+    """A finished run's global adapter beside the baselines on ``eval.final_reports`` held-out reports.
+
+    The same held-out reports, baselines, paired tests and files as ``fedmira compare`` (written
+    to ``out_dir``), without the zero-shot model; prints one line per system (ROUGE-L and, with
+    ``eval.final_encoder``, BERTScore and similarity, with 95% CIs) and the verdict.
+    """
+    import io
+
+    systems = default_systems([SystemSpec("global_adapter", ADAPTER, str(adapter), cfg.data.template)],
+                              zero_shot=False)
+    result = run_compare(cfg, systems, reference="global_adapter", limit=cfg.eval.final_reports,
+                         out_dir=out_dir, cache_dir=Path(out_dir) / CACHE_DIR,
+                         use_encoder=cfg.eval.final_encoder, n_permutations=2000, progress=False,
+                         out=io.StringIO())
+    shown = [m for m in ("rougeL", "bertscore_f1", "sim") if m in result["summary_metrics"]]
+    print(f"\nQuality on {result['n']} held-out reports (mean [95% CI]; `fedmira compare` for more):",
+          file=stream)
+    for name, info in result["systems"].items():
+        parts = [f"{PAIRED_METRICS[m]} {_ci(info['summary'].get(m))}" for m in shown]
+        print(f"  {name:<16} " + "; ".join(parts), file=stream)
+    print(f"  {result['verdict']['sentence']}\n  report: {result['paths']['markdown']}", file=stream)
+    return result

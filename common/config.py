@@ -70,6 +70,10 @@ class ModelConfig:
     gguf_file: str = _help("GGUF file name inside `name_or_path` when that is a folder.", "")
     device: str = _help("auto | cpu | cuda | cuda:N | mps. `auto` takes CUDA, then MPS, then CPU.", "auto")
     dtype: str = _help("auto | float32 | bfloat16 | float16. `auto`: bf16 on GPU, fp32 on CPU.", "auto")
+    autocast: str = _help(
+        "auto | bfloat16 | off: bf16 autocast of matmuls over fp32 weights in training, loss and "
+        "generation. `auto`: on for CUDA with bf16 and for CPUs with AVX512-BF16/AMX, off "
+        "elsewhere and for 16-bit weights.", "auto")
     cache_dir: str = _help(
         "Where converted models are cached (empty: $FEDMIRA_CACHE or ~/.cache/fedmira).", ""
     )
@@ -82,6 +86,7 @@ class ModelConfig:
         if not (dev in ("auto", "cpu", "mps", "cuda") or dev.startswith("cuda:")):
             _fail("model", "device", dev, "must be auto, cpu, cuda, cuda:N or mps")
         _check_choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("model", "autocast", self.autocast, ("auto", "bfloat16", "off"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,20 @@ class DataConfig:
     )
     format: str = _help("auto | jsonl | csv | iu. `auto` decides by extension and CSV header.", "auto")
     policy: str = _help("skip: drop bad rows and report them; fail: stop at the first bad row.", "skip")
-    template: str = _help("Prompt: `site_aware` (site, modality, body part, exam) or `plain`.", "site_aware")
+    template: str = _help(
+        "Prompt: `site_aware` (site, modality, body part, exam), `plain`, or `site_aware_rag` "
+        "(site_aware plus the `neighbors` most similar prior reports of the same hospital).",
+        "site_aware")
+    neighbors: int = _help(
+        "site_aware_rag: prior cases (findings + impression) retrieved from the site's own "
+        "reports into each prompt; in training never the report itself nor its patient's.", 2)
+    retriever: str = _help(
+        "site_aware_rag: how prior cases are found: `tfidf` (scikit-learn TF-IDF cosine) or "
+        "`minilm` (all-MiniLM-L6-v2 sentence embeddings).", "tfidf")
+    neighbor_tokens: int = _help("site_aware_rag: each prior case's findings and impression are "
+                                 "cut to this many tokens.", 48)
+    preamble: str = _help("System turn: `full` (names the task) or `short` (~10 tokens fewer per "
+                          "example); either replaces the chat template's generic assistant prompt.", "full")
     max_length: int = _help("Max prompt+target tokens; findings are shortened first, never the target.", 256)
     max_target_tokens: int = _help("Max impression tokens kept as the training target.", 96)
     max_chars: int = _help("Rows whose findings or impression exceed this many characters are rejected.", 20000)
@@ -127,7 +145,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data", "format", self.format, ("auto", "jsonl", "csv", "iu"))
         _check_choice("data", "policy", self.policy, ("skip", "fail"))
-        _check_choice("data", "template", self.template, ("site_aware", "plain"))
+        _check_choice("data", "template", self.template, ("site_aware", "plain", "site_aware_rag"))
+        _check_range("data", "neighbors", self.neighbors, 0, 64)
+        _check_choice("data", "retriever", self.retriever, ("tfidf", "minilm"))
+        _check_range("data", "neighbor_tokens", self.neighbor_tokens, 4, 4096)
+        _check_choice("data", "preamble", self.preamble, ("full", "short"))
         _check_range("data", "max_length", self.max_length, 16, 8192)
         _check_range("data", "max_target_tokens", self.max_target_tokens, 4, self.max_length - 8)
         _check_range("data", "max_chars", self.max_chars, 16)
@@ -178,18 +200,32 @@ class TrainConfig:
     """Local optimisation at one site (one round, or a whole centralized run)."""
 
     steps: int = _help("Optimizer steps per round at each site (centralized: in total).", 4)
+    epochs: float = _help(
+        "Local epochs per round instead of `steps` (0: use steps): each site takes "
+        "ceil(epochs x its training reports / (batch_size x grad_accum)) steps, so sites spend "
+        "compute in proportion to their data; centralized: epochs over the pooled reports.", 0.0)
     batch_size: int = _help("Reports per micro-batch.", 4)
     grad_accum: int = _help("Micro-batches per optimizer step.", 1)
     lr: float = _help("Peak learning rate of AdamW.", 5e-4)
     weight_decay: float = _help("AdamW weight decay on the LoRA weights.", 0.0)
     warmup_steps: int = _help("Linear warm-up steps.", 0)
-    schedule: str = _help("constant | linear | cosine decay after warm-up.", "constant")
+    schedule: str = _help(
+        "constant | linear | cosine decay after warm-up, over the whole run (federated: rounds x "
+        "steps per round; the schedule continues across rounds, it does not restart).", "constant")
+    keep_optimizer_state: bool = _help(
+        "Federated: each site keeps its AdamW moments between rounds (in its own node state, "
+        "never sent) instead of starting AdamW afresh every round.", False)
+    group_by_length: bool = _help(
+        "Batches of examples of similar length (seeded; less padding, more tokens/s).", False)
     max_grad_norm: float = _help("Clip the global gradient norm (0: off).", 1.0)
     seed: int = _help("Seed of batching, dropout and initialisation.", 0)
     threads: int = _help("torch CPU threads (0: leave torch's default).", 0)
 
     def __post_init__(self) -> None:
         _check_range("train", "steps", self.steps, 1)
+        _check_range("train", "epochs", self.epochs, 0.0, 1000.0)
+        if not math.isfinite(self.epochs):
+            _fail("train", "epochs", self.epochs, "must be a finite number of epochs (0: use train.steps)")
         _check_range("train", "batch_size", self.batch_size, 1)
         _check_range("train", "grad_accum", self.grad_accum, 1)
         _check_range("train", "lr", self.lr, 0.0, 1.0, lo_open=True)
@@ -389,9 +425,16 @@ class EvalConfig:
     rouge_samples: int = _help("Validation reports per site decoded for ROUGE-L (0: skip).", 2)
     max_new_tokens: int = _help("Decode length for the ROUGE-L sample.", 32)
     batch_size: int = _help("Batch size for validation loss and decoding.", 8)
+    final_reports: int = _help(
+        "After the last round, the global adapter is scored on this many held-out reports (the "
+        "test splits, as `fedmira evaluate` picks them) beside the retrieval and most-frequent "
+        "baselines, with 95% CIs, so a run says whether training paid off (0: skip).", 100)
+    final_encoder: bool = _help("Also BERTScore and sentence similarity in that final score "
+                                "(loads the MiniLM encoder, ~1 min more).", False)
 
     def __post_init__(self) -> None:
         _check_range("eval", "every", self.every, 0)
+        _check_range("eval", "final_reports", self.final_reports, 0)
         _check_range("eval", "max_loss_samples", self.max_loss_samples, 0)
         _check_range("eval", "rouge_samples", self.rouge_samples, 0)
         _check_range("eval", "max_new_tokens", self.max_new_tokens, 1)
@@ -462,6 +505,11 @@ class ExperimentConfig:
         if self.privacy.site_level and self.strategy.aggregation != "mean":
             _fail("strategy", "aggregation", self.strategy.aggregation,
                   "must be `mean` with privacy.site_level (the DP mean is clipped and unweighted)")
+        if self.privacy.enabled and self.train.group_by_length:
+            _fail("train", "group_by_length", True,
+                  "DP-SGD draws each step's batch by Poisson sampling (the privacy accountant "
+                  "assumes it), so batches cannot be grouped by length; set "
+                  "train.group_by_length=false with privacy.enabled")
         if self.privacy.site_level and self.strategy.name == "hetero_svd":
             _fail("privacy", "site_level", True,
                   "site-level DP clips same-shaped adapter updates and cannot be combined with "

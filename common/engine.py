@@ -11,17 +11,24 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from common.config import DataConfig, GenerateConfig, TrainConfig
+from common.model import autocast_context
+from common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
+    Schedule, local_steps, lr_at, make_optimizer, optimizer_arrays, restore_optimizer, round_steps,
+)
+
+#: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).
+OPTIMIZER_KEY = "fedmira.optimizer"
 from common.prompts import IGNORE_INDEX, Example, collate, collate_left, encode_example, prompt_ids
 from common.reports import Report
+from common.retrieval import Neighbor
 
 
 @dataclass(frozen=True)
@@ -33,18 +40,43 @@ class TrainResult:
     steps: int
     tokens: int
     seconds: float
+    #: Learning rate of the last step taken (where the run's schedule stands).
+    lr: float = 0.0
+    #: Padding tokens in the batches (what length grouping saves).
+    padded_tokens: int = 0
+    #: With ``train.keep_optimizer_state``: AdamW's moments after the call, ``"<param>:<key>"``
+    #: (see common.optim); empty otherwise. The site keeps them; they are never sent.
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: Whether the call started from kept moments (else AdamW started afresh).
+    optimizer_state_restored: bool = False
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def encode_reports(reports: Sequence[Report], tokenizer: Any, data: DataConfig) -> list[Example]:
-    """Tokenize reports once (prompt + masked target) for training or loss evaluation."""
+def encode_reports(
+    reports: Sequence[Report], tokenizer: Any, data: DataConfig,
+    neighbors: Sequence[Sequence[Neighbor]] | None = None,
+) -> list[Example]:
+    """Tokenize reports once (prompt + masked target) for training or loss evaluation.
+
+    ``neighbors`` (aligned with ``reports``) are the retrieved prior cases of ``site_aware_rag``.
+    """
+    near = _aligned(reports, neighbors)
     return [
-        encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens)
-        for r in reports
+        encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens,
+                       neighbors=n, neighbor_tokens=data.neighbor_tokens, preamble=data.preamble)
+        for r, n in zip(reports, near)
     ]
+
+
+def _aligned(reports: Sequence[Report], neighbors: Sequence[Sequence[Neighbor]] | None) -> Sequence[Sequence[Neighbor]]:
+    if neighbors is None:
+        return [()] * len(reports)
+    if len(neighbors) != len(reports):
+        raise ValueError(f"{len(neighbors)} neighbour lists for {len(reports)} reports")
+    return neighbors
 
 
 def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -53,14 +85,41 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     Computed here rather than with HF's ``labels=`` so the caller decides the normalisation
     (HF averages over the whole padded batch, which is wrong for per-sample DP gradients).
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :].float()
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    keep = labels != IGNORE_INDEX
+    parts = _decoder_and_head(model)
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1, :].float()
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        return loss, int(keep.sum())
+    # The vocabulary projection only where there is a target: the impression is ~10% of the
+    # tokens and the head (49k x 576 for SmolLM2) is ~20% of the forward's FLOPs, so this saves
+    # most of that and the big fp32 log-softmax, with the same loss (tested against the full one).
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None when the model's
+    logits are more than ``head(hidden)`` (softcapping, scaling) or it has no such parts."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) is not None \
+            or getattr(config, "logit_scale", None) is not None:
+        return None
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
 
 
 @contextlib.contextmanager
@@ -71,13 +130,34 @@ def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _batches(n: int, batch_size: int, rng: random.Random) -> Any:
-    """Endless shuffled mini-batches of indices (reshuffled every epoch)."""
+#: Length grouping sorts windows of this many batches by length, then shuffles the batches.
+GROUP_WINDOW = 50
+
+
+def _batches(n: int, batch_size: int, rng: random.Random, lengths: Sequence[int] | None = None) -> Any:
+    """Endless shuffled mini-batches of indices (reshuffled every epoch).
+
+    With ``lengths`` the batches are length-grouped: each epoch's shuffled order is cut into
+    windows of ``GROUP_WINDOW`` batches, each window sorted by length and cut into batches, and
+    the batches shuffled again, so a batch holds similar lengths (less padding) while every
+    example is still seen once per epoch in a seeded random order.
+    """
     while True:
         order = list(range(n))
         rng.shuffle(order)
-        for i in range(0, n, batch_size):
-            chunk = order[i : i + batch_size]
+        chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        if lengths is not None:
+            # Drop the epoch's remainder from the shuffled order first, so the rows left out of an
+            # epoch are random ones (sorting first would always leave out the longest).
+            usable = order[: n - n % batch_size] if n >= batch_size else order
+            span = batch_size * GROUP_WINDOW
+            # Sort by length alone: the stable sort keeps the shuffled order among equal lengths,
+            # so equally long reports (all cut to max_length) still meet in new batches each epoch.
+            grouped = [sorted(usable[i : i + span], key=lambda j: lengths[j])
+                       for i in range(0, len(usable), span)]
+            chunks = [w[i : i + batch_size] for w in grouped for i in range(0, len(w), batch_size)]
+            rng.shuffle(chunks)
+        for chunk in chunks:
             if len(chunk) == batch_size or n < batch_size:
                 yield chunk
 
@@ -95,11 +175,22 @@ def train_steps(
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     proximal: tuple[float, Sequence[torch.Tensor]] | None = None,
+    autocast: torch.dtype | None = None,
+    global_step: int = 0,
+    total_steps: int | None = None,
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps of LoRA training on ``examples``.
 
     ``lr``/``steps``/``seed`` override the config (a federated round sends them). Returns the
     mean loss per target token over all steps, the number of distinct examples, and throughput.
+
+    ``autocast`` (e.g. ``LoadedModel.autocast``) runs each forward in bf16 mixed precision.
+    With ``train.epochs`` > 0 the call takes that many passes over ``examples`` instead of
+    ``steps``. ``global_step`` / ``total_steps`` place the call in the run's learning-rate
+    schedule (a federated round continues it; by default the call is a whole run). With
+    ``train.keep_optimizer_state`` an ``optimizer_state`` (a previous result's) resumes AdamW's
+    moments when it matches these parameters exactly, and the result carries the new ones.
 
     ``proximal = (mu, reference)`` adds FedProx's term ``(mu / 2) * ||w - w_ref||^2`` to every
     step's loss, ``reference`` holding one tensor per trainable parameter in
@@ -108,19 +199,21 @@ def train_steps(
     """
     if not examples:
         raise ValueError("No training examples: this site has no usable reports in its train split.")
-    steps = steps or cfg.steps
-    lr = lr or cfg.lr
+    steps = local_steps(cfg, len(examples), steps)
+    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
     run_seed = cfg.seed if seed is None else seed
     rng = random.Random(run_seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
     prox = _proximal_term(params, proximal, device)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    batches = _batches(len(examples), cfg.batch_size, rng)
+    optimizer, scheduler = make_optimizer(params, cfg, lr, steps, Schedule(global_step, total_steps))
+    keep = cfg.keep_optimizer_state
+    restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
+    lengths = [len(e.input_ids) for e in examples] if cfg.group_by_length else None
+    batches = _batches(len(examples), cfg.batch_size, rng, lengths)
     model.train()
     seen: set[int] = set()
-    total_loss, total_tokens, all_tokens = 0.0, 0, 0
+    total_loss, total_tokens, all_tokens, padded, last_lr = 0.0, 0, 0, 0, lr
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
     with _seeded_torch(run_seed, device):  # dropout masks follow the seed too
@@ -133,15 +226,21 @@ def train_steps(
             for idx in micro:
                 seen.update(idx)
                 batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-                loss_sum, n_tok = token_loss(model, batch)
+                # Autocast per micro-batch, never around the loop: autocast caches its bf16 copies
+                # of the weights until its context exits, so one context over several optimizer
+                # steps would keep training on the stale first copy of the LoRA weights.
+                with autocast_context(device, autocast):
+                    loss_sum, n_tok = token_loss(model, batch)
                 (loss_sum / max(n_target, 1)).backward()  # token mean over the whole accumulated step
                 step_loss += loss_sum.detach()
                 step_tokens += n_tok
                 all_tokens += int(batch["attention_mask"].sum())
+                padded += int((batch["attention_mask"] == 0).sum())
             if prox is not None:
                 prox().backward()  # once per optimizer step, not per micro-batch
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            last_lr = float(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -154,7 +253,9 @@ def train_steps(
     model.eval()
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
-    return TrainResult(mean, len(seen), steps, all_tokens, seconds)
+    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, padded_tokens=padded,
+                       optimizer_state=optimizer_arrays(optimizer, names) if keep else {},
+                       optimizer_state_restored=restored)
 
 
 def _proximal_term(
@@ -180,14 +281,18 @@ def _proximal_term(
 @torch.no_grad()
 def evaluate_loss(
     model: Any, examples: Sequence[Example], device: torch.device, pad_id: int, batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = False, autocast: torch.dtype | None = None,
 ) -> tuple[float, int]:
-    """Mean loss per target token over ``examples`` and the number of target tokens."""
+    """Mean loss per target token over ``examples`` and the number of target tokens.
+
+    ``autocast`` (e.g. ``LoadedModel.autocast``) runs the forward in bf16 mixed precision.
+    """
     model.eval()
     total, count = 0.0, 0
     for i in tqdm(range(0, len(examples), batch_size), desc="loss", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
-        loss_sum, n_tok = token_loss(model, batch)
+        with autocast_context(device, autocast):
+            loss_sum, n_tok = token_loss(model, batch)
         total += float(loss_sum)
         count += n_tok
     return (total / count if count else math.nan), count
@@ -202,11 +307,19 @@ def generate(
     gen: GenerateConfig,
     device: torch.device,
     progress: bool = False,
+    neighbors: Sequence[Sequence[Neighbor]] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[str]:
-    """Impressions for ``reports`` (in order), batched with left padding and the KV cache."""
+    """Impressions for ``reports`` (in order), batched with left padding and the KV cache.
+
+    ``neighbors`` (aligned with ``reports``) are the prior cases of ``site_aware_rag`` prompts;
+    ``autocast`` runs decoding in bf16 mixed precision.
+    """
     model.eval()
     max_prompt = max(8, data.max_length - gen.max_new_tokens) if data.max_length > gen.max_new_tokens + 8 else data.max_length
-    prompts = [prompt_ids(r, tokenizer, data.template, max_prompt) for r in reports]
+    prompts = [prompt_ids(r, tokenizer, data.template, max_prompt, neighbors=n,
+                          neighbor_tokens=data.neighbor_tokens, preamble=data.preamble)
+               for r, n in zip(reports, _aligned(reports, neighbors))]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     outputs: list[str] = [""] * len(prompts)
     pad_id = int(tokenizer.pad_token_id)
@@ -215,10 +328,11 @@ def generate(
     for start in range(0, len(order), gen.batch_size):
         idx = order[start : start + gen.batch_size]
         batch = {k: v.to(device) for k, v in collate_left([prompts[i] for i in idx], pad_id).items()}
-        out = model.generate(
-            **batch, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=False,
-            eos_token_id=eos_id, pad_token_id=pad_id,
-        )
+        with autocast_context(device, autocast):
+            out = model.generate(
+                **batch, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams, do_sample=False,
+                eos_token_id=eos_id, pad_token_id=pad_id,
+            )
         new = out[:, batch["input_ids"].shape[1] :]
         for i, row in zip(idx, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()

@@ -7,6 +7,9 @@ and on internal vs external (unseen) hospitals, with bootstrap confidence interv
 * :func:`run_evaluate` does the whole job for a config: the split used by ``fedmira simulate``
   (internal sites' test split plus every report of external sites), generation with the base
   model and an optional adapter, scoring and the written report.
+* :func:`run_evaluate_file` does it for a new hospital's file as it is (``--input``): every
+  report scored, all external, with the hospital's own prior reports (``--prior``) as the
+  retrieval index (:func:`load_file_set`).
 
 Only ids, site, modality, body part and numbers are written to the report, the CSV and the
 console; never report text. The generated impressions go to ``predictions.jsonl`` in the output
@@ -23,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
@@ -365,7 +369,10 @@ def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: i
         The result of :func:`evaluate_predictions` with ``meta`` (adapter, split, counts,
         timings, config hashes) and ``paths``.
     """
+    from common.baselines import training_pool
     from common.inference import generate_impressions
+    from common.prompts import RAG_TEMPLATES
+    from common.retrieval import index_sizes
     from simulations.launch import load_pooled_reports, split_sites
 
     stream = sys.stdout if out is None else out
@@ -380,7 +387,10 @@ def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: i
     print(f"evaluating {len(reports)} reports from {len({r.site_id for r in reports})} sites "
           f"({len(external)} external)", file=stream)
     t0 = time.perf_counter()
-    hyps = generate_impressions(cfg, reports, adapter, progress=progress)
+    prior = training_pool(splits)
+    if cfg.data.template in RAG_TEMPLATES:
+        print(retrieval_note(reports, prior, "training split"), file=stream)
+    hyps = generate_impressions(cfg, reports, adapter, progress=progress, prior=prior)
     gen_s = time.perf_counter() - t0
     write_predictions(reports, hyps, root / PREDICTIONS)
     t1 = time.perf_counter()
@@ -388,6 +398,8 @@ def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: i
                                   n_resamples=n_resamples, seed=cfg.partition.seed)
     score_s = time.perf_counter() - t1
     result["meta"] = _meta(cfg, adapter, split, limit, len(reports), gen_s, score_s)
+    if cfg.data.template in RAG_TEMPLATES:
+        result["meta"]["retrieval_index"] = index_sizes(reports, prior)
     result["paths"] = {k: str(v) for k, v in write_report(result, root).items()}
     result["paths"]["predictions"] = str(root / PREDICTIONS)
     return result
@@ -404,3 +416,174 @@ def _meta(cfg: Any, adapter: str | None, split: str, limit: int, n: int, gen_s: 
         "s_per_report": round(gen_s / max(n, 1), 3), "config_hash": cfg.config_hash(),
         "lock_hash": cfg.lock_hash(),
     }
+
+
+def retrieval_note(reports: Sequence[Report], prior: Sequence[Report], source: str) -> str:
+    """One line saying which prior reports each site's prompts retrieve from (counts only)."""
+    from common.retrieval import index_sizes
+
+    parts = [f"{site} {n} ({source})" if n else f"{site} none (no prior reports)"
+             for site, n in index_sizes(reports, prior).items()]
+    return "retrieval index per site: " + ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------- a hospital's own file
+@dataclass(frozen=True)
+class FileSet:
+    """Every report of one file, scored as an external hospital, and that hospital's prior reports.
+
+    Attributes
+    ----------
+    reports : list of Report
+        Every usable report of the input file (ordered by site, then id).
+    prior : list of Report
+        The usable reports of the prior file (empty without one), less any report whose id is
+        also in the input (a report is never its own prior case).
+    input_path, prior_path : str, str or None
+        The files as given.
+    rows_skipped, prior_rows_skipped : int
+        Bad rows left out of each file (``data.policy=skip``).
+    priors_excluded : int
+        Prior reports dropped because their report id is also in the input.
+    """
+
+    reports: list[Report]
+    prior: list[Report]
+    input_path: str
+    prior_path: str | None
+    rows_skipped: int = 0
+    prior_rows_skipped: int = 0
+    priors_excluded: int = 0
+
+    @property
+    def sites(self) -> set[str]:
+        """The input's site ids: all of them are external (unseen) hospitals."""
+        return {r.site_id for r in self.reports}
+
+    def meta(self) -> dict[str, Any]:
+        """What the evaluation records about the files (paths and counts; no text)."""
+        from common.retrieval import index_sizes
+
+        return {"input": self.input_path, "prior": self.prior_path, "rows_skipped": self.rows_skipped,
+                "prior_reports": len(self.prior), "prior_rows_skipped": self.prior_rows_skipped,
+                "priors_excluded": self.priors_excluded,
+                "retrieval_index": index_sizes(self.reports, self.prior)}
+
+
+def _read_report_file(path: str, flag: str, data: Any, out: TextIO) -> tuple[list[Report], int]:
+    """Usable reports of one file and how many rows were skipped (counts, codes and file:line only)."""
+    from collections import Counter
+
+    from common.errors import DataError
+    from common.reports import load_reports
+
+    if path == "-":
+        raise DataError(f"{flag} - (stdin) cannot be scored: every report needs its reference impression. "
+                        "Pass a report file (JSONL, CSV or IU CSV).")
+    result = load_reports(path, fmt=data.format, policy=data.policy, max_chars=data.max_chars)
+    if result.rows_skipped:
+        codes = Counter(p.code for p in result.problems)
+        print(f"{flag} {result.path}: {result.rows_skipped} of {result.rows_total} rows skipped ("
+              + ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) + ")", file=out)
+        for problem in result.problems[:3]:
+            print(f"  {problem}", file=out)
+        print(f"  `fedmira data check {result.path}` lists every problem.", file=out)
+    if not result.reports:
+        first = f" First problem: {result.problems[0]}." if result.problems else ""
+        raise DataError(f"No usable reports in {path} ({flag}).{first} Run `fedmira data check {path}`.")
+    return result.reports, result.rows_skipped
+
+
+def _sites_text(sites: Iterable[str], most: int = 10) -> str:
+    names = sorted(sites)
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_file_set(input_path: str, prior_path: str | None, data: Any, out: TextIO) -> FileSet:
+    """Read a hospital's file (every report is scored) and, optionally, its prior-report file.
+
+    Priors are matched to scored reports by ``site_id``: the prior file must hold reports of the
+    input's sites only (a prior file of another hospital is refused, naming both sets of site ids;
+    input sites without prior reports are fine: their prompts say there are none). A prior
+    report whose id is also in the input is dropped, so no report retrieves itself.
+
+    Raises
+    ------
+    DataError
+        A file that cannot be read or has no usable report (naming file and line of the first
+        problem), or prior reports of sites that are not in the input.
+    """
+    from common.errors import DataError
+
+    reports, skipped = _read_report_file(input_path, "--input", data, out)
+    reports = sorted(reports, key=lambda r: (r.site_id, r.report_id))
+    if not prior_path:
+        return FileSet(reports, [], input_path, None, skipped)
+    prior, prior_skipped = _read_report_file(prior_path, "--prior", data, out)
+    sites = {r.site_id for r in reports}
+    foreign = {r.site_id for r in prior} - sites
+    if foreign:
+        raise DataError(
+            f"--prior {prior_path} holds reports of site_id {_sites_text(foreign)}, which --input "
+            f"{input_path} does not have (its site_id: {_sites_text(sites)}). Prior reports are matched "
+            "to the scored reports by site_id, so the prior file must be the same hospital's own "
+            "earlier reports: pass that hospital's archive, or make site_id agree in both files "
+            "(`fedmira data check FILE` lists each file's sites).")
+    ids = {r.report_id for r in reports}
+    kept = [r for r in prior if r.report_id not in ids]
+    excluded = len(prior) - len(kept)
+    if excluded:
+        print(f"--prior {prior_path}: {excluded} prior report{'s' if excluded != 1 else ''} excluded: "
+              "the same report id is scored from --input (a report is never its own prior case)",
+              file=out)
+    return FileSet(reports, kept, input_path, prior_path, skipped, prior_skipped, excluded)
+
+
+def run_evaluate_file(cfg: Any, *, input_path: str, prior_path: str | None, adapter: str | None,
+                      out_dir: str | Path, use_encoder: bool = True, n_resamples: int = 1000,
+                      progress: bool = True, out: TextIO | None = None) -> dict[str, Any]:
+    """Score every report of a new hospital's file as it is, as an external site.
+
+    No re-splitting: ``data.path`` and ``partition`` are not used; every usable report of
+    ``input_path`` (any supported format, read with ``data.format``/``data.policy``) is in the
+    ``external`` group. With ``prior_path``, that file's reports are the hospital's retrieval
+    index for ``site_aware_rag`` prompts (see :func:`load_file_set`); without it those prompts
+    say there are no prior reports.
+
+    Returns
+    -------
+    dict
+        As :func:`run_evaluate`; ``meta`` records the input and prior files, skipped rows and the
+        per-site index sizes (counts only).
+    """
+    from common.inference import generate_impressions
+    from common.prompts import RAG_TEMPLATES
+
+    stream = sys.stdout if out is None else out
+    root = Path(out_dir)
+    files = load_file_set(input_path, prior_path, cfg.data, stream)
+    reports = files.reports
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"evaluating every report of {input_path}: {len(reports)} reports from {len(files.sites)} "
+          f"sites (all external)", file=stream)
+    if cfg.data.template in RAG_TEMPLATES:
+        print(retrieval_note(reports, files.prior, "prior file"), file=stream)
+    elif prior_path:
+        print(f"note: data.template={cfg.data.template} does not retrieve prior reports; --prior is "
+              "used by data.template=site_aware_rag", file=stream)
+    t0 = time.perf_counter()
+    hyps = generate_impressions(cfg, reports, adapter, progress=progress, prior=files.prior)
+    gen_s = time.perf_counter() - t0
+    write_predictions(reports, hyps, root / PREDICTIONS)
+    t1 = time.perf_counter()
+    result = evaluate_predictions(reports, hyps, external_sites=files.sites, use_encoder=use_encoder,
+                                  n_resamples=n_resamples, seed=cfg.partition.seed)
+    score_s = time.perf_counter() - t1
+    meta = _meta(cfg, adapter, "all (external file)", 0, len(reports), gen_s, score_s)
+    for key in ("data", "partition", "limit"):
+        meta.pop(key)
+    result["meta"] = {**files.meta(), **meta}
+    result["paths"] = {k: str(v) for k, v in write_report(result, root).items()}
+    result["paths"]["predictions"] = str(root / PREDICTIONS)
+    return result

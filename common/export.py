@@ -36,6 +36,18 @@ def _site_table(run: RunDir) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def training_line(cfg: ExperimentConfig) -> str:
+    """The local training recipe in one line: budget per round, schedule, kept state, batching."""
+    t = cfg.train
+    budget = f"{t.epochs:g} local epochs" if t.epochs > 0 else f"{t.steps} steps"
+    schedule = "constant" if t.schedule == "constant" else f"{t.schedule} over the run"
+    warmup = f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ""
+    extras = [x for x, on in (("AdamW state kept at each site", t.keep_optimizer_state),
+                              ("length-grouped batches", t.group_by_length)) if on]
+    return ", ".join([f"{budget} per round x batch {t.batch_size} x accum {t.grad_accum}, lr {t.lr:g} "
+                      f"({schedule}{warmup})", *extras])
+
+
 def privacy_line(cfg: ExperimentConfig) -> str:
     """The run's privacy settings in one table cell."""
     p = cfg.privacy
@@ -81,8 +93,7 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
         f"| prompt template | `{cfg.data.template}` |",
         f"| strategy | {cfg.strategy.name}, {run.last_round}/{cfg.strategy.rounds} rounds, "
         f"fraction_train={cfg.strategy.fraction_train} |",
-        f"| local training | {cfg.train.steps} steps x batch {cfg.train.batch_size} x accum "
-        f"{cfg.train.grad_accum}, lr {cfg.train.lr} |",
+        f"| local training | {training_line(cfg)} |",
         f"| privacy | {privacy_line(cfg)} |",
         f"| config hash | `{doc.get('config_hash', cfg.config_hash())}` |",
         f"| locked-part hash | `{doc.get('lock_hash', cfg.lock_hash())}` |",

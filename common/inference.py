@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from common.adapters import ADAPTER_CONFIG
 from common.config import ExperimentConfig
 from common.engine import generate
 from common.errors import DataError, ModelError
-from common.model import load_base_model
+from common.model import load_base_model, model_autocast
 from common.reports import Report, load_reports, normalize_modality
+from common.retrieval import rag_neighbors
 
 
 def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple[Any, Any, Any]:
@@ -83,7 +84,15 @@ def write_impressions(reports: list[Report], impressions: list[str], out: TextIO
 
 
 def generate_impressions(cfg: ExperimentConfig, reports: list[Report], adapter: str | None,
-                         progress: bool = True) -> list[str]:
-    """Impressions for ``reports`` with the configured decoding settings."""
+                         progress: bool = True, prior: Sequence[Report] = ()) -> list[str]:
+    """Impressions for ``reports`` with the configured decoding settings.
+
+    With ``data.template=site_aware_rag`` each report's prompt carries its own site's most
+    similar reports from ``prior`` (the sites' training splits, or the prior reports a hospital
+    names); a site with no prior reports gets prompts that say so.
+    """
     model, tokenizer, device = load_model_with_adapter(cfg, adapter)
-    return generate(model, tokenizer, reports, cfg.data, cfg.generate, device, progress=progress)
+    near = rag_neighbors(cfg, reports, prior)
+    autocast = model_autocast(cfg.model, device, next(model.parameters()).dtype)
+    return generate(model, tokenizer, reports, cfg.data, cfg.generate, device, progress=progress,
+                    neighbors=near, autocast=autocast)

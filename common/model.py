@@ -14,6 +14,8 @@ Sources, by ``ModelConfig.name_or_path``:
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -60,6 +62,7 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     source: str
+    autocast: torch.dtype | None = None  # mixed precision for matmuls (see resolve_autocast)
 
 
 # ---------------------------------------------------------------------------------- device
@@ -90,6 +93,46 @@ def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:  # not Linux: no cheap way to tell, stay in fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_autocast(preference: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """bf16 autocast (fp32 weights, bf16 matmuls) or None.
+
+    ``auto`` turns it on only where it is fast and the weights are fp32: CUDA with bf16, or a
+    CPU with AVX512-BF16/AMX (about 1.5x faster steps on SmolLM2 here). Weights already in
+    16 bits gain nothing from it.
+    """
+    if preference == "off" or dtype != torch.float32:
+        return None
+    if preference == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+def model_autocast(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """:func:`resolve_autocast` for a configured model; the tiny test model stays fp32 under
+    ``auto``, since its tests assert exact numbers on any CPU."""
+    if cfg.name_or_path == MODEL_TINY and cfg.autocast == "auto":
+        return None
+    return resolve_autocast(cfg.autocast, device, dtype)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def cache_root(cfg: ModelConfig) -> Path:
     """Folder for converted models: config, then $FEDMIRA_CACHE, then ~/.cache/fedmira."""
     root = cfg.cache_dir or os.environ.get("FEDMIRA_CACHE") or "~/.cache/fedmira"
@@ -112,7 +155,8 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     _prepare_tokenizer(tokenizer)
     model.to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
     model.eval()
-    return LoadedModel(model, tokenizer, device, dtype, time.perf_counter() - start, source)
+    autocast = model_autocast(cfg, device, dtype)
+    return LoadedModel(model, tokenizer, device, dtype, time.perf_counter() - start, source, autocast)
 
 
 def _load_on_cpu(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, str]:

@@ -30,15 +30,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from common.config import PrivacyConfig, TrainConfig
 from common.errors import DataError
+from common.optim import Schedule, local_steps, make_optimizer, optimizer_arrays, restore_optimizer
 from common.prompts import IGNORE_INDEX, Example, collate
 from common.reports import Report
 
@@ -239,6 +239,12 @@ class DPResult:
     seconds: float
     clipped_fraction: float
     epsilon: float
+    #: Learning rate of the last step taken (where the run's schedule stands).
+    lr: float = 0.0
+    #: With ``train.keep_optimizer_state``: AdamW's moments after the call. They are computed
+    #: from the noisy gradients only (post-processing), so keeping them costs no privacy.
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    optimizer_state_restored: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -370,6 +376,9 @@ def dp_train_steps(
     progress: bool = False,
     proximal: tuple[float, Sequence[torch.Tensor]] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    global_step: int = 0,
+    total_steps: int | None = None,
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> DPResult:
     """DP-SGD on the trainable (LoRA) parameters, recording every released step in ``state``.
 
@@ -392,17 +401,17 @@ def dp_train_steps(
         raise ValueError("units must give one privacy unit per training example")
     if not state.planned:
         raise ValueError("the privacy ledger has no noise plan; call plan_state first")
-    wanted = steps or cfg.steps
-    lr = lr or cfg.lr
+    wanted = local_steps(cfg, len(examples), steps)
+    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
     run_seed = cfg.seed if seed is None else seed
     sigma, q = state.noise_multiplier, state.sample_rate
     todo = affordable_steps(state.history, sigma, q, wanted, budget, state.delta, state.mechanism)
     members = _members(units)
     sampler = secrets.SystemRandom() if secure_mode else random.Random(run_seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=wanted)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer, scheduler = make_optimizer(params, cfg, lr, wanted, Schedule(global_step, total_steps))
+    restored = cfg.keep_optimizer_state and restore_optimizer(optimizer, params, names, optimizer_state)
     prox = _proximal(params, proximal, device)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_opt = make_dp_optimizer(optimizer, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
@@ -410,6 +419,7 @@ def dp_train_steps(
                                secure_mode=secure_mode)
     seen: set[int] = set()
     total_loss, total_tokens, all_tokens, clipped, sampled = 0.0, 0, 0, 0, 0
+    last_lr = lr
     start = time.perf_counter()
     model.train()
     try:
@@ -426,6 +436,7 @@ def dp_train_steps(
                 loss_sum, n_tok = stats.loss_sum, stats.target_tokens
                 if prox is not None:
                     prox()
+                last_lr = float(optimizer.param_groups[0]["lr"])
                 optimizer.step()
                 scheduler.step()
                 dp_opt.zero_grad(set_to_none=True)
@@ -441,6 +452,8 @@ def dp_train_steps(
         mean_loss=total_loss / total_tokens if total_tokens else math.nan, num_examples=len(seen),
         steps=todo, steps_wanted=wanted, tokens=all_tokens, seconds=time.perf_counter() - start,
         clipped_fraction=clipped / sampled if sampled else 0.0, epsilon=state.epsilon(),
+        lr=last_lr, optimizer_state=optimizer_arrays(optimizer, names) if cfg.keep_optimizer_state else {},
+        optimizer_state_restored=restored,
     )
 
 

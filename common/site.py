@@ -13,7 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import torch
 
@@ -24,9 +24,11 @@ from common.engine import encode_reports, evaluate_loss, generate, train_steps
 from common.errors import ConfigError, DataError
 from common.metrics import rouge_l
 from common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
+from common.optim import Schedule, round_steps
 from common.privacy import AccountantState, DPResult, dp_train_steps, plan_state, unit_ids
-from common.prompts import Example
+from common.prompts import RAG_TEMPLATES, Example
 from common.reports import Report, load_reports
+from common.retrieval import Neighbor, SiteIndex, neighbors_for
 from common.transport import state_payload_bytes
 
 
@@ -38,15 +40,31 @@ class SiteData:
     train: list[Report]
     val: list[Report]
     _encoded: dict[str, list[Example]] = field(default_factory=dict, repr=False)
+    _indexes: dict[str, SiteIndex] = field(default_factory=dict, repr=False)
 
     def examples(self, split: str, tokenizer: Any, cfg: ExperimentConfig, limit: int = 0) -> list[Example]:
-        reports = self.train if split == "train" else self.val
-        if limit:
-            reports = reports[:limit]
+        reports = self.reports(split, limit)
         key = f"{split}:{limit}:{stable_hash(cfg.locked_part()['data'])}"
         if key not in self._encoded:
-            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data)
+            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data, self.neighbors(split, cfg, limit))
         return self._encoded[key]
+
+    def reports(self, split: str, limit: int = 0) -> list[Report]:
+        reports = self.train if split == "train" else self.val
+        return reports[:limit] if limit else reports
+
+    def neighbors(self, split: str, cfg: ExperimentConfig, limit: int = 0) -> list[tuple[Neighbor, ...]] | None:
+        """Prior cases for ``site_aware_rag`` prompts, from this site's own train split only.
+
+        The index is built here, at the site, from the site's reports and never leaves the
+        process. Training reports are leave-one-out (never themselves, never their patient's).
+        """
+        if cfg.data.template not in RAG_TEMPLATES or cfg.data.neighbors == 0:
+            return None
+        if cfg.data.retriever not in self._indexes:
+            self._indexes[cfg.data.retriever] = SiteIndex(self.train, cfg.data.retriever)
+        return neighbors_for(self.reports(split, limit), self._indexes[cfg.data.retriever],
+                             cfg.data.neighbors, leave_one_out=split == "train")
 
 
 def load_site(folder: str | Path, site_id: str | None = None) -> SiteData:
@@ -159,6 +177,7 @@ def local_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
     *, lr: float, steps: int, seed: int, proximal_mu: float = 0.0,
     ledger: AccountantState | None = None, global_round: int = 0,
+    optimizer_store: MutableMapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train the global adapter on the site's train split; returns the adapter to send + metrics.
 
@@ -168,6 +187,11 @@ def local_train(
     With ``privacy.enabled`` the round is DP-SGD and ``ledger`` (planned by :func:`plan_ledger`)
     records the released steps; a site whose budget is spent trains no step and reports
     ``num-examples`` 0 with ``dp-budget-spent`` 1, so the server leaves it out of the mean.
+
+    With ``train.epochs`` the round takes that many passes over the site's reports. Round
+    ``global_round`` continues the run's learning-rate schedule (it does not restart), and with
+    ``train.keep_optimizer_state`` AdamW resumes from the moments in ``optimizer_store`` (the
+    node's own state; replaced with the new moments, never part of the reply).
     """
     set_threads(cfg)
     ffa = cfg.strategy.name == "ffa_lora"
@@ -178,17 +202,27 @@ def local_train(
     examples = site.examples("train", tok, cfg)
     reference = [p.detach().clone() for p in worker.model.parameters() if p.requires_grad]
     proximal = (proximal_mu, reference) if proximal_mu > 0 else None
+    steps = round_steps(cfg.train, len(examples), steps)
+    schedule = round_schedule(global_round, steps, cfg.strategy.rounds)
+    keep = cfg.train.keep_optimizer_state and optimizer_store is not None
+    saved = dict(optimizer_store) if keep and optimizer_store else None
+    position = {"global_step": schedule.offset, "total_steps": schedule.total}
     dp_metrics: dict[str, float | int] = {}
     if cfg.privacy.enabled:
         if ledger is None:
             raise ValueError("privacy.enabled needs the site's privacy ledger (see plan_ledger)")
         result, dp_metrics = _dp_train(worker, site, cfg, examples, ledger, lr=lr, steps=steps, seed=seed,
-                                       global_round=global_round, proximal=proximal)
+                                       global_round=global_round, proximal=proximal, position=position,
+                                       optimizer_state=saved)
     else:
         result = train_steps(
             worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
-            seed=seed, lr=lr, steps=steps, proximal=proximal,
+            seed=seed, lr=lr, steps=steps, proximal=proximal, autocast=worker.loaded.autocast,
+            optimizer_state=saved, **position,
         )
+    if keep and result.optimizer_state:
+        optimizer_store.clear()  # type: ignore[union-attr]  (keep implies a store)
+        optimizer_store.update(result.optimizer_state)  # type: ignore[union-attr]
     state = get_adapter_state(worker.model)
     if ffa:  # A is the shared seeded init the server already holds: sending it is waste
         state = {k: v for k, v in state.items() if not k.endswith(LORA_A)}
@@ -201,6 +235,9 @@ def local_train(
         "bytes-sent": state_payload_bytes(state, cfg.strategy.transport_dtype),
         "bytes-received": adapter_num_bytes(global_state),
         "lora-rank": rank,
+        "steps": result.steps,
+        "lr": result.lr,
+        **({"opt-state-restored": int(result.optimizer_state_restored)} if cfg.train.keep_optimizer_state else {}),
         **dp_metrics,
     }
     if dp_metrics and dp_metrics["dp-steps"] == 0:  # budget spent: nothing trained, weight 0
@@ -208,18 +245,28 @@ def local_train(
     return state, metrics
 
 
+def round_schedule(global_round: int, steps: int, rounds: int) -> Schedule:
+    """Round ``global_round`` (1-based) of ``rounds``, ``steps`` each, in the run's schedule;
+    outside a federated run (round 0) the call's own schedule."""
+    if global_round < 1:
+        return Schedule()
+    return Schedule(offset=(global_round - 1) * steps, total=max(rounds, global_round) * steps)
+
+
 def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentConfig) -> AccountantState:
     """The site's ledger, planned at its first DP round (noise solved for its own data size)."""
     if ledger is not None and ledger.planned:
         return ledger
     units = len(set(unit_ids(site.train, cfg.privacy.unit)))
-    return plan_state(cfg.privacy, cfg.train, units, cfg.strategy.rounds * cfg.train.steps)
+    per_round = round_steps(cfg.train, len(site.train))
+    return plan_state(cfg.privacy, cfg.train, units, cfg.strategy.rounds * per_round)
 
 
 def _dp_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, examples: list[Example], ledger: AccountantState,
     *, lr: float, steps: int, seed: int, global_round: int,
-    proximal: tuple[float, list[torch.Tensor]] | None,
+    proximal: tuple[float, list[torch.Tensor]] | None, position: dict[str, int | None],
+    optimizer_state: dict[str, torch.Tensor] | None,
 ) -> tuple[DPResult, dict[str, float | int]]:
     """DP-SGD for this round; the ledger (updated in place) and the numbers the site reports."""
     p = cfg.privacy
@@ -227,7 +274,7 @@ def _dp_train(
         worker.model, examples, unit_ids(site.train, p.unit), cfg.train, ledger, worker.loaded.device,
         int(worker.loaded.tokenizer.pad_token_id), max_grad_norm=p.max_grad_norm, budget=p.budget,
         seed=seed, lr=lr, steps=steps, global_round=global_round, secure_mode=p.secure_mode,
-        proximal=proximal,
+        proximal=proximal, optimizer_state=optimizer_state, **position,  # type: ignore[arg-type]
     )
     return result, {
         "dp-epsilon": result.epsilon, "dp-delta": ledger.delta, "dp-steps": result.steps,
@@ -248,13 +295,16 @@ def local_evaluate(
     examples = site.examples("val", tok, cfg, limit=cfg.eval.max_loss_samples)
     if not examples:
         return {"num-examples": 0, "eval-s": 0.0}
-    loss, n_tokens = evaluate_loss(worker.model, examples, device, int(tok.pad_token_id), cfg.eval.batch_size)
+    loss, n_tokens = evaluate_loss(worker.model, examples, device, int(tok.pad_token_id), cfg.eval.batch_size,
+                                   autocast=worker.loaded.autocast)
     metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss, "val-tokens": n_tokens}
     sample = site.val[: cfg.eval.rouge_samples]
     if sample:
         gen = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,
                              batch_size=cfg.eval.batch_size)
-        hyps = generate(worker.model, tok, sample, cfg.data, gen, device)
+        near = site.neighbors("val", cfg, cfg.eval.rouge_samples)
+        hyps = generate(worker.model, tok, sample, cfg.data, gen, device, neighbors=near,
+                        autocast=worker.loaded.autocast)
         metrics["rouge-l"] = sum(rouge_l(r.impression, h) for r, h in zip(sample, hyps)) / len(sample)
     metrics["eval-s"] = time.perf_counter() - start
     return metrics

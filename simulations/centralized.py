@@ -11,19 +11,24 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from common.adapters import save_adapter
 from common.config import ExperimentConfig
 from common.engine import encode_reports, evaluate_loss, train_steps
 from common.errors import ConfigError
 from common.model import apply_lora, count_trainable, load_base_model
+from common.retrieval import rag_neighbors
 from simulations.launch import load_pooled_reports, split_sites
 
 
 def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit: int = 200,
-                      out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Train on the train splits (of ``site``, or all sites) and report held-out loss before/after."""
+                      out: TextIO = sys.stdout, checkpoints: Sequence[int] = ()) -> dict[str, Any]:
+    """Train on the train splits (of ``site``, or all sites) and report held-out loss before/after.
+
+    ``checkpoints``: steps after which the adapter is also saved (``checkpoints/step_N``), for a
+    quality-vs-budget curve; their folders are returned under ``checkpoints``.
+    """
     splits = [s for s in split_sites(cfg, load_pooled_reports(cfg, out)) if not s.external]
     if site is not None:
         splits = [s for s in splits if s.site_id == site]
@@ -38,16 +43,28 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
     print(f"model {loaded.source} on {device} ({loaded.dtype}), loaded in {loaded.load_seconds:.1f} s; "
           f"{count_trainable(model):,} trainable LoRA parameters", file=out)
     print(f"{len(train)} training reports from {len(splits)} site(s), {len(val)} held-out", file=out)
-    train_ex, val_ex = encode_reports(train, tok, cfg.data), encode_reports(val, tok, cfg.data)
-    before, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True)
-    result = train_steps(model, train_ex, cfg.train, device, pad, progress=True)
-    after, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True)
+    train_near, val_near = rag_neighbors(cfg, train, train, leave_one_out=True), rag_neighbors(cfg, val, train)
+    train_ex = encode_reports(train, tok, cfg.data, train_near)
+    val_ex = encode_reports(val, tok, cfg.data, val_near)
+    before, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True,
+                              autocast=loaded.autocast)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = Path(cfg.run.out_dir) / "train" / cfg.experiment_name() / stamp
+    saved: list[str] = []
+
+    def keep(step: int, loss: float) -> None:
+        if step + 1 in checkpoints:  # on_step counts from 0
+            saved.append(str(save_adapter(model, folder / "checkpoints" / f"step_{step + 1}")))
+
+    result = train_steps(model, train_ex, cfg.train, device, pad, progress=True, on_step=keep,
+                         autocast=loaded.autocast)
+    after, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True,
+                             autocast=loaded.autocast)
     summary = {
         "site": site or "pooled", "train_reports": len(train), "val_reports": len(val),
         "steps": result.steps, "train_loss": result.mean_loss, "val_loss_before": before,
-        "val_loss_after": after, "tokens_per_s": result.tokens_per_s, "train_s": result.seconds,
+        "val_loss_after": after, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
+        "train_s": result.seconds, "autocast": str(loaded.autocast).replace("torch.", "") if loaded.autocast else "off",
         "load_s": loaded.load_seconds, "config_hash": cfg.config_hash(), "lock_hash": cfg.lock_hash(),
         "base_model": cfg.model.name_or_path,
     }
@@ -55,4 +72,4 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
     (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(f"held-out loss {before:.4f} -> {after:.4f}; {result.tokens_per_s:.0f} tokens/s over "
           f"{result.seconds:.0f} s\nadapter: {folder / 'adapter'}", file=out)
-    return {**summary, "adapter": str(folder / "adapter")}
+    return {**summary, "adapter": str(folder / "adapter"), "checkpoints": saved}

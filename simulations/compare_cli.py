@@ -24,9 +24,15 @@ fine-tuned system beats retrieval. Writes compare.md (one table of adjusted p-va
 compare.json, compare.png, per_sample.csv and predictions/. Generated predictions are cached by
 adapter bytes, prompt, decoding and report ids, so a rerun only generates what changed.
 
+With --input FILE the held-out set is every report of a new hospital's file as it is (all
+external; data.path and partition are not used) and --prior FILE, that hospital's own earlier
+reports, is both the retrieval index of site_aware_rag prompts and the baselines' training pool.
+The baselines need that pool: with --input and no --prior, compare refuses unless --no-baselines.
+
   fedmira compare --system fedavg=outputs/iu_8sites/RUN_DIR --system central=outputs/train/X/adapter \\
       data=iu_xray data.path=/path/to/indiana_reports.csv
   fedmira compare --system fedavg=RUN_DIR --system fedavg_plain=RUN_DIR:plain   # prompt ablation
+  fedmira compare --system fedavg=RUN_DIR --input new_site.jsonl --prior new_site_archive.jsonl
 """
 
 SYSTEM_HELP = ("NAME=PATH[:TEMPLATE]: an adapter to compare (repeatable). PATH is a PEFT adapter "
@@ -40,11 +46,16 @@ def default_out_dir(run_out_dir: str) -> Path:
 
 
 def compare_command(overrides: Sequence[str], systems: Sequence[str], *, reference: str | None = None,
-                    out: str | None = None, cache: str | None = None, limit: int = 200,
+                    out: str | None = None, cache: str | None = None, limit: int | None = None,
                     zero_shot: bool = True, baselines: bool = True, no_encoder: bool = False,
                     resamples: int = 1000, permutations: int = 10000,
+                    input: str | None = None, prior: str | None = None,
                     stream: TextIO | None = None) -> int:
     """Run ``fedmira compare``; returns the exit code (0 on success).
+
+    ``limit`` None means 200 held-out reports of ``data.path``'s split; ``input`` scores every
+    report of that file instead, with ``prior`` as the hospital's archive (retrieval index and
+    the baselines' training pool).
 
     Raises
     ------
@@ -53,12 +64,15 @@ def compare_command(overrides: Sequence[str], systems: Sequence[str], *, referen
     """
     from common.compose import compose_config
     from common.compare import default_systems, parse_system, print_compare, run_compare
+    from simulations.evaluate_cli import DEFAULT_LIMIT, check_input_flags
 
     printer = sys.stdout if stream is None else stream
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise FedmiraError(f"Unexpected argument(s) {bad}: overrides look like key=value; systems "
                            "are given with --system NAME=PATH (see --help).")
+    check_input_flags(input, prior, limit)
+    limit = DEFAULT_LIMIT if limit is None else limit
     if limit < 0 or resamples < 1 or permutations < 1:
         raise FedmiraError("--limit must be >= 0 (0: all), --resamples and --permutations >= 1.")
     specs = default_systems([parse_system(s) for s in systems], zero_shot=zero_shot, baselines=baselines)
@@ -69,6 +83,6 @@ def compare_command(overrides: Sequence[str], systems: Sequence[str], *, referen
     folder = Path(out) if out else default_out_dir(cfg.run.out_dir)
     result = run_compare(cfg, specs, reference=reference, limit=limit, out_dir=folder, cache_dir=cache,
                          use_encoder=not no_encoder, n_resamples=resamples, n_permutations=permutations,
-                         out=printer)
+                         out=printer, input_path=input, prior_path=prior)
     print_compare(result, printer)
     return 0

@@ -238,7 +238,28 @@ def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, w
         print(f"Start-up until round 1: {startup:.0f} s; mean round: {mean:.0f} s.", file=out)
     print(f"Results:  {run.path}\n  metrics:  {run.path / 'metrics.jsonl'} (and metrics.csv)\n"
           f"  plot:     {run.path / 'loss.png'}\n  adapter:  {run.path / 'final_adapter'}", file=out)
+    if ok and command == "simulate":
+        _final_quality(cfg, run, out)
     if not ok:
         print(f"  log:      {run.path / 'flower.log'}\n"
               f"Continue with: fedmira {command} run.resume={run.path}", file=out)
     return 0 if ok else 1
+
+
+def _final_quality(cfg: ExperimentConfig, run: RunDir, out: TextIO) -> None:
+    """Score the global adapter against the baselines (simulation only: a coordinator never holds
+    hospital reports). A failure here is reported, not fatal: every round is already committed."""
+    from common.compare import final_quality
+
+    adapter = run.path / "final_adapter"
+    if not cfg.eval.final_reports or not (adapter / "adapter_config.json").is_file():
+        return
+    t0 = time.perf_counter()
+    try:
+        result = final_quality(cfg, adapter, run.path / "final_eval", out)
+    except FedmiraError as exc:
+        print(f"Final quality check skipped: {exc}", file=out)
+        return
+    run.mark(final_quality={
+        "n": result["n"], "verdict": result["verdict"]["sentence"], "seconds": round(time.perf_counter() - t0, 1),
+        "rougeL": {n: i["summary"].get("rougeL", {}).get("mean") for n, i in result["systems"].items()}})

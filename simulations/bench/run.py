@@ -42,6 +42,7 @@ BENCHMARKS: tuple[str, ...] = (
     "dp_cost",          # 3. a DP-SGD step vs a plain step on the same batch
     "sim_overhead",     # 4. Flower simulation round wall time vs the sites' compute (N = 8, 42)
     "aggregation",      # 5. each strategy's aggregation vs a bare NumPy weighted mean (42 sites)
+    "recipe",           # 6. bf16 autocast, target-only logits, short preamble: a local step's speed-ups
 )
 
 README_START = "<!-- bench:start -->"

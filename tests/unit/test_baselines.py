@@ -70,3 +70,19 @@ def test_training_pool_is_train_splits_of_internal_sites() -> None:
 
     a, b, c = _report(1, "a"), _report(2, "b"), _report(3, "c")
     assert training_pool([Split(False, [a, b]), Split(True, [c])]) == [a, b]
+
+
+def test_site_retrieval_stays_within_the_site_and_falls_back_for_unknown_sites() -> None:
+    from common.baselines import retrieve_site_impressions
+
+    def rep(rid: str, site: str, findings: str, impression: str) -> Report:
+        return Report(rid, site, "DR", "chest", "x", findings, impression)
+
+    train = [rep("a", "s1", "Right pleural effusion.", "S1 effusion."),
+             rep("b", "s2", "Right pleural effusion large.", "S2 effusion."),
+             rep("c", "s2", "Clear lungs.", "S2 normal.")]
+    queries = [rep("q1", "s1", "Clear lungs.", ""), rep("q2", "s2", "Right pleural effusion.", ""),
+               rep("q3", "s9", "Clear lungs.", "")]
+    # s1 has one prior report, so q1 gets it even though s2 holds a closer one; s9 has none and
+    # falls back to retrieval over the whole pool.
+    assert retrieve_site_impressions(train, queries) == ["S1 effusion.", "S2 effusion.", "S2 normal."]

@@ -20,6 +20,7 @@ import client.client_app as client_app
 from common.adapters import adapter_num_bytes, get_adapter_state
 from common.compose import compose_config
 from common.config import ExperimentConfig
+from common.engine import OPTIMIZER_KEY
 from common.model import apply_lora, load_base_model
 from common.reports import Report, write_jsonl
 from common.site import ModelCache
@@ -180,3 +181,83 @@ def test_evaluate_on_a_site_without_val_split(
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 0 and "val-loss" not in metrics
     assert dict(reply.content["site"]) == {"site-id": "site_y"}
+
+
+def test_rag_site_keeps_its_index_out_of_every_record_and_log(
+        initial: Any, site_dir: Path, fixture_reports: list[Report], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """With retrieval-augmented prompts the site's index (its reports) stays in the process."""
+    rag = compose_config(["+debug=tiny", "data.template=site_aware_rag", "data.neighbors=3",
+                          "data.max_length=400"])
+    monkeypatch.setattr(client_app, "_MODELS", ModelCache())
+    monkeypatch.setattr(client_app, "_SITES", {})
+    state, _ = initial
+    ctx = _context(rag, site_dir)
+    replies = [client_app.train(_message(state, MessageType.TRAIN, TRAIN_CONFIG), ctx),
+               client_app.evaluate(_eval_message(state), ctx)]
+    assert not any(r.has_error() for r in replies)
+    site = next(iter(client_app._SITES.values()))
+    assert site.neighbors("train", rag) and all(len(n) == 3 for n in site.neighbors("train", rag))
+    blob = "\n".join([*(s for r in replies for s in _strings(r)), capsys.readouterr().out,
+                      capsys.readouterr().err, caplog.text])
+    for report in fixture_reports:
+        for text in (report.findings, report.impression):
+            assert text not in blob
+    # nothing of the index in the node's state either (only what the site keeps for itself)
+    for rec in ctx.state.config_records.values():
+        assert not any(isinstance(v, str) and len(v) > 40 and "Findings" in v for v in rec.values())
+
+
+def test_epochs_set_the_steps_a_site_runs_and_reports(initial: Any, site_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.epochs=1 at a site of 8 reports, batch 2: 4 steps, whatever local-steps the server sent."""
+    by_epochs = compose_config(["+debug=tiny", "train.epochs=1"])
+    monkeypatch.setattr(client_app, "_SITES", {})
+    state, _ = initial
+    reply = client_app.train(_message(state, MessageType.TRAIN, TRAIN_CONFIG), _context(by_epochs, site_dir))
+    assert reply.content["metrics"]["steps"] == 4
+    assert "opt-state-restored" not in reply.content["metrics"]  # only said when the option is on
+
+
+def test_optimizer_state_stays_at_the_site(initial: Any, site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With train.keep_optimizer_state the AdamW moments live in the node's state between rounds
+    (restored in round 2) and appear in no reply: only the adapter and numbers leave."""
+    from common.engine import OPTIMIZER_KEY
+
+    keep = compose_config(["+debug=tiny", "train.keep_optimizer_state=true"])
+    monkeypatch.setattr(client_app, "_SITES", {})
+    state, _ = initial
+    ctx = _context(keep, site_dir)
+    replies = [client_app.train(_message(state, MessageType.TRAIN, {**TRAIN_CONFIG, "global-round": g}), ctx)
+               for g in (1, 2)]
+    assert [r.content["metrics"]["opt-state-restored"] for r in replies] == [0, 1]
+    kept = ctx.state.array_records[OPTIMIZER_KEY].to_torch_state_dict()
+    assert len(kept) == 3 * len(state)  # step, exp_avg, exp_avg_sq per LoRA tensor
+    assert {float(v) for k, v in kept.items() if k.endswith(":step")} == {4.0}  # 2 rounds x 2 steps
+    moments = {bytes(v.numpy().tobytes()) for k, v in kept.items() if not k.endswith(":step")}
+    for reply in replies:
+        assert list(reply.content.array_records) == ["arrays"]
+        assert set(reply.content["arrays"]) == set(state)
+        assert not {bytes(a.data) for a in reply.content["arrays"].values()} & moments
+        assert not any("exp_avg" in s or OPTIMIZER_KEY in s for s in _strings(reply))
+
+
+def test_site_keeps_adam_moments_in_its_node_state_only(
+        initial: Any, site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keep = compose_config(["+debug=tiny", "train.keep_optimizer_state=true", "train.epochs=1.0"])
+    monkeypatch.setattr(client_app, "_MODELS", ModelCache())
+    monkeypatch.setattr(client_app, "_SITES", {})
+    state, _ = initial
+    ctx = _context(keep, site_dir)
+    first = client_app.train(_message(state, MessageType.TRAIN, TRAIN_CONFIG), ctx)
+    assert OPTIMIZER_KEY in ctx.state.array_records
+    moments = ctx.state[OPTIMIZER_KEY].to_torch_state_dict()
+    second = client_app.train(_message(state, MessageType.TRAIN, {**TRAIN_CONFIG, "global-round": 2}), ctx)
+    assert first.content["metrics"]["opt-state-restored"] == 0
+    assert second.content["metrics"]["opt-state-restored"] == 1
+    # one epoch of the 8 training reports at batch 2: 4 steps, whatever local-steps says
+    assert first.content["metrics"]["steps"] == 4
+    for reply in (first, second):
+        assert list(reply.content.array_records) == ["arrays"]
+        sent = set(reply.content["arrays"].keys())
+        assert not sent & set(moments) and all("lora_" in k for k in sent)

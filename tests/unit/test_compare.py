@@ -17,6 +17,7 @@ from common.compare import (
     COMPARISON_COLUMNS,
     MOST_FREQUENT,
     RETRIEVAL,
+    RETRIEVAL_SITE,
     ZERO_SHOT,
     SystemSpec,
     compare_systems,
@@ -85,7 +86,7 @@ def test_missing_adapter_names_path_and_expectation(tmp_path: Path) -> None:
 def test_default_systems_and_reference() -> None:
     fed = SystemSpec("fed", ADAPTER, "x")
     names = [s.name for s in default_systems([fed])]
-    assert names == ["fed", ZERO_SHOT, RETRIEVAL, MOST_FREQUENT]
+    assert names == ["fed", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
     assert default_reference(default_systems([fed])) == "fed"
     assert default_reference(default_systems([])) == ZERO_SHOT
     with pytest.raises(FedmiraError, match="given twice"):
@@ -113,7 +114,8 @@ def test_predictions_are_cached_by_adapter_template_and_reports(
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])
     calls: list[tuple[str | None, str, int]] = []
 
-    def fake(run_cfg: Any, reps: list[Report], adapter: str | None, progress: bool = True) -> list[str]:
+    def fake(run_cfg: Any, reps: list[Report], adapter: str | None, progress: bool = True,
+             prior: Any = ()) -> list[str]:
         calls.append((adapter, run_cfg.data.template, len(reps)))
         return [f"gen {r.report_id}" for r in reps]
 
@@ -233,8 +235,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     printed = out.getvalue()
     assert "fed: generated" in printed and "zero_shot: generated" in printed
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert list(doc["systems"]) == ["fed", "fed_plain", ZERO_SHOT, RETRIEVAL, MOST_FREQUENT]
-    assert doc["reference"] == "fed" and doc["family"]["size"] == 4 * 5 and doc["n"] == 6
+    assert list(doc["systems"]) == ["fed", "fed_plain", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
+    assert doc["reference"] == "fed" and doc["family"]["size"] == 5 * 5 and doc["n"] == 6
     assert doc["predictions_info"]["fed_plain"]["template"] == "plain"
     assert doc["predictions_info"]["fed"]["template"] == "site_aware"
     assert "retrieval" in doc["verdict"]["sentence"]
@@ -242,7 +244,7 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     assert "| " + " | ".join(COMPARISON_COLUMNS) + " |" in md and doc["verdict"]["sentence"] in md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     rows = list(csv.DictReader((tmp_path / "cmp" / "per_sample.csv").open()))
-    assert len(rows) == 5 * 6
+    assert len(rows) == 6 * 6
     # No report text on the console or in the report files (predictions/ holds the model output).
     reports, _, pool = held_out_and_pool(compose_config(overrides), 6, io.StringIO())
     texts = {t for r in [*reports, *pool] for t in (r.findings, r.impression) if len(t) > 12}
@@ -255,3 +257,96 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     assert "fed: cache" in out2.getvalue() and "zero_shot: cache" in out2.getvalue()
     # The CLI turns a missing adapter into one message and exit code 2.
     assert main(["compare", "--system", f"x={tmp_path / 'missing'}", *overrides]) == 2
+
+
+# ----------------------------------------------------------------------------- a new hospital's file
+def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.inference
+    from common.compare import run_compare
+    from tests.unit.test_evaluation import MARKER, _hospital_files
+
+    path, prior_path, scored = _hospital_files(tmp_path)
+    priors_seen: list[set[str]] = []
+
+    def fake(run_cfg: Any, reps: list[Report], adapter: str | None, progress: bool = True,
+             prior: Any = ()) -> list[str]:
+        priors_seen.append({r.report_id for r in prior})
+        return ["No acute findings."] * len(reps)
+
+    monkeypatch.setattr(common.inference, "generate_impressions", fake)
+    cfg = compose_config([*SMALL, f"run.out_dir={tmp_path}"])
+    out = io.StringIO()
+    res = run_compare(cfg, default_systems([]), out_dir=tmp_path / "cmp", cache_dir=tmp_path / "cache",
+                      use_encoder=False, n_resamples=50, n_permutations=100, progress=False, out=out,
+                      input_path=str(path), prior_path=str(prior_path))
+    assert res["n"] == len(scored)
+    assert list(res["systems"]) == [ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
+    assert {row["report_id"] for row in res["per_sample"][RETRIEVAL]} == {r.report_id for r in scored}
+    assert priors_seen and scored[0].report_id not in priors_seen[0] and len(priors_seen[0]) == 12
+    meta = res["meta"]
+    assert meta["input"] == str(path) and meta["prior"] == str(prior_path) and meta["training_pool"] == 12
+    assert meta["external_sites"] == 2 and meta["retrieval_index"] == {"site_01": 12, "site_02": 0}
+    archive = {r.impression for r in common.inference.load_reports(str(prior_path)).reports} - {MARKER}
+    for name in (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT):  # the baselines learn from the archive only
+        written = (tmp_path / "cmp" / "predictions" / f"{name}.jsonl").read_text()
+        lines = [json.loads(x) for x in written.splitlines()]
+        assert len(lines) == len(scored) and {x["impression"] for x in lines} <= archive
+    printed = out.getvalue()
+    assert f"every report of {path}" in printed and "12 prior reports" in printed
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert str(prior_path) in md and "train splits of the internal sites" not in md
+    texts = {t for r in scored for t in (r.findings, r.impression) if len(t) > 12} | {MARKER}
+    for content in (printed, md, (tmp_path / "cmp" / "compare.json").read_text()):
+        assert not [t for t in texts if t in content]
+
+
+def test_compare_on_a_file_without_prior_refuses_the_baselines(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.inference
+    from common.compare import run_compare
+    from simulations.compare_cli import compare_command
+    from tests.unit.test_evaluation import _hospital_files
+
+    path, _, scored = _hospital_files(tmp_path, prior=False)
+    monkeypatch.setattr(common.inference, "generate_impressions",
+                        lambda cfg, reps, adapter, progress=True, prior=(): ["Normal."] * len(reps))
+    cfg = compose_config([*SMALL, f"run.out_dir={tmp_path}"])
+    kw: dict[str, Any] = dict(out_dir=tmp_path / "cmp", cache_dir=tmp_path / "cache", use_encoder=False,
+                              n_resamples=20, n_permutations=50, progress=False, out=io.StringIO(),
+                              input_path=str(path), prior_path=None)
+    with pytest.raises(FedmiraError) as err:
+        run_compare(cfg, default_systems([]), **kw)
+    assert "--prior FILE" in str(err.value) and "--no-baselines" in str(err.value)
+    systems = default_systems([parse_system("plain=base:plain")], baselines=False)
+    res = run_compare(cfg, systems, **kw)
+    assert res["n"] == len(scored) and res["meta"]["prior"] is None
+    with pytest.raises(FedmiraError, match="--limit"):
+        compare_command([], [], input=str(path), limit=5)
+    with pytest.raises(FedmiraError, match="--input"):
+        compare_command([], [], prior=str(path))
+
+
+def test_compare_help_explains_input_and_prior(capsys: pytest.CaptureFixture[str]) -> None:
+    from common.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert "--input FILE" in text and "--prior FILE" in text and "--no-baselines" in text
+
+
+def test_compare_on_a_file_refuses_an_adapter_trained_on_it(tiny: LoadedModel, tmp_path: Path) -> None:
+    from common.reports import write_jsonl
+    from simulations.compare_cli import compare_command
+    from simulations.launch import load_pooled_reports, split_sites
+
+    _adapter(tiny, tmp_path / "run")
+    cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])
+    splits = split_sites(cfg, load_pooled_reports(cfg, io.StringIO()))
+    trained = [r for s in splits if not s.external for r in s.train][:4]
+    write_jsonl(trained, tmp_path / "seen.jsonl")
+    with pytest.raises(FedmiraError, match="trained on 4 of the 4 reports"):
+        compare_command([*TINY, f"run.out_dir={tmp_path}"], [f"fed={tmp_path / 'run'}"],
+                        input=str(tmp_path / "seen.jsonl"), baselines=False, no_encoder=True,
+                        out=str(tmp_path / "cmp"), stream=io.StringIO())

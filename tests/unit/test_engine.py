@@ -167,3 +167,42 @@ def test_generation_returns_text_without_special_tokens(
     for text in texts:
         assert not any(s in text for s in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"))
     assert generate(model, tiny.tokenizer, [], data_cfg, gen, tiny.device) == []
+
+
+def test_bf16_autocast_trains_like_fp32(tiny: LoadedModel) -> None:
+    """Regression: autocast caches its bf16 weight copies until its context exits, so a context
+    around the whole loop trained on stale LoRA weights (the held-out loss never moved).
+    train_steps enters it per micro-batch; the result must track fp32 training."""
+    import copy
+
+    from common.adapters import get_adapter_state
+    from common.config import LoraConfig, TrainConfig
+    from common.engine import evaluate_loss, train_steps
+    from common.model import apply_lora
+    from common.prompts import IGNORE_INDEX, Example
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (4, 20), generator=gen)
+    examples = [Example(row.tolist(), [IGNORE_INDEX] * 12 + row[12:].tolist()) for row in ids]
+    cfg = TrainConfig(steps=6, lr=1e-2, batch_size=4)
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        model = apply_lora(copy.deepcopy(tiny.model), LoraConfig(), seed=0)
+        before, _ = evaluate_loss(model, examples, tiny.device, 0)
+        train_steps(model, examples, cfg, tiny.device, 0, autocast=dtype)
+        losses[name] = (before, evaluate_loss(model, examples, tiny.device, 0)[0])
+        assert get_adapter_state(model)
+    assert losses["bf16"][1] < losses["bf16"][0] - 0.05  # it learned
+    assert abs(losses["bf16"][1] - losses["fp32"][1]) < 0.05  # about as much as fp32
+
+
+def test_autocast_choice() -> None:
+    from common.config import ModelConfig
+    from common.model import cpu_has_fast_bf16, model_autocast, resolve_autocast
+
+    cpu = torch.device("cpu")
+    assert resolve_autocast("off", cpu, torch.float32) is None
+    assert resolve_autocast("bfloat16", cpu, torch.float32) is torch.bfloat16
+    assert resolve_autocast("bfloat16", cpu, torch.bfloat16) is None  # 16-bit weights gain nothing
+    assert resolve_autocast("auto", cpu, torch.float32) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    assert model_autocast(ModelConfig(name_or_path="tiny-random"), cpu, torch.float32) is None
