@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from common.config import DataConfig, GenerateConfig, TrainConfig
 from common.model import autocast_context
 from common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
-    Schedule, local_steps, lr_at, make_optimizer, optimizer_arrays, restore_optimizer, round_steps,
+    Schedule, lr_at, make_optimizer, optimizer_arrays, restore_optimizer, round_steps,
 )
 
 #: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).
@@ -199,7 +199,7 @@ def train_steps(
     """
     if not examples:
         raise ValueError("No training examples: this site has no usable reports in its train split.")
-    steps = local_steps(cfg, len(examples), steps)
+    steps = round_steps(cfg, len(examples), steps)
     lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
     run_seed = cfg.seed if seed is None else seed
     rng = random.Random(run_seed)

@@ -76,8 +76,6 @@ def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> 
     return cfg.steps if steps is None else steps
 
 
-local_steps = round_steps
-
 
 def check_position(global_step: int, total_steps: int | None) -> None:
     """Fail fast on a schedule position that cannot be right."""

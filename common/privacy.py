@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from common.config import PrivacyConfig, TrainConfig
 from common.errors import DataError
-from common.optim import Schedule, local_steps, make_optimizer, optimizer_arrays, restore_optimizer
+from common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
 from common.prompts import IGNORE_INDEX, Example, collate
 from common.reports import Report
 
@@ -401,7 +401,7 @@ def dp_train_steps(
         raise ValueError("units must give one privacy unit per training example")
     if not state.planned:
         raise ValueError("the privacy ledger has no noise plan; call plan_state first")
-    wanted = local_steps(cfg, len(examples), steps)
+    wanted = round_steps(cfg, len(examples), steps)
     lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
     run_seed = cfg.seed if seed is None else seed
     sigma, q = state.noise_multiplier, state.sample_rate

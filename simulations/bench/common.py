@@ -111,3 +111,17 @@ def median_ratio(pairs: Sequence[tuple[float, float]]) -> float:
     if not pairs:
         raise ValueError("median_ratio needs at least one pair")
     return statistics.median(ratio(v, b) for v, b in pairs)
+
+
+def interleaved_pairs(a: Callable[[], float], b: Callable[[], float], n: int) -> list[tuple[float, float]]:
+    """``n`` (a, b) measurements after one warm-up call of each, alternating which runs first
+    (A B, B A, ...) so slow drift of the machine's load hits both sides alike."""
+    a(), b()  # warm-up: first-call allocations and kernels
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            x, y = a(), b()
+        else:
+            y, x = b(), a()
+        out.append((x, y))
+    return out

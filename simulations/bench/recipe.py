@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from simulations.bench.common import BenchRow, median_ratio
+from simulations.bench.common import BenchRow, interleaved_pairs, median_ratio
 
 
 @dataclass(frozen=True)
@@ -91,18 +91,6 @@ def _timer(env: dict[str, Any], autocast: torch.dtype | None, full: bool, steps:
     return one
 
 
-def _pairs(a: Callable[[], float], b: Callable[[], float], n: int) -> list[tuple[float, float]]:
-    a(), b()  # warm-up: first-call allocations and kernels
-    out = []
-    for i in range(n):
-        if i % 2 == 0:
-            x, y = a(), b()
-        else:
-            y, x = b(), a()
-        out.append((x, y))
-    return out
-
-
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -140,8 +128,8 @@ def run(quick: bool) -> list[BenchRow]:
         env = _setup(settings)
         bf16 = torch.bfloat16
         n = settings.steps
-        amp = _pairs(_timer(env, bf16, False, n), _timer(env, None, False, n), settings.pairs)
-        head = _pairs(_timer(env, None, False, n), _timer(env, None, True, n), settings.pairs)
+        amp = interleaved_pairs(_timer(env, bf16, False, n), _timer(env, None, False, n), settings.pairs)
+        head = interleaved_pairs(_timer(env, None, False, n), _timer(env, None, True, n), settings.pairs)
         loss_steps = 4 if quick else 8
         loss_fp32, loss_bf16 = _heldout_after(env, None, loss_steps), _heldout_after(env, bf16, loss_steps)
     finally:

@@ -14,7 +14,7 @@ from common.adapters import get_adapter_state
 from common.config import LoraConfig, TrainConfig
 from common.engine import _batches, train_steps
 from common.model import LoadedModel, apply_lora
-from common.optim import Schedule, local_steps, lr_factor, make_optimizer, optimizer_arrays, restore_optimizer
+from common.optim import Schedule, lr_factor, round_steps, make_optimizer, optimizer_arrays, restore_optimizer
 from common.prompts import IGNORE_INDEX, Example, collate
 from common.site import round_schedule
 
@@ -86,10 +86,10 @@ def test_explicit_lr_zero_means_no_update(tiny: LoadedModel) -> None:
 
 
 def test_epochs_decide_the_steps() -> None:
-    assert local_steps(TrainConfig(epochs=1.0, batch_size=4), 10) == 3
-    assert local_steps(TrainConfig(epochs=0.5, batch_size=4, grad_accum=2), 100) == 7
-    assert local_steps(TrainConfig(steps=9), 100) == 9 and local_steps(TrainConfig(steps=9), 100, 2) == 2
-    assert local_steps(TrainConfig(epochs=0.01, batch_size=4), 10) == 1
+    assert round_steps(TrainConfig(epochs=1.0, batch_size=4), 10) == 3
+    assert round_steps(TrainConfig(epochs=0.5, batch_size=4, grad_accum=2), 100) == 7
+    assert round_steps(TrainConfig(steps=9), 100) == 9 and round_steps(TrainConfig(steps=9), 100, 2) == 2
+    assert round_steps(TrainConfig(epochs=0.01, batch_size=4), 10) == 1
 
 
 def test_restore_refuses_moments_of_other_parameters() -> None:
