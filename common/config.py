@@ -209,6 +209,10 @@ class TrainConfig:
     lr: float = _help("Peak learning rate of AdamW.", 5e-4)
     weight_decay: float = _help("AdamW weight decay on the LoRA weights.", 0.0)
     warmup_steps: int = _help("Linear warm-up steps.", 0)
+    warmup_ratio: float = _help(
+        "Linear warm-up over this fraction of the run's steps instead of warmup_steps (each site "
+        "of its own run: with train.epochs a small site warms up over its few steps rather than "
+        "staying in a fixed-length warm-up the whole run).", 0.0)
     schedule: str = _help(
         "constant | linear | cosine decay after warm-up, over the whole run (federated: rounds x "
         "steps per round; the schedule continues across rounds, it does not restart).", "constant")
@@ -231,6 +235,10 @@ class TrainConfig:
         _check_range("train", "lr", self.lr, 0.0, 1.0, lo_open=True)
         _check_range("train", "weight_decay", self.weight_decay, 0.0, 1.0)
         _check_range("train", "warmup_steps", self.warmup_steps, 0)
+        _check_range("train", "warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_ratio > 0 and self.warmup_steps > 0:
+            _fail("train", "warmup_ratio", self.warmup_ratio,
+                  "set either train.warmup_steps or train.warmup_ratio, not both (the other to 0)")
         _check_choice("train", "schedule", self.schedule, ("constant", "linear", "cosine"))
         _check_range("train", "max_grad_norm", self.max_grad_norm, 0.0)
         _check_range("train", "threads", self.threads, 0, 1024)

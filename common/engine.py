@@ -42,6 +42,9 @@ class TrainResult:
     seconds: float
     #: Learning rate of the last step taken (where the run's schedule stands).
     lr: float = 0.0
+    #: Sum of the learning rates of the steps taken: how far AdamW could move the adapter
+    #: (about lr per step and weight), so the server compares update norms per unit of it.
+    lr_sum: float = 0.0
     #: Padding tokens in the batches (what length grouping saves).
     padded_tokens: int = 0
     #: With ``train.keep_optimizer_state``: AdamW's moments after the call, ``"<param>:<key>"``
@@ -213,7 +216,7 @@ def train_steps(
     batches = _batches(len(examples), cfg.batch_size, rng, lengths)
     model.train()
     seen: set[int] = set()
-    total_loss, total_tokens, all_tokens, padded, last_lr = 0.0, 0, 0, 0, lr
+    total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, lr, 0.0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
     with _seeded_torch(run_seed, device):  # dropout masks follow the seed too
@@ -241,6 +244,7 @@ def train_steps(
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             last_lr = float(optimizer.param_groups[0]["lr"])
+            lr_sum += last_lr
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -253,7 +257,7 @@ def train_steps(
     model.eval()
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
-    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, padded_tokens=padded,
+    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum, padded_tokens=padded,
                        optimizer_state=optimizer_arrays(optimizer, names) if keep else {},
                        optimizer_state_restored=restored)
 

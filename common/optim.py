@@ -77,6 +77,14 @@ def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> 
 
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """Warm-up length of a run of ``total`` steps: ``train.warmup_ratio`` of it when set
+    (rounded up, as transformers does), else ``train.warmup_steps``."""
+    if cfg.warmup_ratio > 0:
+        return math.ceil(cfg.warmup_ratio * total)
+    return cfg.warmup_steps
+
+
 def check_position(global_step: int, total_steps: int | None) -> None:
     """Fail fast on a schedule position that cannot be right."""
     if global_step < 0:
@@ -93,9 +101,10 @@ def make_optimizer(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     total = schedule.total if schedule.total is not None else steps
     offset = schedule.offset
+    warmup = warmup_steps(cfg, total)
 
     def factor(i: int) -> float:
-        return lr_factor(offset + i, total, cfg.warmup_steps, cfg.schedule)
+        return lr_factor(offset + i, total, warmup, cfg.schedule)
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -241,6 +241,8 @@ class DPResult:
     epsilon: float
     #: Learning rate of the last step taken (where the run's schedule stands).
     lr: float = 0.0
+    #: Sum of the learning rates of the steps taken (see TrainResult.lr_sum).
+    lr_sum: float = 0.0
     #: With ``train.keep_optimizer_state``: AdamW's moments after the call. They are computed
     #: from the noisy gradients only (post-processing), so keeping them costs no privacy.
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -419,7 +421,7 @@ def dp_train_steps(
                                secure_mode=secure_mode)
     seen: set[int] = set()
     total_loss, total_tokens, all_tokens, clipped, sampled = 0.0, 0, 0, 0, 0
-    last_lr = lr
+    last_lr, lr_sum = lr, 0.0
     start = time.perf_counter()
     model.train()
     try:
@@ -437,6 +439,7 @@ def dp_train_steps(
                 if prox is not None:
                     prox()
                 last_lr = float(optimizer.param_groups[0]["lr"])
+                lr_sum += last_lr
                 optimizer.step()
                 scheduler.step()
                 dp_opt.zero_grad(set_to_none=True)
@@ -452,7 +455,7 @@ def dp_train_steps(
         mean_loss=total_loss / total_tokens if total_tokens else math.nan, num_examples=len(seen),
         steps=todo, steps_wanted=wanted, tokens=all_tokens, seconds=time.perf_counter() - start,
         clipped_fraction=clipped / sampled if sampled else 0.0, epsilon=state.epsilon(),
-        lr=last_lr, optimizer_state=optimizer_arrays(optimizer, names) if cfg.keep_optimizer_state else {},
+        lr=last_lr, lr_sum=lr_sum, optimizer_state=optimizer_arrays(optimizer, names) if cfg.keep_optimizer_state else {},
         optimizer_state_restored=restored,
     )
 

@@ -237,6 +237,7 @@ def local_train(
         "lora-rank": rank,
         "steps": result.steps,
         "lr": result.lr,
+        "lr-sum": result.lr_sum,
         **({"opt-state-restored": int(result.optimizer_state_restored)} if cfg.train.keep_optimizer_state else {}),
         **dp_metrics,
     }

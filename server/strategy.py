@@ -79,6 +79,13 @@ def _reason(msg: Message) -> str:
     return reason[:200] if reason else f"error code {msg.error.code}, no reason given"
 
 
+def _metric(msg: Message, key: str) -> float | None:
+    """A numeric metric of the reply, or None when it has none."""
+    rec = next(iter(msg.content.metric_records.values()), None)
+    value = rec.get(key) if rec is not None else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _num_examples(msg: Message, key: str) -> float:
     rec = next(iter(msg.content.metric_records.values()), None)
     value = rec.get(key, 0) if rec is not None else 0
@@ -394,13 +401,20 @@ class FedmiraBase(AdapterStrategy):
         states = [self.reply_state(m) for m in valid]
         norms = update_norms(states, [self.reference_for(s) for s in states])
         self._norms = {id(m): n for m, n in zip(valid, norms)}
+        # Sites that did different work (train.epochs: steps in proportion to data; warm-up)
+        # move different distances; AdamW moves about lr per step, so when every reply says
+        # how much lr it spent, norms are compared per unit of it.
+        work = [_metric(m, "lr-sum") for m in valid]
+        per_lr = all(w is not None and w > 0 for w in work)
+        scores = [n / w for n, w in zip(norms, work)] if per_lr else norms  # type: ignore[operator]
+        what = "update norm per unit of learning rate" if per_lr else "update norm"
         kept = []
-        for i, outlier in enumerate(norm_outliers(norms, self.norm_factor)):
+        for i, outlier in enumerate(norm_outliers(scores, self.norm_factor)):
             if not outlier:
                 kept.append(valid[i])
                 continue
-            others = float(np.median(norms[:i] + norms[i + 1:]))
-            self._reject(g, valid[i], f"update norm {norms[i]:.4g} > strategy.norm_factor="
+            others = float(np.median(scores[:i] + scores[i + 1:]))
+            self._reject(g, valid[i], f"{what} {scores[i]:.4g} > strategy.norm_factor="
                                       f"{self.norm_factor:g} x the others' median {others:.4g}")
         return kept
 

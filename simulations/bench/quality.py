@@ -65,6 +65,11 @@ BEAT_METRICS = ("rougeL", "bertscore_f1", "sim")
 RATIO_TARGET, ALPHA = 0.95, 0.05
 
 
+#: Budget fields that choose which systems run and how many reports are scored, not how any
+#: system trains: left out of the work folder's key.
+SELECTION_FIELDS = ("ablation", "strategies", "local_sites", "reports", "curve_reports", "zero_shot", "encoder")
+
+
 @dataclass(frozen=True)
 class Budget:
     """The shared token budget, prompts and evaluation size (all of it goes into the work folder's hash)."""
@@ -105,12 +110,19 @@ class Budget:
         ]
 
     def key(self) -> str:
-        """Short hash naming the work folder (the data file's size and mtime included)."""
+        """Short hash naming the work folder (the data file's size and mtime included).
+
+        Only settings that change what a system trains or predicts go in: which systems run
+        (ablation, strategies, local sites) and how many reports are scored do not, so adding
+        a strategy or scoring more reports reuses every adapter already trained (systems are
+        recorded by name; predictions are cached per system and report).
+        """
         from common.config import stable_hash
 
         path = Path(self.data)
         stamp = [path.stat().st_size, int(path.stat().st_mtime)] if path.is_file() else None
-        return stable_hash([dataclasses.asdict(self), stamp])[:10]
+        chosen = {k: v for k, v in dataclasses.asdict(self).items() if k not in SELECTION_FIELDS}
+        return stable_hash([chosen, stamp])[:10]
 
 
 def steps_for(epochs: float, reports: int, batch_size: int) -> int:
@@ -208,7 +220,14 @@ def train_pooled(budget: Budget, work: Path, state: State, name: str, steps: int
     return str(result["adapter"])
 
 
-def train_federated(budget: Budget, work: Path, state: State, strategy: str, out: TextIO) -> str:
+def federated_warmup_ratio(budget: Budget, pooled_steps: int) -> float:
+    """The pooled run's warm-up as a share of its steps: each site warms up over the same share
+    of its own run (a fixed step count would keep a small site in warm-up all run)."""
+    return min(1.0, budget.warmup_steps / max(1, pooled_steps))
+
+
+def train_federated(budget: Budget, work: Path, state: State, strategy: str, out: TextIO,
+                    pooled_steps: int) -> str:
     """A federated run through ``simulations.launch.simulate``; resumes an interrupted one."""
     from simulations.launch import simulate
 
@@ -220,7 +239,8 @@ def train_federated(budget: Budget, work: Path, state: State, strategy: str, out
     local_epochs = budget.epochs / budget.rounds
     extra = [f"strategy.server_lr={budget.server_lr}"] if strategy in ("fedadam", "fedyogi", "fedadagrad") else []
     cfg = _compose(budget, work, f"strategy={strategy}", f"strategy.rounds={budget.rounds}",
-                   f"train.epochs={local_epochs}", "train.keep_optimizer_state=true",
+                   f"train.epochs={local_epochs}", "train.keep_optimizer_state=true", "train.warmup_steps=0",
+                   f"train.warmup_ratio={federated_warmup_ratio(budget, pooled_steps):.6f}",
                    "strategy.fraction_train=1.0", "strategy.fraction_evaluate=1.0", *extra,
                    f"run.name=quality-{name}")
     runs = sorted((work / "runs" / f"quality-{name}").glob("*/config.json"))
@@ -472,7 +492,9 @@ def train_all(budget: Budget, work: Path, state: State, cfg: Any, out: TextIO) -
         pooled[name] = (train_pooled(budget, work, state, name, steps, None, prompt, out), prompt)
     adapters: dict[str, tuple[str, str]] = {}
     for strategy in budget.strategies:
-        adapters[f"{FEDERATED_PREFIX}{strategy}"] = (train_federated(budget, work, state, strategy, out), budget.prompt)
+        adapters[f"{FEDERATED_PREFIX}{strategy}"] = (
+            train_federated(budget, work, state, strategy, out, steps_for(budget.epochs, pooled_reports, budget.batch_size)),
+            budget.prompt)
     adapters.update(pooled)
     sizes = dict(sites)
     for site in choose_local_sites(sites, budget.local_sites):

@@ -17,7 +17,7 @@ import pytest
 from common.errors import FedmiraError
 from common.synthetic import make_synthetic_corpus
 from simulations.bench.quality import (
-    Budget, checkpoint_steps, choose_local_sites, ratios, run_bench, steps_for, targets,
+    Budget, checkpoint_steps, choose_local_sites, federated_warmup_ratio, ratios, run_bench, steps_for, targets,
 )
 
 EXAMS = ["XR CHEST PA AND LATERAL", "CHEST 2V FRONTAL/LATERAL", "PA and lateral chest x-XXXX"]
@@ -83,6 +83,15 @@ def test_budget_key_changes_with_settings(tmp_path: Path) -> None:
     assert Budget(data=data).key() == Budget(data=data).key()
     assert Budget(data=data).key() != Budget(data=data, rounds=5).key()
     assert Budget(data=data).key() != Budget(data=data, prompt="site_aware").key()
+    # choosing more systems or more reports to score reuses the adapters already trained
+    assert Budget(data=data).key() == Budget(data=data, strategies=("fedavg",), ablation=(),
+                                             reports=266, local_sites=("none",)).key()
+
+
+def test_federated_sites_warm_up_over_the_pooled_runs_share() -> None:
+    assert federated_warmup_ratio(Budget(warmup_steps=10), 126) == pytest.approx(10 / 126)
+    assert federated_warmup_ratio(Budget(warmup_steps=0), 126) == 0.0
+    assert federated_warmup_ratio(Budget(warmup_steps=10), 4) == 1.0
 
 
 def test_bench_without_federation_on_the_tiny_model_resumes(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from transformers import get_scheduler
 
 from common.adapters import get_adapter_state
 from common.config import LoraConfig, TrainConfig
+from common.errors import ConfigError
 from common.engine import _batches, train_steps
 from common.model import LoadedModel, apply_lora
 from common.optim import Schedule, lr_factor, round_steps, make_optimizer, optimizer_arrays, restore_optimizer
@@ -133,3 +134,29 @@ def test_group_by_length_trains(tiny: LoadedModel) -> None:
     pad = sum(int((collate([ex[i] for i in b], 0)["attention_mask"] == 0).sum())
               for b in ([0, 1, 2], [6, 7, 8]))
     assert pad == 0  # equal-length groups need no padding
+
+
+def test_warmup_ratio_scales_with_each_sites_run() -> None:
+    """Sites of different sizes (train.epochs) warm up over the same share of their own run."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = TrainConfig(lr=1.0, warmup_ratio=0.25, schedule="constant")
+    small, _ = make_optimizer([param], cfg, cfg.lr, 2, round_schedule(2, 2, 4))  # step 2 of 8
+    big, _ = make_optimizer([param], cfg, cfg.lr, 20, round_schedule(2, 20, 4))  # step 20 of 80
+    # both sit at the end of their warm-up (ceil(0.25 x total) = 2 and 20 steps): full rate
+    assert small.param_groups[0]["lr"] == pytest.approx(1.0) and big.param_groups[0]["lr"] == pytest.approx(1.0)
+    first, _ = make_optimizer([param], cfg, cfg.lr, 2, round_schedule(1, 2, 4))
+    assert first.param_groups[0]["lr"] == 0.0  # step 0 of a warm-up, as with warmup_steps
+
+
+def test_warmup_steps_and_ratio_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        TrainConfig(warmup_steps=5, warmup_ratio=0.1)
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        TrainConfig(warmup_ratio=1.5)
+
+
+def test_a_call_reports_the_sum_of_its_learning_rates(tiny: LoadedModel) -> None:
+    """lr-sum is what the server divides update norms by (AdamW moves about lr per step)."""
+    cfg = TrainConfig(lr=1e-3, batch_size=1, warmup_steps=4, schedule="constant")
+    result = train_steps(_model(tiny), _examples(), cfg, tiny.device, 0, steps=3, seed=0, total_steps=8)
+    assert result.lr_sum == pytest.approx(1e-3 * (0 + 0.25 + 0.5))

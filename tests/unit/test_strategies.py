@@ -106,6 +106,30 @@ def test_an_update_far_beyond_the_others_is_rejected_and_the_rest_averaged(task_
     assert set(norms) == {"site_01", "site_02", "site_03"} and all(0 < n < 1 for n in norms.values())
 
 
+def test_norms_are_compared_per_unit_of_learning_rate(task_identity: None) -> None:
+    """Sites that took different work (train.epochs, warm-up) are not outliers for it: a site
+    of 20 full-rate steps moves far more than one of 2 warm-up steps, per lr it does not."""
+    strategy = FedmiraFedAvg(round_config_fn=_settings, norm_factor=10.0)
+    glob = _arrays(0)
+    strategy.configure_train(1, _record(glob), ConfigRecord(), _grid([1, 2, 3]))
+    work = [(1, 0.06), (2, 0.002), (3, 0.002)]  # (node, lr-sum): node 1 did 30x the work
+    replies = []
+    for node, lr_sum in work:
+        state = {k: glob[k] + (lr_sum * 30) * v for k, v in _arrays(node).items()}
+        reply = _reply(node, state, 10, 1.0)
+        reply.content["metrics"]["lr-sum"] = lr_sum
+        replies.append(reply)
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and metrics["num-sites"] == 3 and not strategy.rejected.get(1)
+    # a reply that moved 50x more per unit of lr than the others is still caught
+    strategy.configure_train(2, _record(glob), ConfigRecord(), _grid([1, 2, 3]))
+    replies[0] = _reply(1, {k: glob[k] + 0.06 * 30 * 50 * v for k, v in _arrays(1).items()}, 10, 1.0)
+    replies[0].content["metrics"]["lr-sum"] = 0.06
+    _, metrics = strategy.aggregate_train(2, replies)
+    assert metrics is not None and metrics["num-sites"] == 2
+    assert "per unit of learning rate" in strategy.rejected[2][0]["reason"]
+
+
 def test_a_nan_site_is_excluded_and_the_round_completes(task_identity: None) -> None:
     strategy = FedmiraFedAvg(round_config_fn=_settings, min_train_nodes=2)
     strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 3]))
