@@ -460,13 +460,18 @@ class ModeConfig:
     client_gpus: float = _help("GPU share per simulated site (0 on CPU machines).", 0.0)
     superlink: str = _help(
         "Deployment: the coordinator's SuperLink as host:port: where `fedmira coordinator` listens "
-        "(0.0.0.0:PORT accepts other machines) and the default `--superlink` of `fedmira hospital`.", "")
+        "(0.0.0.0:PORT accepts other machines) and the default `--superlink` of `fedmira hospital`. "
+        "Only the Fleet API (hospitals) is served there.", "")
+    control_port: int = _help(
+        "Deployment: port of the operator's address, 127.0.0.1 only (Control API for the `flwr` "
+        "CLI, Runtime API for the ServerApp); 0: a free port, written to RUN_DIR/.flwr/config.toml.", 0)
 
     def __post_init__(self) -> None:
         _check_choice("mode", "name", self.name, ("simulation", "deployment"))
         _check_choice("mode", "backend", self.backend, ("ray",))
         _check_range("mode", "client_cpus", self.client_cpus, 1)
         _check_range("mode", "client_gpus", self.client_gpus, 0.0)
+        _check_range("mode", "control_port", self.control_port, 0, 65535)
 
 
 @dataclass(frozen=True)

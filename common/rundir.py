@@ -32,6 +32,7 @@ from typing import Any, Mapping
 from common.errors import FedmiraError
 
 STATE_FILE = "state.json"
+ALLOWED_NODES = "allowed_nodes.json"  # deployment: node ids of the allow-listed keys
 STRATEGY_STATE = "strategy_state.safetensors"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -64,6 +65,19 @@ class RunDir:
         if not path.is_file():
             raise FedmiraError(f"{self.path} is not a fedmira run folder ({CONFIG_JSON} missing).")
         return dict(json.loads(path.read_text()))
+
+    # ------------------------------------------------------------------ allow-list
+    def write_allowed_nodes(self, nodes: Mapping[str, int]) -> None:
+        """Deployment: hospital name -> SuperLink node id of every allow-listed key."""
+        _atomic_write(self.path / ALLOWED_NODES, json.dumps({"nodes": dict(nodes)}, indent=2, sort_keys=True))
+
+    def allowed_nodes(self) -> frozenset[int]:
+        """The node ids the coordinator allow-listed; an error when it wrote none."""
+        path = self.path / ALLOWED_NODES
+        if not path.is_file():
+            raise FedmiraError(f"{path} is missing: a deployment's ServerApp takes only the nodes "
+                               "`fedmira coordinator` allow-listed; start deployments with it.")
+        return frozenset(int(n) for n in json.loads(path.read_text())["nodes"].values())
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:

@@ -90,6 +90,9 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmira: %s, %d rounds, adapter %d tensors / %.2f MB per site and direction",
         cfg.strategy.name, total - done, len(state), n_bytes / 1e6)
     strategy = build_strategy(cfg, round_offset=done, comm_offset=spent)
+    if cfg.mode.name == "deployment":  # only the hospitals `fedmira coordinator` allow-listed
+        run.allowed_nodes()  # fail fast when the coordinator wrote none
+        strategy.allowed_nodes = run.allowed_nodes
     restore_strategy(strategy, run, done)
     rows = run.metrics()
     if rows:

@@ -69,6 +69,24 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
     return MetricRecord(out)  # type: ignore[arg-type]
 
 
+class _AllowedGrid:
+    """A Grid whose ``get_node_ids`` lists only allow-listed nodes; everything else is the
+    wrapped Grid's."""
+
+    def __init__(self, grid: Grid, allowed: frozenset[int], refuse: Callable[[int], None]) -> None:
+        self._grid, self._allowed, self._refuse = grid, allowed, refuse
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        for node in nodes:
+            if node not in self._allowed:
+                self._refuse(node)
+        return [n for n in nodes if n in self._allowed]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 def _site_of(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["site-id"]) if site is not None else f"node-{msg.metadata.src_node_id}"
@@ -241,6 +259,9 @@ class FedmiraBase(AdapterStrategy):
         self.site_dp, self.secure_mode = site_dp, secure_mode
         self.site_epsilon: dict[str, float] = {}  # last epsilon each site reported (record-level DP)
         self.available = 0
+        #: Deployment: the node ids of the allow-listed hospitals (re-read every round); None:
+        #: every node the SuperLink admitted takes part (simulation).
+        self.allowed_nodes: Callable[[], frozenset[int]] | None = None
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -280,6 +301,7 @@ class FedmiraBase(AdapterStrategy):
         self.global_arrays = decode_record(arrays)
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
+        grid = self._allowed_grid(g, grid)
         messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
         self.available = max(len(list(grid.get_node_ids())), len(messages), 1)
         self.sent_train = {m.metadata.dst_node_id for m in messages}
@@ -291,7 +313,7 @@ class FedmiraBase(AdapterStrategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         g = self.global_round(server_round)
         self.current_round = g
-        replies = list(replies)
+        replies = self._listed_replies(g, list(replies))
         self._note_replies(g, replies)
         valid = [m for m in replies if not m.has_error() and self._adapter_ok(g, m)]
         self._note_epsilons(valid)
@@ -446,13 +468,14 @@ class FedmiraBase(AdapterStrategy):
         # The same sites every evaluation round, so the validation curve compares like with like.
         random.seed(self.seed * 100003 + 7919)
         config = ConfigRecord({**dict(config), "global-round": g})
+        grid = self._allowed_grid(g, grid)
         messages = self.personalize(list(super().configure_evaluate(server_round, arrays, config, grid)))
         self._count(g, "down", messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         g = self.global_round(server_round)
-        replies = list(replies)
+        replies = self._listed_replies(g, list(replies))
         for m in replies:
             if m.has_error():
                 self._reject(g, m, f"evaluation raised: {_reason(m)}")
@@ -466,6 +489,35 @@ class FedmiraBase(AdapterStrategy):
         metrics = super().aggregate_evaluate(server_round, scored)
         self.aggregates["evaluate"][g] = metrics
         return metrics
+
+    # ------------------------------------------------------------------ allow-list
+    def _allowed_grid(self, g: int, grid: Grid) -> Grid:
+        """``grid`` whose node list holds only allow-listed nodes (others refused and logged)."""
+        if self.allowed_nodes is None:
+            return grid
+        return _AllowedGrid(grid, self.allowed_nodes(), lambda node: self._refuse_node(g, node))
+
+    def _listed_replies(self, g: int, replies: list[Message]) -> list[Message]:
+        """Drop replies from nodes off the allow-list (defence in depth: such a node was never
+        sent a task, so its reply is forged or late)."""
+        if self.allowed_nodes is None:
+            return replies
+        allowed = self.allowed_nodes()
+        for m in replies:
+            if m.metadata.src_node_id not in allowed:
+                self._refuse_node(g, m.metadata.src_node_id)
+        return [m for m in replies if m.metadata.src_node_id in allowed]
+
+    def _refuse_node(self, g: int, node: int) -> None:
+        """Log a node off the allow-list once per round, by node id (its claimed site id is not
+        trusted)."""
+        site = f"node-{node}"
+        if any(r["site"] == site and "allow-list" in r["reason"] for r in self.rejected.get(g, [])):
+            return
+        why = "not on the allow-list: its key was registered outside `fedmira coordinator`"
+        log(WARNING, "Round %d: excluded %s: node %d is not on the allow-list (its key was "
+                     "registered outside `fedmira coordinator`); it gets no task and no adapter", g, site, node)
+        self.rejected.setdefault(g, []).append({"site": site, "reason": why})
 
     # ------------------------------------------------------------------ communication
     def _count(self, g: int, direction: str, messages: list[Message]) -> None:

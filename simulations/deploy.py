@@ -32,6 +32,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,12 @@ from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
 from common.rundir import RunDir
 from simulations.certs import ALLOW_LIST, read_allow_list
-from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, stream_run
+from simulations.flower_runtime import SimulationSuperLink, port_in_use, run_status, stop_recorded, stream_run
+from simulations.superlink_gate import READY_LINE, SECURITY_TAG
 from simulations.launch import _finish, create_run_folder, resume_run, write_run_config
 
 DEFAULT_EXPERIMENT = "deployment"
+LOOPBACK = "127.0.0.1"
 COORDINATOR_STATE_KEY = "coordinator"
 SHOWN = ("ERROR", "Traceback", "excluded")  # Flower log lines shown without --verbose
 
@@ -131,11 +134,31 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class DeploymentSuperLink(SimulationSuperLink):
-    """The coordinator's SuperLink: HTTPS, SuperNode authentication, state database in the run."""
+    """The coordinator's SuperLink: HTTPS, SuperNode authentication, state database in the run.
 
-    def __init__(self, run_dir: Path, tls: CoordinatorTls, host: str, port: int) -> None:
-        super().__init__(run_dir, host=host, port=port)
+    Two addresses (``simulations/superlink_gate.py``): hospitals reach only the Fleet API on
+    ``fleet_host:fleet_port``; the Control API (register keys, start and stop runs) and the
+    ServerApp's Runtime API are on ``127.0.0.1:control_port``, for this machine only.
+    """
+
+    def __init__(self, run_dir: Path, tls: CoordinatorTls, host: str, port: int, control_port: int = 0) -> None:
+        super().__init__(run_dir, host=LOOPBACK, port=control_port)
+        self.fleet_host, self.fleet_port = host, port
         self.tls = tls
+        self.ready_marker = READY_LINE.encode()
+
+    @property
+    def fleet_address(self) -> str:
+        """Where hospitals connect."""
+        return f"{self.fleet_host}:{self.fleet_port}"
+
+    def check_ports(self) -> None:
+        """Both addresses free, or a message naming the port (exit 2 from the CLI)."""
+        for host, port, who in ((self.fleet_host, self.fleet_port, "hospitals' (mode.superlink)"),
+                                (self.host, self.port, "operator's (mode.control_port)")):
+            if port_in_use(host, port):
+                raise FedmiraError(f"Port {port} on {host} is in use by another program; it is the "
+                                   f"{who} port. Stop that program or choose another port.")
 
     def connection_toml(self) -> str:
         return ('[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
@@ -143,7 +166,8 @@ class DeploymentSuperLink(SimulationSuperLink):
 
     def command(self) -> list[str]:
         return [
-            "flower-superlink",
+            sys.executable, "-m", "simulations.superlink_gate",
+            "--fleet-host", self.fleet_host, "--fleet-port", str(self.fleet_port), "--",
             "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
             "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth",
             "--host", self.host, "--port", str(self.port),
@@ -152,13 +176,15 @@ class DeploymentSuperLink(SimulationSuperLink):
         ]
 
     def start(self, timeout: float = 60.0) -> None:
+        self.check_ports()
         try:
             super().start(timeout)
         except FedmiraError as exc:
             text = self.log_path.read_text(errors="replace")[-3000:]
             if "address already in use" in text.lower() or "Errno 98" in text:
-                raise FedmiraError(f"Port {self.port} on {self.host} is in use (another coordinator?); "
-                                   "stop it or choose another mode.superlink=HOST:PORT.") from exc
+                raise FedmiraError(f"Port {self.fleet_port} on {self.fleet_host} or {self.port} on "
+                                   f"{self.host} is in use by another program; stop it or choose another "
+                                   "mode.superlink=HOST:PORT / mode.control_port.") from exc
             raise
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -193,16 +219,49 @@ def register_keys(link: DeploymentSuperLink, entries: list[tuple[str, str]]) -> 
     return added
 
 
-def online_nodes(link: DeploymentSuperLink) -> int:
-    """How many registered SuperNodes are online now."""
+def allow_listed_node_ids(database: Path, entries: list[tuple[str, str]]) -> dict[str, int]:
+    """Hospital name -> node id of every allow-listed key registered in the SuperLink's state
+    database (read-only). The ``flwr`` CLI lists node ids but not their keys, and an already
+    registered key's id is not returned again, so the database is the one place that maps them.
+    """
+    import sqlite3
+
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key, load_ssh_public_key
+    from flwr.supercore.utils import int64_to_uint64
+
+    wanted = {load_ssh_public_key(line.encode()).public_bytes(*_spki()): name for name, line in entries}
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT node_id, public_key, status FROM node").fetchall()
+    found: dict[str, int] = {}
+    for node_id, key, status in rows:
+        if key is None or status == "unregistered":
+            continue
+        try:
+            der = load_pem_public_key(bytes(key)).public_bytes(*_spki())
+        except ValueError:
+            continue
+        if der in wanted:  # Flower keeps the uint64 node id as a signed int64 in SQLite
+            found[wanted[der]] = int64_to_uint64(int(node_id))
+    missing = [name for name, _ in entries if name not in found]
+    if missing:
+        raise FedmiraError(f"The SuperLink's database {database} holds no node for the key(s) of "
+                           f"{', '.join(missing)}; restart the coordinator so it registers them.")
+    return found
+
+
+def online_nodes(link: DeploymentSuperLink, allowed: frozenset[int] | None = None) -> int:
+    """How many registered SuperNodes are online now (only allow-listed ones when given: a key
+    registered by anyone else is not a hospital)."""
     doc = _json_out(link.flwr("supernode", "ls", "fedmira", "--format", "json"))
-    return sum(1 for n in doc.get("nodes", []) if n.get("status") == "online")
+    return sum(1 for n in doc.get("nodes", []) if n.get("status") == "online"
+               and (allowed is None or int(n.get("node-id", -1)) in allowed))
 
 
-def wait_for_sites(link: DeploymentSuperLink, wanted: int, out: TextIO, poll_s: float = 2.0) -> None:
+def wait_for_sites(link: DeploymentSuperLink, wanted: int, out: TextIO, poll_s: float = 2.0,
+                   allowed: frozenset[int] | None = None) -> None:
     """Block until ``wanted`` hospitals are online, printing progress when it changes."""
     shown = -1
-    while (n := online_nodes(link)) < wanted:
+    while (n := online_nodes(link, allowed)) < wanted:
         if link.proc is not None and link.proc.poll() is not None:
             raise FedmiraError(f"The SuperLink exited; see {link.log_path}.")
         if n != shown:
@@ -314,12 +373,24 @@ def coordinate(
     run.mark(launched_at=launched_at,
              **{COORDINATOR_STATE_KEY: {"tls": tls.to_dict(), "allow_list": str(list_path)}})
     host, port = parse_address(cfg.mode.superlink)
+    _check_loopback_san(sans, tls)
+    link = DeploymentSuperLink(run.path, tls, host, port, cfg.mode.control_port)
     print(f"{len(entries)} hospitals on the allow-list {list_path}, {cfg.strategy.rounds} rounds, model "
-          f"{cfg.model.name_or_path}, config {cfg.config_hash()}; SuperLink on https://{host}:{port} "
-          f"(certificate valid for {', '.join(sans) or 'no SAN'})", file=out)
-    link = DeploymentSuperLink(run.path, tls, host, port)
+          f"{cfg.model.name_or_path}, config {cfg.config_hash()}; certificate valid for "
+          f"{', '.join(sans) or 'no SAN'}", file=out)
+    print(f"Hospitals connect to https://{host}:{port} (Fleet API only). Operator: https://{link.address} "
+          f"on this machine only (Control API: `FLWR_HOME={link.flwr_home} flwr ls fedmira`).", file=out)
     status, started = _serve(link, run, cfg, entries, wanted, out, verbose)
     return _finish(cfg, run, status, started - t0, time.perf_counter() - t0, out, command="coordinator")
+
+
+def _check_loopback_san(sans: list[str], tls: CoordinatorTls) -> None:
+    """The operator address is 127.0.0.1: the ServerApp and the flwr CLI verify it there."""
+    if LOOPBACK not in sans:
+        raise FedmiraError(f"{tls.server_cert} is not valid for {LOOPBACK} (SANs: {', '.join(sans) or 'none'}); "
+                           "the ServerApp and the flwr CLI reach the SuperLink's operator address on "
+                           f"{LOOPBACK}. Add IP:{LOOPBACK} to the certificate's subjectAltName "
+                           "(`fedmira certs` does).")
 
 
 def _check_start(cfg: ExperimentConfig, wanted: int) -> None:
@@ -334,16 +405,60 @@ def _serve(link: DeploymentSuperLink, run: RunDir, cfg: ExperimentConfig, entrie
            wanted: int, out: TextIO, verbose: bool) -> tuple[str, float]:
     """SuperLink up, keys registered, hospitals online, run streamed; (Flower status, start time)."""
     toml_path = write_run_config(run, cfg)
-    with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, link:
+    with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, link, \
+            SecurityEcho(link.log_path, run.path / "security.log", out):
         stop_flower_run(link, run.state().get("flower_run_id"))
         added = register_keys(link, entries)
         if added:
             print(f"Registered {len(added)} hospital key(s): {', '.join(added)}", file=out)
-        wait_for_sites(link, wanted, out)
+        nodes = allow_listed_node_ids(run.path / "superlink.db", entries)
+        run.write_allowed_nodes(nodes)
+        wait_for_sites(link, wanted, out, allowed=frozenset(nodes.values()))
         started = time.perf_counter()
         run_id = stream_run(link, toml_path, [], _progress(run, out, verbose), log_file)
         status = run_status(link, run_id) if run_id is not None else "not started"
     return status, started
+
+
+class SecurityEcho:
+    """Follows the SuperLink's log while the run lives; every ``[fedmira-security]`` line (a
+    request refused on the fleet address) goes to the console and to ``RUN_DIR/security.log``."""
+
+    def __init__(self, source: Path, sink: Path, out: TextIO, poll_s: float = 0.5) -> None:
+        self.source, self.sink, self.out, self.poll_s = source, sink, out, poll_s
+        self.offset = source.stat().st_size if source.is_file() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="fedmira-security-echo", daemon=True)
+
+    def __enter__(self) -> SecurityEcho:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.drain()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.drain()
+
+    def drain(self) -> None:
+        """Echo the security lines written since the last call."""
+        if not self.source.is_file():
+            return
+        with open(self.source, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # whole lines only; the rest is read next time
+        self.offset += end
+        lines = [ln for ln in chunk[:end].decode(errors="replace").splitlines() if SECURITY_TAG in ln]
+        if lines:
+            with open(self.sink, "a", encoding="utf-8") as sink:
+                for line in lines:
+                    text = line[line.index(SECURITY_TAG):]
+                    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", file=sink)
+                    print(text, file=self.out, flush=True)
 
 
 def _progress(run: RunDir, out: TextIO, verbose: bool) -> Callable[[str], None]:

@@ -64,8 +64,10 @@ def add_deploy_commands(sub: Any) -> None:
         description="Start the coordinator's Flower SuperLink (HTTPS with --certs, SuperNode authentication "
                     "with the hospitals' keys from --allow-list, state database in the run folder), wait "
                     "until the hospitals are online, run the rounds and write the run folder a simulation "
-                    "writes. Listens on mode.superlink (default 127.0.0.1:9092; 0.0.0.0:9092 for other "
-                    "machines). Resume with run.resume=RUN_DIR.\n\n"
+                    "writes. Hospitals connect to mode.superlink (default 127.0.0.1:9092; 0.0.0.0:9092 for "
+                    "other machines), which serves only the Fleet API; the Control API (flwr CLI) and the "
+                    "ServerApp's API listen on 127.0.0.1:mode.control_port (0: a free port; printed at "
+                    "start). Only allow-listed keys take part in a round. Resume with run.resume=RUN_DIR.\n\n"
                     "  fedmira coordinator --certs pki mode.superlink=0.0.0.0:9092 strategy.rounds=5")
     co.add_argument("--certs",
                     help="folder with ca.crt, server.crt, server.key (or a `fedmira certs` folder)")

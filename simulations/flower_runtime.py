@@ -33,6 +33,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_MARKER = "FEDMIRA_RUN_DIR"
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound now (another program listens there)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def free_port() -> int:
     """A TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -87,6 +99,8 @@ class SimulationSuperLink:
         self.reaper: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = run_dir / "superlink.log"
+        #: The log line that says the SuperLink serves (a subclass may wait for another).
+        self.ready_marker = b"Application startup complete"
 
     @property
     def address(self) -> str:
@@ -123,7 +137,7 @@ class SimulationSuperLink:
                 raise FedmiraError(f"The Flower SuperLink exited at start-up; see {self.log_path}.")
             with open(self.log_path, "rb") as f:  # this start's lines only (the log is appended to)
                 f.seek(start_at)
-                if b"Application startup complete" in f.read():
+                if self.ready_marker in f.read():
                     return
             time.sleep(0.3)
         raise FedmiraError(f"The Flower SuperLink did not start within {timeout:.0f} s; see {self.log_path}.")

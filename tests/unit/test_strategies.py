@@ -352,3 +352,32 @@ def test_hetero_svd_sums_mixed_rank_updates_and_sends_each_site_its_rank(task_id
     assert sent[1].content["config"]["global-round"] == 2
     down = strategy.round_record(2)["comm"]["sites"]
     assert down["site_01"]["down_bytes"] * 2 == down["site_02"]["down_bytes"]
+
+
+# --------------------------------------------------------------------------- allow-list
+def test_a_node_off_the_allow_list_is_never_sampled_and_its_reply_is_refused(
+        task_identity: None, caplog: pytest.LogCaptureFixture) -> None:
+    """Deployment: a node whose key a third party registered (node 9) gets no task, and a reply
+    claiming to come from it is excluded; the round goes on with the allow-listed nodes."""
+    strategy = FedmiraFedAvg(round_config_fn=_settings, norm_factor=0, min_train_nodes=2)
+    strategy.allowed_nodes = lambda: frozenset({1, 2})
+    glob = _arrays(0)
+    with caplog.at_level(logging.WARNING):
+        messages = list(strategy.configure_train(1, _record(glob), ConfigRecord(), _grid([1, 2, 9])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2]
+    assert "node 9 is not on the allow-list" in caplog.text
+    replies = [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 1, 1.0), _reply(9, _arrays(3), 50, 1.0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and metrics["num-sites"] == 2
+    for key, value in _numpy(arrays).items():  # type: ignore[arg-type]
+        np.testing.assert_allclose(value, _mean([_arrays(1), _arrays(2)], [1, 1])[key], rtol=1e-6)
+    refused = [r for r in strategy.rejected[1] if "allow-list" in r["reason"]]
+    assert [r["site"] for r in refused] == ["node-9"]  # once, by node id: its site id is not trusted
+    evaluate = list(strategy.configure_evaluate(4, _record(glob), ConfigRecord(), _grid([1, 2, 9])))
+    assert 9 not in {m.metadata.dst_node_id for m in evaluate}
+
+
+def test_without_an_allow_list_every_node_takes_part(task_identity: None) -> None:
+    strategy = FedmiraFedAvg(round_config_fn=_settings)
+    messages = list(strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 9])))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 9]
