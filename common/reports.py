@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, TextIO
 from common.errors import ConfigError, DataError, FedmiraError
 
 # DICOM modality codes (plus MR spelled as radiologists do). DR/CR are radiographs.
-MODALITIES: tuple[str, ...] = ("CT", "MR", "DR", "CR", "US", "MG", "NM", "PT", "XA", "RF", "OT")
+MODALITIES: tuple[str, ...] = ("CT", "MR", "DR", "CR", "US", "MG", "NM", "PT", "XA", "RF", "OT", "UN")
 
 # Human-readable names used in prompts.
 MODALITY_NAMES: dict[str, str] = {
@@ -39,6 +39,7 @@ MODALITY_NAMES: dict[str, str] = {
     "XA": "angiography",
     "RF": "fluoroscopy",
     "OT": "other",
+    "UN": "unknown modality",  # an export without a modality column (not a DICOM code)
 }
 
 
@@ -155,6 +156,15 @@ _REQUIRED: tuple[str, ...] = (
     "report_id", "site_id", "modality", "body_part", "exam", "findings", "impression",
 )
 _OPTIONAL: tuple[str, ...] = ("patient_id", "age", "sex", "study_date", "labels")
+# What a bare RIS export must have: an id (under any of these names), findings, impression.
+_ID_NAMES: tuple[str, ...] = ("report_id", "id", "accession", "accession_number")
+_MINIMAL: tuple[str, ...] = ("findings", "impression")
+# Fields an export may not have at all, and what they are then (a field it has but leaves
+# blank is still reported: that is a broken export, not a bare one). site_id: see _Context.
+_ABSENT_DEFAULTS: dict[str, str] = {"modality": "UN", "body_part": "unknown", "exam": "unknown"}
+# Bounds checked on the raw bytes before a JSONL line is parsed: json recurses per nesting level
+# (100k "[" raise RecursionError) and holds the whole line in memory.
+MAX_JSON_DEPTH = 64
 # The exam description and body part are context for the prompt; many exports leave them blank.
 _MAY_BE_EMPTY: frozenset[str] = frozenset({"body_part", "exam"})
 # max_chars guards the two texts that enter prompts and targets.
@@ -168,6 +178,7 @@ _IU_FIELD_NAMES: dict[str, str] = {"report_id": "uid", "exam": "image", "labels"
 
 # Spellings seen in exports, keyed with spaces, '-' , '_' and '/' removed and upper-cased.
 _MODALITY_SYNONYMS: dict[str, str] = {
+    "UNKNOWN": "UN",
     "MRI": "MR",
     "XR": "DR",
     "XRAY": "DR",
@@ -226,6 +237,9 @@ class _Context:
     policy: str
     max_chars: int
     site_id: str | None
+    #: Site of rows without a site_id field: ``site_id`` when given, else the file's stem (a
+    #: file without the field is one hospital's export).
+    default_site: str = ""
     field_names: dict[str, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     seen_ids: dict[str, int] = field(default_factory=dict)
@@ -284,7 +298,13 @@ def load_reports(
         Rows whose findings or impression are longer than this are dropped (``too_long``).
     site_id : str, optional
         Site of the IU rows (default ``"iu"``); for JSONL/CSV, used for rows whose site_id is
-        empty.
+        empty or absent (absent without it: the file's stem).
+
+    A bare export needs only an id (``report_id``, ``id``, ``accession`` or
+    ``accession_number``), ``findings`` and ``impression``: an absent ``modality`` is ``UN``
+    (unknown), an absent ``body_part`` / ``exam`` is ``"unknown"``. A JSONL line longer than
+    ``12 x max_chars + 64 KiB`` bytes or nested deeper than :data:`MAX_JSON_DEPTH` is refused
+    before it is parsed.
 
     Returns
     -------
@@ -302,7 +322,7 @@ def load_reports(
     _check_args(fmt, policy, max_chars)
     file = Path(path)
     data = _read_bytes(file)
-    ctx = _Context(str(path), policy, max_chars, site_id)
+    ctx = _Context(str(path), policy, max_chars, site_id, default_site=site_id or file.stem)
     if fmt == "jsonl" or (fmt == "auto" and file.suffix.lower() in (".jsonl", ".ndjson")):
         return _finish(ctx, "jsonl", _jsonl_rows(data, ctx))
     if fmt == "auto" and file.suffix.lower() != ".csv":
@@ -406,8 +426,51 @@ def _jsonl_rows(data: bytes, ctx: _Context) -> Iterator[_Row | None]:
         yield _jsonl_row(raw, number, ctx)
 
 
+def _json_depth(raw: bytes, limit: int) -> int:
+    """Deepest ``[``/``{`` nesting of a JSON text outside strings, stopping once past ``limit``."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _line_bounded(raw: bytes, number: int, ctx: _Context) -> bool:
+    """Whether a line is small and flat enough to parse; else report it (no text quoted)."""
+    longest = 12 * ctx.max_chars + 65536  # two texts as \uXXXX escapes, plus the other fields
+    if len(raw) > longest:
+        ctx.report(number, None, None, "line_too_long",
+                   f"line has {len(raw):,} bytes, more than {longest:,} (12 x data.max_chars + 64 KiB); "
+                   "it cannot be a report: fix the export or delete the line.")
+        return False
+    # Counting first keeps the scan off ordinary lines.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        ctx.report(number, None, None, "too_deep",
+                   f"line nests JSON arrays/objects more than {MAX_JSON_DEPTH} levels deep; a report "
+                   "is one flat object: fix the export or delete the line.")
+        return False
+    return True
+
+
 def _jsonl_row(raw: bytes, number: int, ctx: _Context) -> _Row | None:
     """Decode and parse one JSONL line."""
+    if not _line_bounded(raw, number, ctx):
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -417,6 +480,10 @@ def _jsonl_row(raw: bytes, number: int, ctx: _Context) -> _Row | None:
         return None
     try:
         obj = json.loads(text)
+    except RecursionError:  # deep nesting the byte scan missed (it stops at the limit)
+        ctx.report(number, None, None, "too_deep",
+                   f"line nests JSON more than {MAX_JSON_DEPTH} levels deep; fix it or delete it.")
+        return None
     except json.JSONDecodeError as err:
         # err.msg is a parser message such as "Unterminated string"; it never quotes the text.
         ctx.report(number, None, None, "malformed_line",
@@ -472,16 +539,18 @@ def _open_csv(text: str, ctx: _Context) -> tuple[Any, list[str], list[str]]:
 def _csv_layout(header: list[str], fmt: str, path: str) -> str:
     """Decide between canonical CSV and the IU layout, or explain which columns are missing."""
     have = set(header)
-    canonical = all(col in have for col in _REQUIRED)
+    canonical = all(col in have for col in _MINIMAL) and any(n in have for n in _ID_NAMES)
     iu = all(col in have for col in _IU_REQUIRED)
     if fmt in ("csv", "auto") and canonical:
         return "csv"
     if fmt in ("iu", "auto") and iu:
         return "iu"
-    wanted = {"csv": [_REQUIRED], "iu": [_IU_REQUIRED], "auto": [_REQUIRED, _IU_REQUIRED]}[fmt]
+    bare = ("report_id", *_MINIMAL)  # the id may also be id, accession or accession_number
+    wanted = {"csv": [bare], "iu": [_IU_REQUIRED], "auto": [bare, _IU_REQUIRED]}[fmt]
     expected = " or ".join(",".join(cols) for cols in wanted)
     missing = ",".join(c for c in wanted[0] if c not in have)
-    optional = "" if fmt == "iu" else f"; canonical CSV may add {','.join(_OPTIONAL)}"
+    optional = "" if fmt == "iu" else (f"; the id may be named {', '.join(_ID_NAMES[1:])}; canonical CSV "
+                                       f"may add site_id,modality,body_part,exam,{','.join(_OPTIONAL)}")
     raise DataError(
         f"{path} does not have the columns of a fedmira report CSV. Expected a header with "
         f"{expected} (any order{optional}); found: "
@@ -573,7 +642,7 @@ def _quote_left_open(record: str) -> bool:
 
 def _canonical_csv_values(named: dict[str, str]) -> dict[str, Any]:
     """Canonical CSV cells keyed by field; optional columns that are blank count as absent."""
-    values: dict[str, Any] = {k: named[k] for k in _REQUIRED}
+    values: dict[str, Any] = {k: named[k] for k in (*_REQUIRED, *_ID_NAMES[1:]) if k in named}
     for key in _OPTIONAL:
         if key in named and named[key].strip():
             values[key] = named[key]
@@ -602,7 +671,7 @@ def _iu_values(named: dict[str, str], ctx: _Context) -> dict[str, Any]:
 
 def _to_report(row: _Row, ctx: _Context) -> Report | None:
     """Validate one row; report every problem it has and return a Report only if none."""
-    values = row.values
+    values = _with_defaults(row.values, ctx)
     if ctx.site_id and _is_blank(values.get("site_id")):
         values = {**values, "site_id": ctx.site_id}
     if not _encoding_ok(row.line, values, ctx):
@@ -638,6 +707,21 @@ def _to_report(row: _Row, ctx: _Context) -> Report | None:
         impression=texts["impression"],
         **optional,
     )
+
+
+def _with_defaults(values: dict[str, Any], ctx: _Context) -> dict[str, Any]:
+    """Fill what a bare export does not have: the id under another name, the site, the exam."""
+    out = dict(values)
+    if "report_id" not in out:
+        alias = next((n for n in _ID_NAMES[1:] if n in out), None)
+        if alias is not None:
+            out["report_id"] = out[alias]
+            ctx.field_names.setdefault("report_id", alias)
+    if "site_id" not in out:
+        out["site_id"] = ctx.default_site
+    for name, default in _ABSENT_DEFAULTS.items():
+        out.setdefault(name, default)
+    return out
 
 
 def _is_blank(value: Any) -> bool:

@@ -13,6 +13,7 @@ Layout::
       metrics.csv            the same, flattened, for spreadsheets
       state.json             {"last_round": 3, ...}: what resume reads
       loss.png               train/validation loss per round, overall and per site
+      run.lock               held (an OS file lock) by the one launcher driving the run
 
 A round is *committed* in this order: adapter folder written under a temporary name and renamed,
 then the metrics line appended, then ``state.json`` replaced atomically. A crash at any point
@@ -33,10 +34,69 @@ from common.errors import FedmiraError
 
 STATE_FILE = "state.json"
 ALLOWED_NODES = "allowed_nodes.json"  # deployment: node ids of the allow-listed keys
+LOCK_FILE = "run.lock"  # held by the launcher driving the run
 STRATEGY_STATE = "strategy_state.safetensors"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
+
+
+class RunLock:
+    """An OS lock (``flock``) on ``RUN_DIR/run.lock`` for the life of one launcher.
+
+    A second launcher of the same run folder (a resume typed twice, a simulate beside a
+    coordinator) is refused before it touches anything, with the holder's pid, command and start
+    time. The kernel releases the lock when the holder dies, even by SIGKILL, so a crashed run
+    is never locked out; the file descriptor is not inherited by the Flower processes started.
+    """
+
+    def __init__(self, folder: str | Path, command: str) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FedmiraError(
+                f"{self.path.parent} is in use by `fedmira {holder.get('command', '?')}` (pid "
+                f"{holder.get('pid', '?')}, started {holder.get('started', '?')}); nothing was changed. "
+                "Stop that process first (or wait for it to finish), then run this again.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": self.command,
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return dict(json.loads(os.read(fd, 4096).decode() or "{}"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ Flower 1.42 specifics this module works with:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -42,7 +43,7 @@ from cryptography.exceptions import InvalidSignature
 
 from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
-from common.rundir import RunDir
+from common.rundir import RunDir, RunLock
 from simulations.certs import ALLOW_LIST, read_allow_list
 from simulations.flower_runtime import SimulationSuperLink, port_in_use, run_status, stop_recorded, stream_run
 from simulations.superlink_gate import READY_LINE, SECURITY_TAG
@@ -360,18 +361,32 @@ def coordinate(
     resumed_from_cli : bool
         Whether overrides accompany ``run.resume`` (they must not change the recorded config).
     """
+    with contextlib.ExitStack() as held:
+        if cfg.run.resume:  # before anything of the run is read or stopped: one coordinator per run
+            held.enter_context(RunLock(Path(cfg.run.resume).expanduser(), "coordinator"))
+        return _coordinate(cfg, held, certs=certs, allow_list=allow_list, wait_sites=wait_sites,
+                           resumed_from_cli=resumed_from_cli, out=out, verbose=verbose)
+
+
+def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str | None,
+                allow_list: str | None, wait_sites: int, resumed_from_cli: bool, out: TextIO,
+                verbose: bool) -> int:
     t0, launched_at = time.perf_counter(), time.time()
-    saved = RunDir(cfg.run.resume).state().get(COORDINATOR_STATE_KEY, {}) if cfg.run.resume else {}
+    resuming = bool(cfg.run.resume)
+    saved = RunDir(cfg.run.resume).state().get(COORDINATOR_STATE_KEY, {}) if resuming else {}
     tls, list_path = resolve_settings(saved, certs, allow_list)
     sans = tls.check()
     entries = read_allow_list(list_path)
+    wait_sites = wait_sites or int(saved.get("wait_sites", 0))  # a resume keeps the launch's option
     wanted = wait_sites or len(entries)
     if not cfg.run.resume:  # checked before a run folder is made; a resumed run's config below
         _check_start(cfg, wanted)
     cfg, run = _open_run(cfg, [name for name, _ in entries], resumed_from_cli, out)
+    if not resuming:  # a resumed run's lock is already held
+        held.enter_context(RunLock(run.path, "coordinator"))
     _check_start(cfg, wanted)
-    run.mark(launched_at=launched_at,
-             **{COORDINATOR_STATE_KEY: {"tls": tls.to_dict(), "allow_list": str(list_path)}})
+    run.mark(launched_at=launched_at, **{COORDINATOR_STATE_KEY: {
+        "tls": tls.to_dict(), "allow_list": str(list_path), "wait_sites": wait_sites}})
     host, port = parse_address(cfg.mode.superlink)
     _check_loopback_san(sans, tls)
     link = DeploymentSuperLink(run.path, tls, host, port, cfg.mode.control_port)

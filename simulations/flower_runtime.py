@@ -242,8 +242,10 @@ def stop_recorded(run_dir: Path) -> None:
     path = run_dir / "processes.json"
     if not path.is_file():
         return
+    ours = set(marked_pids(run_dir))  # a recorded pid may since belong to another program
     for pid in json.loads(path.read_text()).get("pids", []):
-        stop_group(int(pid), grace=5.0)
+        if int(pid) in ours:
+            stop_group(int(pid), grace=5.0)
     path.unlink(missing_ok=True)
     kill_marked(run_dir)
 

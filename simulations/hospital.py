@@ -106,7 +106,8 @@ def split_file(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
     from common.reports import load_reports
     from simulations.partition import partition_reports, write_site_folders
 
-    result = load_reports(h.data, fmt=cfg.data.format, policy=cfg.data.policy, max_chars=cfg.data.max_chars)
+    result = load_reports(h.data, fmt=cfg.data.format, policy=cfg.data.policy, max_chars=cfg.data.max_chars,
+                          site_id=h.site_id)
     reports = [dataclasses.replace(r, site_id=h.site_id) for r in result.reports]
     p = cfg.partition
     (split,) = partition_reports(reports, method="natural", val_fraction=p.val_fraction,

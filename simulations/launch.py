@@ -11,6 +11,7 @@ folder (every planned round committed) and the SuperLink's run status.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
 from common.reports import Report, load_reports
-from common.rundir import RunDir, plot_losses
+from common.rundir import RunDir, RunLock, plot_losses
 from common.synthetic import make_synthetic_corpus
 from simulations.partition import SiteSplit, partition_reports, summarize, write_manifest, write_site_folders
 
@@ -169,6 +170,14 @@ def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
 def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: TextIO = sys.stdout,
              verbose: bool = False) -> int:
     """Run a federated simulation; returns the process exit code (0: all rounds committed)."""
+    with contextlib.ExitStack() as held:
+        if cfg.run.resume:  # before anything of the run is read or stopped: one launcher per run
+            held.enter_context(RunLock(Path(cfg.run.resume).expanduser(), "simulate"))
+        return _simulate(cfg, held, resumed_from_cli=resumed_from_cli, out=out, verbose=verbose)
+
+
+def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resumed_from_cli: bool, out: TextIO,
+              verbose: bool) -> int:
     from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, submit_and_stream
 
     t0, launched_at = time.perf_counter(), time.time()
@@ -179,6 +188,7 @@ def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: Text
         print(f"Resuming {run.path} after round {done} of {cfg.strategy.rounds}.", file=out)
     else:
         cfg, run, index = new_run(cfg, out)
+        held.enter_context(RunLock(run.path, "simulate"))
         print(f"Run folder: {run.path}", file=out)
     n_sites = len(index["train_sites"])
     if n_sites < cfg.strategy.min_train_sites:

@@ -7,6 +7,8 @@
    Control API and starts a SuperNode with it: the node is online, but it is not counted as a
    hospital, it gets no task in the round, the run completes with the allow-listed hospitals and
    the coordinator's console names the refused node.
+3. A second coordinator started on the live run folder exits 2 naming the holder (pid, start
+   time), and the live run completes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     assert fed.wait_log("coordinator", r"\[fedmira-security\] refused POST /v1/control/register-node", timeout=30)
     assert fed.wait_log("coordinator", r"\[fedmira-security\] refused POST /v1/control/stop-run", timeout=30)
     assert "stop-run" in (run.path / "security.log").read_text()
+
+    # A second coordinator on the live run folder (a resume typed twice) is refused and harms nothing.
+    second = fed.resume_coordinator(run.path, name="second")
+    assert second.wait(timeout=120) == 2, fed.log("second")[-2000:]
+    assert re.search(r"in use by `fedmira coordinator` \(pid \d+", fed.log("second")), fed.log("second")
+    assert fed.procs["coordinator"].poll() is None
 
     # 2. A key registered on the coordinator's machine, outside the allow-list.
     inside = _flwr(run.path / ".flwr", "supernode", "register", str(fed.root / "rogue.pub"), "fedmira",

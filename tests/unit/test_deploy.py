@@ -107,6 +107,33 @@ def test_hospital_splits_one_report_file(tmp_path: Path) -> None:
     assert split_file(h, compose_config([]), io.StringIO()) == folder  # deterministic, rewritable
 
 
+def test_a_bare_ris_export_splits_and_trains_at_a_hospital(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
+    """Only accession, findings, impression (a common RIS export): the site is the hospital's,
+    the exam "unknown", and the site-aware prompt says so."""
+    import json
+
+    from common.engine import encode_reports, train_steps
+    from common.prompts import render_prompt
+    from common.reports import read_jsonl
+    from tests.unit.test_optim import _model
+
+    src = Path(__file__).resolve().parent.parent / "assets" / "tiny_reports.jsonl"
+    bare = tmp_path / "export.jsonl"
+    with open(bare, "w", encoding="utf-8") as f:
+        for r in read_jsonl(src).reports:
+            f.write(json.dumps({"accession": r.report_id, "findings": r.findings, "impression": r.impression}) + "\n")
+    h = Hospital("127.0.0.1:1", Path("ca"), Path("key"), bare, "st_marys", tmp_path / "work")
+    folder = split_file(h, compose_config([]), io.StringIO())
+    train = read_jsonl(folder / "train.jsonl").reports
+    assert train and {(r.site_id, r.modality, r.body_part, r.exam) for r in train} == {
+        ("st_marys", "UN", "unknown", "unknown")}
+    cfg = compose_config(["+debug=tiny"])
+    assert "unknown modality" in render_prompt(train[0], tiny.tokenizer, "site_aware")
+    examples = encode_reports(train, tiny.tokenizer, cfg.data)
+    result = train_steps(_model(tiny), examples, cfg.train, tiny.device, int(tiny.tokenizer.pad_token_id), steps=2)
+    assert result.steps == 2 and result.mean_loss > 0
+
+
 def test_hospital_credentials_and_node_config(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = io.StringIO()
     check_credentials(_hospital(pki, tmp_path), out)

@@ -494,3 +494,62 @@ def test_csv_quote_left_open_mid_file_is_one_problem(tmp_path: Path) -> None:
     assert "lines 8-15" in result.problems[0].message and "never closed" in result.problems[0].message
     assert (result.rows_total, len(result.reports)) == (5, 4)
     assert_no_report_text(result.problems)
+
+
+# --------------------------------------------------------------------------------------------
+# Bare RIS exports and hostile lines (issue 14)
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_bare_export_checks_with_defaults(tmp_path: Path) -> None:
+    """Only an id, findings and impression: the site is the file's (or the hospital's), the
+    exam context "unknown"; a field the export has but leaves blank is still reported."""
+    path = tmp_path / "st_marys.jsonl"
+    rows = [{"report_id": "a1", "findings": "Lungs clear.", "impression": "Normal."},
+            {"id": 7, "findings": "Small effusion.", "impression": "Effusion."},
+            {"accession": "ACC-9", "findings": "No change.", "impression": "Stable."},
+            {"report_id": "a4", "findings": "Clear.", "impression": "Normal.", "modality": None}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = load_reports(path)
+    assert [r.report_id for r in result.reports] == ["a1", "7", "ACC-9"]
+    first = result.reports[0]
+    assert (first.site_id, first.modality, first.body_part, first.exam) == ("st_marys", "UN", "unknown", "unknown")
+    assert [(p.line, p.field, p.code) for p in result.problems] == [(4, "modality", "missing_field")]
+    assert {r.site_id for r in load_reports(path, site_id="hospital_07").reports} == {"hospital_07"}
+
+
+def test_a_bare_csv_export_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ris.csv"
+    path.write_text("accession,findings,impression\nA1,Lungs clear.,Normal.\n", encoding="utf-8")
+    (report,) = load_reports(path).reports
+    assert (report.report_id, report.site_id, report.modality) == ("A1", "ris", "UN")
+
+
+def test_unknown_modality_reads_in_the_site_aware_prompt() -> None:
+    from common.reports import MODALITY_NAMES, normalize_modality
+
+    assert normalize_modality("unknown") == "UN" and MODALITY_NAMES["UN"] == "unknown modality"
+
+
+@pytest.mark.parametrize(("line", "code"), [
+    (b"[" * 100_000, "too_deep"),                                  # RecursionError in json before
+    (b'{"report_id": "x", "labels": ' + b"[" * 200 + b"]" * 200 + b"}", "too_deep"),
+    (b'{"findings": "' + b"a" * 2_000_000 + b'"}', "line_too_long"),
+])
+def test_hostile_lines_are_refused_before_parsing(tmp_path: Path, line: bytes, code: str) -> None:
+    path = tmp_path / "r.jsonl"
+    good = b'{"report_id": "ok", "site_id": "s", "modality": "CT", "body_part": "", "exam": "", ' \
+           b'"findings": "Clear.", "impression": "Normal."}\n'
+    path.write_bytes(good + line + b"\n")
+    result = load_reports(path, max_chars=20_000)
+    assert [(p.line, p.code) for p in result.problems] == [(2, code)]
+    assert [r.report_id for r in result.reports] == ["ok"]
+    assert len(result.problems[0].message) < 300
+
+
+def test_brackets_inside_strings_are_not_nesting(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    row = {"report_id": "b", "site_id": "s", "modality": "CT", "body_part": "", "exam": "",
+           "findings": "[" * 500 + " \\\" {" * 100, "impression": "Normal."}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    assert [r.report_id for r in load_reports(path).reports] == ["b"]

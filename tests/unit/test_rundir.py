@@ -139,3 +139,40 @@ def test_config_round_trip_and_missing_config(run: RunDir) -> None:
     run.write_config({"train": {"lr": 0.001}}, "abc", "def")
     expected = {"config": {"train": {"lr": 0.001}}, "config_hash": "abc", "lock_hash": "def"}
     assert run.read_config() == expected
+
+
+def test_a_second_launcher_of_a_run_is_refused_and_the_first_keeps_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from common.errors import FedmiraError
+    from common.rundir import RunLock
+
+    with RunLock(tmp_path, "coordinator"):
+        with pytest.raises(FedmiraError, match=r"in use by `fedmira coordinator` \(pid \d+, started .*nothing was changed"):
+            RunLock(tmp_path, "coordinator").acquire()
+        # another process is refused too (flock is per open file, so this holds across processes)
+        probe = ("import sys; from common.rundir import RunLock\n"
+                 "try:\n    RunLock(sys.argv[1], 'simulate').acquire()\nexcept Exception as e:\n"
+                 "    print(e); sys.exit(2)\n")
+        other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode == 2 and "in use by `fedmira coordinator`" in other.stdout
+    RunLock(tmp_path, "simulate").acquire().release()  # released: the next one gets it
+
+
+def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from common.rundir import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.rundir import RunLock\n"
+                               "RunLock(sys.argv[1], 'coordinator').acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    time.sleep(0.1)
+    RunLock(tmp_path, "coordinator").acquire().release()
