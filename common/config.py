@@ -462,6 +462,10 @@ class ModeConfig:
         "Deployment: the coordinator's SuperLink as host:port: where `fedmira coordinator` listens "
         "(0.0.0.0:PORT accepts other machines) and the default `--superlink` of `fedmira hospital`. "
         "Only the Fleet API (hospitals) is served there.", "")
+    state_db: str = _help(
+        "Deployment: the SuperLink's state database (registered node keys, runs), shared by all "
+        "runs of this coordinator so hospitals stay connected from one run to the next; empty: "
+        "RUN.OUT_DIR/coordinator/superlink.db. One coordinator at a time uses it.", "")
     control_port: int = _help(
         "Deployment: port of the operator's address, 127.0.0.1 only (Control API for the `flwr` "
         "CLI, Runtime API for the ServerApp); 0: a free port, written to RUN_DIR/.flwr/config.toml.", 0)

@@ -9,7 +9,8 @@ SuperLink's state database and logs) except ``sites/``, which holds only ``sites
 the hospitals of the allow-list: reports never reach the coordinator.
 
 Resume after a crash or restart: ``fedmira coordinator run.resume=RUN_DIR``. The SuperLink's
-state database (``RUN_DIR/superlink.db``) keeps the registered keys, the hospitals' SuperNodes
+state database (``mode.state_db``, by default ``OUT_DIR/coordinator/superlink.db``, shared by
+all runs so a hospital stays registered from one run to the next) keeps the registered keys, the hospitals' SuperNodes
 reconnect by themselves (they retry), the interrupted Flower run is stopped and a new one
 continues after the last committed round (``server/server_app.py`` reads the run folder).
 
@@ -142,9 +143,11 @@ class DeploymentSuperLink(SimulationSuperLink):
     ServerApp's Runtime API are on ``127.0.0.1:control_port``, for this machine only.
     """
 
-    def __init__(self, run_dir: Path, tls: CoordinatorTls, host: str, port: int, control_port: int = 0) -> None:
+    def __init__(self, run_dir: Path, tls: CoordinatorTls, host: str, port: int, control_port: int = 0,
+                 database: Path | None = None) -> None:
         super().__init__(run_dir, host=LOOPBACK, port=control_port)
         self.fleet_host, self.fleet_port = host, port
+        self.database = database or run_dir / "superlink.db"
         self.tls = tls
         self.ready_marker = READY_LINE.encode()
 
@@ -172,7 +175,7 @@ class DeploymentSuperLink(SimulationSuperLink):
             "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
             "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth",
             "--host", self.host, "--port", str(self.port),
-            "--database", str(self.run_dir / "superlink.db"),
+            "--database", str(self.database),
             "--disable-runtime-dependency-installation",
         ]
 
@@ -385,11 +388,15 @@ def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str
     if not resuming:  # a resumed run's lock is already held
         held.enter_context(RunLock(run.path, "coordinator"))
     _check_start(cfg, wanted)
+    database = state_database(cfg, run, saved)
+    if database.parent != run.path:  # one SuperLink per shared database (the run's is locked)
+        held.enter_context(RunLock(database.parent, "coordinator"))
     run.mark(launched_at=launched_at, **{COORDINATOR_STATE_KEY: {
-        "tls": tls.to_dict(), "allow_list": str(list_path), "wait_sites": wait_sites}})
+        "tls": tls.to_dict(), "allow_list": str(list_path), "wait_sites": wait_sites,
+        "state_db": str(database)}})
     host, port = parse_address(cfg.mode.superlink)
     _check_loopback_san(sans, tls)
-    link = DeploymentSuperLink(run.path, tls, host, port, cfg.mode.control_port)
+    link = DeploymentSuperLink(run.path, tls, host, port, cfg.mode.control_port, database)
     print(f"{len(entries)} hospitals on the allow-list {list_path}, {cfg.strategy.rounds} rounds, model "
           f"{cfg.model.name_or_path}, config {cfg.config_hash()}; certificate valid for "
           f"{', '.join(sans) or 'no SAN'}", file=out)
@@ -397,6 +404,20 @@ def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str
           f"on this machine only (Control API: `FLWR_HOME={link.flwr_home} flwr ls fedmira`).", file=out)
     status, started = _serve(link, run, cfg, entries, wanted, out, verbose)
     return _finish(cfg, run, status, started - t0, time.perf_counter() - t0, out, command="coordinator")
+
+
+def state_database(cfg: ExperimentConfig, run: RunDir, saved: dict[str, Any]) -> Path:
+    """The SuperLink's state database: the one a resumed run used (runs from before the shared
+    database kept theirs in the run folder), else ``mode.state_db`` or
+    ``run.out_dir/coordinator/superlink.db``, shared by the coordinator's runs so that the
+    hospitals' node registrations outlive a run."""
+    if saved.get("state_db"):
+        return Path(saved["state_db"])
+    if (run.path / "superlink.db").is_file():
+        return run.path / "superlink.db"
+    path = Path(cfg.mode.state_db or Path(cfg.run.out_dir) / "coordinator" / "superlink.db").expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _check_loopback_san(sans: list[str], tls: CoordinatorTls) -> None:
@@ -426,7 +447,7 @@ def _serve(link: DeploymentSuperLink, run: RunDir, cfg: ExperimentConfig, entrie
         added = register_keys(link, entries)
         if added:
             print(f"Registered {len(added)} hospital key(s): {', '.join(added)}", file=out)
-        nodes = allow_listed_node_ids(run.path / "superlink.db", entries)
+        nodes = allow_listed_node_ids(link.database, entries)
         run.write_allowed_nodes(nodes)
         wait_for_sites(link, wanted, out, allowed=frozenset(nodes.values()))
         started = time.perf_counter()

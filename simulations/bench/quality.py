@@ -301,6 +301,20 @@ def budget_curve(cfg: Any, state: State, names: Sequence[str], limit: int, cache
     return curve
 
 
+def curve_baselines(cfg: Any, limit: int, cache: Path) -> dict[str, float]:
+    """The no-training baselines' ROUGE-L on the curve's reports (the plot's horizontal lines:
+    the same reports as its points, not the full held-out set)."""
+    from common.compare import RETRIEVAL_KINDS, SystemSpec, held_out_and_pool, predict_system
+    from common.metrics import rouge_l
+
+    reports, _, pool = held_out_and_pool(cfg, limit, io.StringIO())
+    out: dict[str, float] = {}
+    for kind in (*RETRIEVAL_KINDS, "most_frequent"):
+        hyps, _ = predict_system(SystemSpec(kind, kind), cfg, reports, pool, cache_dir=cache, progress=False)
+        out[kind] = round(sum(rouge_l(r.impression, h) for r, h in zip(reports, hyps)) / max(len(reports), 1), 4)
+    return out
+
+
 def plot_curve(curve: dict[str, list[dict[str, Any]]], baselines: dict[str, float], path: Path) -> Path:
     """Quality vs training tokens, one line per system, baselines as horizontal lines."""
     import matplotlib
@@ -463,6 +477,8 @@ def _curve_lines(doc: dict[str, Any]) -> list[str]:
              f"`{doc.get('curve_png', '')}`):", "", "| system | tokens -> ROUGE-L |", "|---|---|"]
     for name, points in curve.items():
         lines.append(f"| {name} | " + ", ".join(f"{p['tokens'] / 1e6:.2f} M: {p['rougeL']:.3f}" for p in points) + " |")
+    for name, value in (doc.get("curve_baselines") or {}).items():
+        lines.append(f"| {name} (no training, same reports) | {value:.3f} |")
     return lines
 
 
@@ -551,6 +567,7 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
     federated = [n for n in adapters if n.startswith(FEDERATED_PREFIX)]
     curve = budget_curve(cfg, state, [*federated, CENTRAL], budget.curve_reports, work / "cache", out) \
         if budget.curve_reports else {}
+    bars = curve_baselines(cfg, budget.curve_reports, work / "cache") if budget.curve_reports else {}
     state.add_time("compare", time.perf_counter() - t0)
     ratio = ratios(result, federated, CENTRAL)
     doc = {
@@ -561,6 +578,7 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
         "ratios": ratio, "targets": targets(result, ratio), "verdict": result["verdict"]["sentence"],
         "reference": result["reference"], "comparisons": result["comparisons"], "family": result["family"],
         "ablation": ablation(budget, cfg, result, specs), "curve": curve, "curve_n": budget.curve_reports,
+        "curve_baselines": bars,
         "lora": dataclasses.asdict(cfg.lora), "trained": state.doc["systems"], "compare_md": result["paths"]["markdown"],
     }
     return write_results(doc, results_dir, out)
@@ -568,14 +586,12 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
 
 def write_results(doc: dict[str, Any], results_dir: Path, out: TextIO) -> dict[str, Any]:
     """``results/quality-<date>.json``, ``.md`` and the budget plot; prints the Markdown."""
-    from common.compare import RETRIEVAL_KINDS
     from common.evaluation import json_safe
 
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"quality-{doc['date'][:10]}"
     if any(doc.get("curve", {}).values()):
-        bars = {n: _mean(i["summary"], "rougeL") for n, i in doc["systems"].items()
-                if i["kind"] in (*RETRIEVAL_KINDS, "most_frequent") and _mean(i["summary"], "rougeL") is not None}
+        bars = doc.get("curve_baselines") or {}  # on the curve's reports, like its points
         png = plot_curve(doc["curve"], bars, stem.with_name(stem.name + "-budget.png"))  # type: ignore[arg-type]
         doc["curve_png"] = str(png)
     stem.with_suffix(".json").write_text(json.dumps(json_safe(doc), indent=2, default=str))

@@ -9,6 +9,8 @@
    the coordinator's console names the refused node.
 3. A second coordinator started on the live run folder exits 2 naming the holder (pid, start
    time), and the live run completes.
+4. The hospitals outlive the run: the coordinator's next run (a new run folder, the same shared
+   SuperLink database) trains with the same hospital processes.
 """
 
 from __future__ import annotations
@@ -84,3 +86,14 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     assert re.search(rf"excluded node-{rogue_node}: node {rogue_node} is not on the allow-list",
                      fed.log("coordinator")), fed.log("coordinator")[-3000:]
     assert "task received" not in fed.log("rogue")
+
+    # 4. The hospitals outlive the run: a new run of the coordinator finds them, nobody restarts them.
+    assert fed.procs["hospital1"].poll() is None and fed.procs["hospital2"].poll() is None
+    fed.coordinator(TINY, "strategy.rounds=1", "strategy.min_train_sites=2", "strategy.min_evaluate_sites=2",
+                    "--wait-sites", "2", name="next_run")
+    assert fed.procs["next_run"].wait(timeout=300) == 0, fed.log("next_run")[-3000:]
+    runs = sorted((fed.root / "outputs" / "deployment").glob("*/config.json"))
+    assert len(runs) == 2
+    (row,) = RunDir(runs[-1].parent).metrics()
+    assert set(row["train_sites"]) == {"site_01", "site_02"}
+    assert "Registered" not in fed.log("next_run")  # the keys were kept in the shared database
