@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from common import exit_codes
 from common.errors import FedmiraError
 
 EPILOG_OVERRIDES = """\
@@ -88,9 +89,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.launch import simulate
 
     cfg = _compose(args.overrides)
-    resumed_with_overrides = bool(cfg.run.resume) and any(
-        not o.startswith(("run.resume=", "+run.resume=")) for o in args.overrides)
-    return simulate(cfg, resumed_from_cli=resumed_with_overrides, verbose=args.verbose)
+    return simulate(cfg, resume_overrides=args.overrides if cfg.run.resume else (), verbose=args.verbose)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -222,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split the reports into simulated hospitals and fine-tune one LoRA adapter "
                     "with Flower's simulation engine. Writes a run folder (config + hashes, "
                     "metrics per round, adapter per round, final adapter, loss plot). Resume an "
-                    "interrupted run with run.resume=RUN_DIR. Exit 0 when every round completed.")
+                    "interrupted run with run.resume=RUN_DIR (overrides given with it may not change "
+                    "the recorded config).\n\n" + exit_codes.TABLE + ".")
     sim.add_argument("-v", "--verbose", action="store_true", help="stream all Flower logs")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides")
     sim.set_defaults(func=cmd_simulate)
@@ -351,10 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FedmiraError as exc:
         print(f"fedmira: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     except KeyboardInterrupt:
         print("fedmira: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -43,3 +43,70 @@ def compose_dict(overrides: Sequence[str] = (), config_name: str = "config") -> 
 def compose_config(overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Compose ``conf/config.yaml`` with ``overrides`` and validate it."""
     return ExperimentConfig.from_dict(compose_dict(overrides))
+
+
+#: Keys a resume may change: where and how the run is served, not what it trains.
+RESUMABLE_KEYS = ("mode.superlink", "mode.control_port", "mode.ray_address", "mode.client_cpus",
+                  "mode.client_gpus")
+_RESUME_KEYS = ("run.resume", "+run.resume")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _override_key(override: str) -> str:
+    """``a.b=1`` / ``+a.b=1`` / ``++a.b=1`` -> ``a.b`` (group choices like ``data=iu`` -> ``data``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def given_keys(overrides: Sequence[str], base: Sequence[str] = ()) -> set[str]:
+    """The leaf keys ``overrides`` set on top of ``base``: those a plain ``key=value`` names, and
+    those a group choice or experiment overlay changes."""
+    before = _flat(compose_dict(list(base)))
+    after = _flat(compose_dict([*base, *overrides]))
+    named = {_override_key(o) for o in overrides}
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    return changed | {k for k in named if k in after}
+
+
+def resume_config(recorded: ExperimentConfig, overrides: Sequence[str], base: Sequence[str] = (),
+                  where: str = "") -> ExperimentConfig:
+    """The recorded config of a resumed run with the user's ``overrides`` checked against it.
+
+    Only the keys the user gave are compared (not every default the recorded run had changed);
+    :data:`RESUMABLE_KEYS` take the given value, any other difference is refused, naming the
+    key, the recorded and the given value.
+    """
+    overrides = [o for o in overrides if not o.startswith(_RESUME_KEYS)]
+    if not overrides:
+        return recorded
+    keys = given_keys(overrides, base)
+    given = _flat(compose_dict([*base, *overrides]))
+    old = _flat(recorded.to_dict())
+    moved: dict[str, Any] = {}
+    refused: list[str] = []
+    for key in sorted(keys):
+        if key.startswith("run.") or old.get(key) == given.get(key):
+            continue
+        if key in RESUMABLE_KEYS:
+            moved[key] = given.get(key)
+        else:
+            refused.append(f"{key} (recorded {old.get(key)!r}, given {given.get(key)!r})")
+    if refused:
+        raise ConfigError(f"run.resume={where} continues the recorded config; these overrides change it: "
+                          f"{'; '.join(refused[:6])}{' ...' if len(refused) > 6 else ''}. Drop them, or start "
+                          "a new run.")
+    if not moved:
+        return recorded
+    doc = recorded.to_dict()
+    for key, value in moved.items():
+        section, field = key.split(".", 1)
+        doc[section][field] = value
+    return ExperimentConfig.from_dict(doc)

@@ -583,15 +583,20 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ locked part
     def locked_part(self) -> dict[str, Any]:
-        """Settings that make results comparable: split, its seed, eval set, prompt, sites."""
+        """Settings that make results comparable: split, its seed, eval set, prompt, sites.
+
+        A deployment has no split (each hospital holds its own reports): only the prompt and
+        evaluation settings the coordinator sends are locked, not the data source or partition
+        keys it never uses."""
+        prompt = ("template", "max_length", "max_target_tokens", "max_chars")
+        source = ("path", "format", "policy", "synthetic_sites", "synthetic_reports", "synthetic_seed")
+        evaluation = {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")}
+        if self.mode.name == "deployment":
+            return {"data": {k: getattr(self.data, k) for k in prompt}, "eval": evaluation}
         return {
-            "data": {
-                k: getattr(self.data, k)
-                for k in ("path", "format", "policy", "template", "max_length", "max_target_tokens",
-                          "max_chars", "synthetic_sites", "synthetic_reports", "synthetic_seed")
-            },
+            "data": {k: getattr(self.data, k) for k in (*source[:3], *prompt, *source[3:])},
             "partition": dataclasses.asdict(self.partition),
-            "eval": {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")},
+            "eval": evaluation,
         }
 
     def experiment_name(self) -> str:

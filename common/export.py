@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import ExperimentConfig
 from common.errors import FedmiraError
-from common.rundir import RunDir
+from common.rundir import RunDir, excluded_count
 
 
 def _final_adapter(run: RunDir) -> Path:
@@ -121,7 +121,7 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(s[c] for c in cols) + " |" for s in sites]
     lines += _privacy_section(last.get("privacy", {}))
     if last.get("rejected"):
-        lines += ["", f"Sites excluded in the last round: {len(last['rejected'])}."]
+        lines += ["", f"Sites excluded in the last round: {excluded_count(last['rejected'])}."]
     return "\n".join(lines) + "\n"
 
 

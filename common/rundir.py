@@ -139,6 +139,13 @@ class RunDir:
                                "`fedmira coordinator` allow-listed; start deployments with it.")
         return frozenset(int(n) for n in json.loads(path.read_text())["nodes"].values())
 
+    def allowed_node_names(self) -> dict[int, str]:
+        """Node id -> hospital name of the allow-list (empty when the coordinator wrote none)."""
+        path = self.path / ALLOWED_NODES
+        if not path.is_file():
+            return {}
+        return {int(n): str(name) for name, n in json.loads(path.read_text())["nodes"].items()}
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         path = self.path / STATE_FILE
@@ -315,3 +322,10 @@ def write_tensorboard(run: RunDir, record: Mapping[str, Any]) -> None:
                 for key in ("train-loss", "val-loss", "rouge-l"):
                     if key in metrics:
                         writer.add_scalar(f"{kind}_sites/{key}/{site}", metrics[key], g)
+
+
+def excluded_count(rejected: list[dict[str, Any]]) -> int:
+    """Sites excluded in a round: distinct nodes (a site refused twice in one round, e.g. its
+    training timed out and its evaluation failed, counts once); records before node ids were
+    kept count by site name."""
+    return len({r.get("node", r.get("site")) for r in rejected})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_s
 from common.config import ExperimentConfig
 from common.model import apply_lora, load_base_model
 from common.rundir import (
-    RunDir, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
+    RunDir, excluded_count, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
 )
 from common.transport import BYTES_PER_MB, budget_status
 from server.strategies import build_strategy
-from server.strategy import FedmiraBase
+from server.strategy import FedmiraBase, RoundFailed
 
 app = ServerApp()
 
@@ -71,10 +71,23 @@ def write_round(strategy: FedmiraBase, adapter: dict[str, Any], peft_config: Any
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``strategy.rounds`` federated rounds (fewer when resuming)."""
+    """Run ``strategy.rounds`` federated rounds (fewer when resuming); a failure is recorded in
+    the run folder with its kind and reason before Flower sees the exception."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run = RunDir(cfg.run.dir)
-    run.mark(serverapp_started_at=time.time())
+    run.mark(serverapp_started_at=time.time(), failure=None)
+    try:
+        run_rounds(grid, cfg, run)
+    except RoundFailed as exc:
+        _fail(run, "too_few_sites", str(exc))
+        raise
+    except Exception as exc:
+        _fail(run, "serverapp_error", f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir) -> None:
+    """Initial adapter, strategy, restored state, then the rounds, each committed."""
     state, peft_config, done = initial_adapter(cfg, run)
     total = cfg.strategy.rounds
     if done >= total:
@@ -93,6 +106,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.mode.name == "deployment":  # only the hospitals `fedmira coordinator` allow-listed
         run.allowed_nodes()  # fail fast when the coordinator wrote none
         strategy.allowed_nodes = run.allowed_nodes
+        strategy.node_names = run.allowed_node_names()
     restore_strategy(strategy, run, done)
     rows = run.metrics()
     if rows:
@@ -151,6 +165,15 @@ def _committer(
     return commit
 
 
+def _fail(run: RunDir, kind: str, reason: str) -> None:
+    """Record why the run failed (``state.json`` ``failure``) and log it as one ``[fedmira]``
+    line, which the launchers show on the console; the traceback stays in flower.log. The
+    ServerApp holds no report text, so the reason cannot carry any."""
+    line = " ".join(reason.split())[:600]
+    run.mark(status="failed", failure={"kind": kind, "reason": line, "round": run.last_round + 1})
+    log(ERROR, "[fedmira] FAILED (%s): %s", kind, line)
+
+
 def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
     train, ev = record["train"], record["evaluate"]
     parts = [f"round {g}/{total}", f"{train.get('num-sites', 0)} sites",
@@ -160,7 +183,7 @@ def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
     if "rouge-l" in ev:
         parts.append(f"ROUGE-L {ev['rouge-l']:.3f}")
     if record["rejected"]:
-        parts.append(f"{len(record['rejected'])} site(s) excluded")
+        parts.append(f"{excluded_count(record['rejected'])} site(s) excluded")
     privacy = record.get("privacy", {})
     if "record_level" in privacy:
         parts.append(f"site epsilon max {privacy['record_level']['max_epsilon']:.2f}")

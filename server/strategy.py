@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.constant import SType
+from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -250,10 +250,16 @@ class FedmiraBase(AdapterStrategy):
         self.expected: dict[str, tuple[int, ...]] = {}
         self.global_arrays: ArrayDict = {}
         self.sent_train: set[int] = set()
+        #: The instructions of the round in flight (their ids are set when the grid pushes
+        #: them), to tell which node an error reply of the SuperLink itself is about.
+        self._instructions: list[Message] = []
         self.node_sites: dict[int, str] = {}
+        #: Deployment: node id -> hospital name of the allow-list, to name a node that has not
+        #: replied yet (a site lost in round 1 of a resumed run); see ``name_of``.
+        self.node_names: dict[int, str] = {}
         self.comm: dict[int, dict[str, dict[int, int]]] = {}
         self.site_metrics: dict[str, dict[int, dict[str, dict[str, Any]]]] = {"train": {}, "evaluate": {}}
-        self.rejected: dict[int, list[dict[str, str]]] = {}
+        self.rejected: dict[int, list[dict[str, Any]]] = {}
         self.aggregates: dict[str, dict[int, MetricRecord | None]] = {"train": {}, "evaluate": {}}
         self._norms: dict[int, float] = {}
         self.site_dp, self.secure_mode = site_dp, secure_mode
@@ -305,6 +311,7 @@ class FedmiraBase(AdapterStrategy):
         messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
         self.available = max(len(list(grid.get_node_ids())), len(messages), 1)
         self.sent_train = {m.metadata.dst_node_id for m in messages}
+        self._instructions = messages
         self._count(g, "down", messages)
         return messages
 
@@ -325,8 +332,10 @@ class FedmiraBase(AdapterStrategy):
         if len(valid) + len(idle) < self.min_train_nodes:  # a spent budget is an answer, not a failure
             self.forget_replies()
             raise RoundFailed(
-                f"Round {g}: only {len(valid)} of {len(replies)} sites returned a usable adapter, "
-                f"fewer than strategy.min_train_sites={self.min_train_nodes}. See the log above."
+                f"Round {g}: only {len(valid) + len(idle)} of {max(len(self.sent_train), len(replies))} "
+                f"sampled sites returned a usable adapter, fewer than strategy.min_train_sites="
+                f"{self.min_train_nodes}{self._exclusions(g)}. Bring the sites back (or lower "
+                "strategy.min_train_sites), then resume the run."
             )
         if not valid:
             self._keep_site_metrics("train", g, idle)
@@ -348,18 +357,23 @@ class FedmiraBase(AdapterStrategy):
 
     def _note_replies(self, g: int, replies: list[Message]) -> None:
         """Learn node -> site, count upload bytes, log errors and sites that never answered."""
+        unknown = 0  # SuperLink error replies whose node cannot be told: among the silent below
         for m in replies:
-            if m.has_error():
-                self._reject(g, m, f"site raised: {_reason(m)}")
+            if self._from_superlink(m) and self.node_of(m) == SUPERLINK_NODE_ID:
+                unknown += 1
+            elif m.has_error():
+                self._reject(g, m, f"{'unavailable' if self._from_superlink(m) else 'site raised'}: {_reason(m)}")
             else:
                 self.node_sites[m.metadata.src_node_id] = _site_of(m)
         self._count(g, "up", [m for m in replies if not m.has_error()])
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {self.node_of(m) for m in replies}
+        why = "no reply before the round timeout (strategy.round_timeout_s)"
+        if unknown:
+            why = "no reply: the SuperLink reported it unavailable or the round timeout passed"
         for node in sorted(self.sent_train - answered):
-            site = self.node_sites.get(node, f"node-{node}")
-            log(WARNING, "Round %d: excluded %s: no reply before the round timeout", g, site)
-            self.rejected.setdefault(g, []).append(
-                {"site": site, "reason": "no reply before the round timeout (strategy.round_timeout_s)"})
+            site = self.name_of(node)
+            log(WARNING, "Round %d: excluded %s: %s", g, site, why)
+            self._record_rejection(g, site, node, why)
 
     def _note_epsilons(self, replies: list[Message]) -> None:
         """Remember each site's reported DP epsilon (sites report it only when sampled)."""
@@ -440,11 +454,42 @@ class FedmiraBase(AdapterStrategy):
                                       f"{self.norm_factor:g} x the others' median {others:.4g}")
         return kept
 
+    @staticmethod
+    def _from_superlink(msg: Message) -> bool:
+        """An error reply the SuperLink wrote itself (node unavailable, message expired): its
+        source is Flower's SUPERLINK_NODE_ID, not the node it is about."""
+        return msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID
+
+    def node_of(self, msg: Message) -> int:
+        """The node a reply is about: its sender, or for the SuperLink's own error reply the
+        node the answered instruction went to."""
+        if self._from_superlink(msg):
+            for ins in self._instructions:
+                if ins.metadata.message_id and ins.metadata.message_id == msg.metadata.reply_to_message_id:
+                    return int(ins.metadata.dst_node_id)
+        return int(msg.metadata.src_node_id)
+
     def _reject(self, g: int, msg: Message, why: str) -> None:
-        node = msg.metadata.src_node_id
-        site = self.node_sites.get(node, f"node-{node}") if msg.has_error() else _site_of(msg)
+        node = self.node_of(msg)
+        site = self.name_of(node) if msg.has_error() else _site_of(msg)
         log(WARNING, "Round %d: excluded %s: %s", g, site, why)
-        self.rejected.setdefault(g, []).append({"site": site, "reason": why})
+        self._record_rejection(g, site, node, why)
+
+    def _exclusions(self, g: int) -> str:
+        """``; excluded: a (why), b (why)`` for round ``g``'s exclusions, one per node."""
+        seen: dict[Any, str] = {}
+        for r in self.rejected.get(g, []):
+            seen.setdefault(r.get("node", r["site"]), f"{r['site']} ({r['reason']})")
+        return f"; excluded: {', '.join(seen.values())}" if seen else ""
+
+    def name_of(self, node: int) -> str:
+        """A node's site id as it last reported it, else its allow-list name, else ``node-N``."""
+        return self.node_sites.get(node) or self.node_names.get(node) or f"node-{node}"
+
+    def _record_rejection(self, g: int, site: str, node: int, why: str) -> None:
+        """One entry per exclusion; the node id makes a site excluded twice in a round (its
+        training timed out and its evaluation failed) count once (``excluded_count``)."""
+        self.rejected.setdefault(g, []).append({"site": site, "node": int(node), "reason": why})
 
     def _keep_site_metrics(self, kind: str, g: int, replies: list[Message]) -> None:
         per_site: dict[str, dict[str, Any]] = {}
@@ -470,6 +515,7 @@ class FedmiraBase(AdapterStrategy):
         config = ConfigRecord({**dict(config), "global-round": g})
         grid = self._allowed_grid(g, grid)
         messages = self.personalize(list(super().configure_evaluate(server_round, arrays, config, grid)))
+        self._instructions = messages
         self._count(g, "down", messages)
         return messages
 
@@ -477,8 +523,11 @@ class FedmiraBase(AdapterStrategy):
         g = self.global_round(server_round)
         replies = self._listed_replies(g, list(replies))
         for m in replies:
+            if self._from_superlink(m) and self.node_of(m) == SUPERLINK_NODE_ID:
+                continue  # about a node that cannot be told; it is simply not among the scored
             if m.has_error():
-                self._reject(g, m, f"evaluation raised: {_reason(m)}")
+                self._reject(g, m, f"evaluation {'unavailable' if self._from_superlink(m) else 'raised'}: "
+                                   f"{_reason(m)}")
         valid = [m for m in replies if not m.has_error()]
         self._keep_site_metrics("evaluate", g, valid)
         # A site without validation reports answers num-examples 0 and fewer metric keys;
@@ -503,21 +552,24 @@ class FedmiraBase(AdapterStrategy):
         if self.allowed_nodes is None:
             return replies
         allowed = self.allowed_nodes()
+        kept = []
         for m in replies:
-            if m.metadata.src_node_id not in allowed:
+            if self._from_superlink(m) or m.metadata.src_node_id in allowed:
+                kept.append(m)  # the SuperLink's own error replies come from no node
+            else:
                 self._refuse_node(g, m.metadata.src_node_id)
-        return [m for m in replies if m.metadata.src_node_id in allowed]
+        return kept
 
     def _refuse_node(self, g: int, node: int) -> None:
         """Log a node off the allow-list once per round, by node id (its claimed site id is not
         trusted)."""
         site = f"node-{node}"
-        if any(r["site"] == site and "allow-list" in r["reason"] for r in self.rejected.get(g, [])):
+        if any(r.get("node") == node and "allow-list" in r["reason"] for r in self.rejected.get(g, [])):
             return
         why = "not on the allow-list: its key was registered outside `fedmira coordinator`"
         log(WARNING, "Round %d: excluded %s: node %d is not on the allow-list (its key was "
                      "registered outside `fedmira coordinator`); it gets no task and no adapter", g, site, node)
-        self.rejected.setdefault(g, []).append({"site": site, "reason": why})
+        self._record_rejection(g, site, node, why)
 
     # ------------------------------------------------------------------ communication
     def _count(self, g: int, direction: str, messages: list[Message]) -> None:
@@ -534,7 +586,7 @@ class FedmiraBase(AdapterStrategy):
         sites: dict[str, dict[str, int]] = {}
         for direction in ("up", "down"):
             for node, size in rounds[direction].items():
-                site = self.node_sites.get(node, f"node-{node}")
+                site = self.name_of(node)
                 entry = sites.setdefault(site, {"up_bytes": 0, "down_bytes": 0})
                 entry[f"{direction}_bytes"] += size
         done = [r for r in self.comm if r <= g]

@@ -48,12 +48,12 @@ from common.rundir import RunDir, RunLock
 from simulations.certs import ALLOW_LIST, read_allow_list
 from simulations.flower_runtime import SimulationSuperLink, port_in_use, run_status, stop_recorded, stream_run
 from simulations.superlink_gate import READY_LINE, SECURITY_TAG
-from simulations.launch import _finish, create_run_folder, resume_run, write_run_config
+from simulations.launch import _finish, create_run_folder, resume_run, shown, write_run_config
 
 DEFAULT_EXPERIMENT = "deployment"
+DEPLOYMENT_BASE = ("mode=deployment",)  # what `fedmira coordinator` adds before the user's overrides
 LOOPBACK = "127.0.0.1"
 COORDINATOR_STATE_KEY = "coordinator"
-SHOWN = ("ERROR", "Traceback", "excluded")  # Flower log lines shown without --verbose
 
 
 # ------------------------------------------------------------------------------ TLS files
@@ -305,10 +305,10 @@ def new_deployment_run(cfg: ExperimentConfig,
     return cfg, run, index
 
 
-def _open_run(cfg: ExperimentConfig, hospitals: list[str], resumed_from_cli: bool,
+def _open_run(cfg: ExperimentConfig, hospitals: list[str], resume_overrides: Sequence[str],
               out: TextIO) -> tuple[ExperimentConfig, RunDir]:
     if cfg.run.resume:
-        cfg, run, _ = resume_run(cfg.run.resume, cfg if resumed_from_cli else None)
+        cfg, run, _ = resume_run(cfg.run.resume, resume_overrides, base=DEPLOYMENT_BASE)
         if cfg.mode.name != "deployment":
             raise ConfigError(f"{run.path} is a simulation; resume it with "
                               "`fedmira simulate run.resume=...`.")
@@ -348,7 +348,7 @@ def resolve_settings(saved: dict[str, Any], certs: str | None,
 # ------------------------------------------------------------------------------ coordinate
 def coordinate(
     cfg: ExperimentConfig, *, certs: str | None = None, allow_list: str | None = None,
-    wait_sites: int = 0, resumed_from_cli: bool = False, out: TextIO = sys.stdout,
+    wait_sites: int = 0, resume_overrides: Sequence[str] = (), out: TextIO = sys.stdout,
     verbose: bool = False,
 ) -> int:
     """Run a deployment from the coordinator; returns the exit code (0: all rounds committed).
@@ -361,18 +361,19 @@ def coordinate(
         TLS folder and allow-list file; on resume the recorded ones are used unless given.
     wait_sites : int
         Start the run once this many hospitals are online (0: every allow-listed hospital).
-    resumed_from_cli : bool
-        Whether overrides accompany ``run.resume`` (they must not change the recorded config).
+    resume_overrides : sequence of str
+        The Hydra overrides given with ``run.resume`` (they must not change the recorded config,
+        except where the run is served: ``common.compose.RESUMABLE_KEYS``).
     """
     with contextlib.ExitStack() as held:
         if cfg.run.resume:  # before anything of the run is read or stopped: one coordinator per run
             held.enter_context(RunLock(Path(cfg.run.resume).expanduser(), "coordinator"))
         return _coordinate(cfg, held, certs=certs, allow_list=allow_list, wait_sites=wait_sites,
-                           resumed_from_cli=resumed_from_cli, out=out, verbose=verbose)
+                           resume_overrides=resume_overrides, out=out, verbose=verbose)
 
 
 def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str | None,
-                allow_list: str | None, wait_sites: int, resumed_from_cli: bool, out: TextIO,
+                allow_list: str | None, wait_sites: int, resume_overrides: Sequence[str], out: TextIO,
                 verbose: bool) -> int:
     t0, launched_at = time.perf_counter(), time.time()
     resuming = bool(cfg.run.resume)
@@ -384,14 +385,14 @@ def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str
     wanted = wait_sites or len(entries)
     if not cfg.run.resume:  # checked before a run folder is made; a resumed run's config below
         _check_start(cfg, wanted)
-    cfg, run = _open_run(cfg, [name for name, _ in entries], resumed_from_cli, out)
+    cfg, run = _open_run(cfg, [name for name, _ in entries], resume_overrides, out)
     if not resuming:  # a resumed run's lock is already held
         held.enter_context(RunLock(run.path, "coordinator"))
     _check_start(cfg, wanted)
     database = state_database(cfg, run, saved)
     if database.parent != run.path:  # one SuperLink per shared database (the run's is locked)
         held.enter_context(RunLock(database.parent, "coordinator"))
-    run.mark(launched_at=launched_at, **{COORDINATOR_STATE_KEY: {
+    run.mark(launched_at=launched_at, failure=None, **{COORDINATOR_STATE_KEY: {
         "tls": tls.to_dict(), "allow_list": str(list_path), "wait_sites": wait_sites,
         "state_db": str(database)}})
     host, port = parse_address(cfg.mode.superlink)
@@ -501,7 +502,7 @@ def _progress(run: RunDir, out: TextIO, verbose: bool) -> Callable[[str], None]:
     def on_line(line: str) -> None:
         if "[fedmira]" in line:
             print(line.split("[fedmira]", 1)[1].strip(), file=out, flush=True)
-        elif verbose or any(word in line for word in SHOWN):
+        elif verbose or shown(line):
             print(line, file=out, flush=True)
         if "Successfully started run" in line:
             run.mark(flower_run_id=int(line.rsplit(" ", 1)[-1]))
@@ -519,7 +520,6 @@ def coordinator_command(overrides: Sequence[str], *, certs: str | None = None,
         raise FedmiraError(f"Unexpected argument(s) {bad}: overrides look like key=value (see --help).")
     resume = any(o.startswith(("run.resume=", "+run.resume=")) for o in overrides)
     given_mode = any(o.startswith(("mode=", "+mode=")) for o in overrides)
-    cfg = compose_config([*([] if given_mode else ["mode=deployment"]), *overrides])
-    with_overrides = resume and any(not o.startswith(("run.resume=", "+run.resume=")) for o in overrides)
+    cfg = compose_config([*([] if given_mode else DEPLOYMENT_BASE), *overrides])
     return coordinate(cfg, certs=certs, allow_list=allow_list, wait_sites=wait_sites,
-                      resumed_from_cli=with_overrides, verbose=verbose)
+                      resume_overrides=overrides if resume else (), verbose=verbose)

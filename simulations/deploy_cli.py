@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from common import exit_codes
 from common.errors import FedmiraError
 
 OVERRIDES_HELP = ("Hydra overrides (key=value, group=option, +debug=tiny); the coordinator's define the run, "
@@ -62,12 +63,15 @@ def add_deploy_commands(sub: Any) -> None:
         "coordinator", formatter_class=fmt,
         help="run a federated deployment: SuperLink with TLS and node auth",
         description="Start the coordinator's Flower SuperLink (HTTPS with --certs, SuperNode authentication "
-                    "with the hospitals' keys from --allow-list, state database in the run folder), wait "
+                    "with the hospitals' keys from --allow-list, state database shared by the coordinator's runs, mode.state_db), wait "
                     "until the hospitals are online, run the rounds and write the run folder a simulation "
                     "writes. Hospitals connect to mode.superlink (default 127.0.0.1:9092; 0.0.0.0:9092 for "
                     "other machines), which serves only the Fleet API; the Control API (flwr CLI) and the "
                     "ServerApp's API listen on 127.0.0.1:mode.control_port (0: a free port; printed at "
-                    "start). Only allow-listed keys take part in a round. Resume with run.resume=RUN_DIR.\n\n"
+                    "start). Only allow-listed keys take part in a round. Resume with run.resume=RUN_DIR "
+                    "(the launch's --certs, --allow-list and --wait-sites are kept; overrides may move "
+                    "mode.superlink but not change what the run trains).\n\n"
+                    f"{exit_codes.TABLE}.\n\n"
                     "  fedmira coordinator --certs pki mode.superlink=0.0.0.0:9092 strategy.rounds=5")
     co.add_argument("--certs",
                     help="folder with ca.crt, server.crt, server.key (or a `fedmira certs` folder)")

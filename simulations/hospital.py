@@ -296,6 +296,10 @@ FAILURES = (
     ("Unable to parse the private key",
      ("Flower cannot read {key} (\"{line}\"); use the OpenSSH key from `fedmira certs` or "
       "`ssh-keygen -t ecdsa -b 384`.")),
+    ("401 Unauthorized",
+     ("The coordinator's SuperLink no longer accepts this hospital's node (Flower: \"{line}\"): it was "
+      "restarted with another state database (mode.state_db) or {key}.pub left its allow-list. Start "
+      "`fedmira hospital` again once the coordinator runs with this key on its allow-list.")),
     ("Address already in use",
      ("The local Runtime API port is in use (\"{line}\"); another SuperNode runs on this machine "
       "with the same port.")),
@@ -455,7 +459,7 @@ def run_hospital(h: Hospital, cfg: ExperimentConfig, *, out: TextIO = sys.stdout
             while node.alive():
                 time.sleep(1.0)
         if not node.alive():
-            raise FedmiraError(node.failure or f"The SuperNode stopped; see {node.log_path}.")
+            raise FedmiraError(node.failure or stopped_text(node))
     except KeyboardInterrupt:
         print("Stopping the SuperNode.", file=out)
     finally:
@@ -463,6 +467,21 @@ def run_hospital(h: Hospital, cfg: ExperimentConfig, *, out: TextIO = sys.stdout
         node.stop()
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def stopped_text(node: SuperNodeProcess) -> str:
+    """Why a SuperNode that nobody stopped ended. Flower ends a connected SuperNode by itself
+    (SIGINT to itself) when the SuperLink answers its heartbeat 401: the node id is unknown there."""
+    code = node.proc.returncode if node.proc is not None else None
+    if node.node_id is None:
+        return f"The SuperNode stopped before it connected (exit code {code}); see {node.log_path}."
+    if code not in (0, None):
+        return f"The SuperNode {node.node_id} exited with code {code}; see {node.log_path}."
+    return (f"The SuperNode {node.node_id} stopped by itself: the coordinator's SuperLink no longer "
+            "knows this node (Flower stops a SuperNode whose heartbeat is refused, HTTP 401). The "
+            "coordinator was restarted with another state database (mode.state_db) or this key left "
+            "its allow-list; start `fedmira hospital` again once the coordinator is back. Details: "
+            f"{node.log_path}.")
 
 
 def _raise_interrupt() -> None:

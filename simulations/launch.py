@@ -15,13 +15,15 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
+from common import exit_codes
 from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
 from common.reports import Report, load_reports
@@ -94,8 +96,10 @@ def check_lock(cfg: ExperimentConfig) -> None:
     lock = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
     if path.is_file():
         recorded = json.loads(path.read_text())
-        if recorded["lock_hash"] != lock["lock_hash"] and not cfg.run.allow_lock_change:
-            changed = _changed_keys(recorded["locked"], lock["locked"])
+        # Keys only one side has (a lock written before a key was locked, or a deployment's
+        # lock that leaves the split out) are not a change.
+        changed = _changed_keys(recorded["locked"], lock["locked"], both=True)
+        if changed and not cfg.run.allow_lock_change:
             raise ConfigError(
                 f"The locked part of experiment `{name}` changed ({', '.join(changed)}), so "
                 "its results would not be comparable with earlier runs. Use another run.name, "
@@ -105,12 +109,13 @@ def check_lock(cfg: ExperimentConfig) -> None:
     path.write_text(json.dumps(lock, indent=2, sort_keys=True))
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "", both: bool = False) -> list[str]:
+    """``key: old -> new`` for every differing leaf (``both``: only keys both sides have)."""
     keys: list[str] = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(set(old) & set(new) if both else set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
+            keys += _changed_keys(a, b, f"{prefix}{k}.", both)
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys
@@ -137,18 +142,15 @@ def create_run_folder(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunDir]:
     return cfg, run
 
 
-def resume_run(resume: str, cfg_overrides: ExperimentConfig | None) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
-    """Reopen a run folder with its recorded config (the config must not change on resume)."""
+def resume_run(resume: str, overrides: Sequence[str] = (),
+               base: Sequence[str] = ()) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
+    """Reopen a run folder with its recorded config; ``overrides`` (the user's, beside
+    ``run.resume``) may not change it, except where the run is served (``RESUMABLE_KEYS``)."""
+    from common.compose import resume_config
+
     run = RunDir(Path(resume).resolve())
     doc = run.read_config()
-    cfg = ExperimentConfig.from_dict(doc["config"])
-    if cfg_overrides is not None and cfg_overrides.config_hash() != cfg.config_hash():
-        changed = _changed_keys(cfg.to_dict(), cfg_overrides.to_dict())
-        changed = [c for c in changed if not c.startswith("run.")]
-        raise ConfigError(
-            f"resume={resume} continues the recorded config; these overrides differ: "
-            f"{', '.join(changed[:6])}. Drop them, or start a new run."
-        )
+    cfg = resume_config(ExperimentConfig.from_dict(doc["config"]), overrides, base, where=resume)
     index = json.loads((run.path / "sites" / "sites.json").read_text())
     return cfg, run, index
 
@@ -167,22 +169,31 @@ def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
 
 
 # ------------------------------------------------------------------------------ simulate
-def simulate(cfg: ExperimentConfig, *, resumed_from_cli: bool = False, out: TextIO = sys.stdout,
+def shown(line: str) -> bool:
+    """Flower log lines worth the console without ``--verbose``: errors and exclusions. Not
+    Flower's "ServerApp raised an exception" / "Traceback" header: the ServerApp logs its
+    reason as one ``[fedmira] FAILED`` line; the traceback stays in flower.log."""
+    if "ServerApp raised an exception" in line or line.lstrip().startswith("Traceback"):
+        return False
+    return "ERROR" in line or re.search(r"Round \d+: excluded ", line) is not None
+
+
+def simulate(cfg: ExperimentConfig, *, resume_overrides: Sequence[str] = (), out: TextIO = sys.stdout,
              verbose: bool = False) -> int:
     """Run a federated simulation; returns the process exit code (0: all rounds committed)."""
     with contextlib.ExitStack() as held:
         if cfg.run.resume:  # before anything of the run is read or stopped: one launcher per run
             held.enter_context(RunLock(Path(cfg.run.resume).expanduser(), "simulate"))
-        return _simulate(cfg, held, resumed_from_cli=resumed_from_cli, out=out, verbose=verbose)
+        return _simulate(cfg, held, resume_overrides=resume_overrides, out=out, verbose=verbose)
 
 
-def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resumed_from_cli: bool, out: TextIO,
+def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overrides: Sequence[str], out: TextIO,
               verbose: bool) -> int:
     from simulations.flower_runtime import SimulationSuperLink, run_status, stop_recorded, submit_and_stream
 
     t0, launched_at = time.perf_counter(), time.time()
     if cfg.run.resume:
-        cfg, run, index = resume_run(cfg.run.resume, None if not resumed_from_cli else cfg)
+        cfg, run, index = resume_run(cfg.run.resume, resume_overrides)
         stop_recorded(run.path)
         done = run.repair()
         print(f"Resuming {run.path} after round {done} of {cfg.strategy.rounds}.", file=out)
@@ -197,7 +208,7 @@ def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resumed_from
     print(f"{n_sites} simulated hospitals ({len(index['external_sites'])} held out as external), "
           f"{cfg.strategy.rounds} rounds, model {cfg.model.name_or_path}, config {cfg.config_hash()}, "
           f"lock {cfg.lock_hash()}", file=out)
-    run.mark(launched_at=launched_at)
+    run.mark(launched_at=launched_at, failure=None)
     toml_path = write_run_config(run, cfg)
     bar = tqdm(total=cfg.strategy.rounds, initial=run.last_round, desc="rounds", unit="round",
                file=out, dynamic_ncols=True)
@@ -207,7 +218,7 @@ def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resumed_from
             bar.write(line.split("[fedmira]", 1)[1].strip(), file=out)
             bar.n = run.last_round
             bar.refresh()
-        elif verbose or "ERROR" in line or "Traceback" in line or "excluded" in line:
+        elif verbose or shown(line):
             bar.write(line, file=out)
 
     with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, \
@@ -234,6 +245,7 @@ def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, w
         "completed" if ok else "FAILED")
     print(f"\nRun {word}: {last}/{cfg.strategy.rounds} rounds committed in {wall_s:.0f} s "
           f"(Flower status: {status}).", file=out)
+    code = exit_codes.OK if ok else _failure_code(state, status, out)
     if stopped:
         print(f"  {state.get('stop_reason', 'strategy.byte_budget_mb reached')}", file=out)
     up, down = run.comm_totals()
@@ -253,7 +265,21 @@ def _finish(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, w
     if not ok:
         print(f"  log:      {run.path / 'flower.log'}\n"
               f"Continue with: fedmira {command} run.resume={run.path}", file=out)
-    return 0 if ok else 1
+    return code
+
+
+def _failure_code(state: dict[str, Any], status: str, out: TextIO) -> int:
+    """Print why the run failed in one line; the exit code of that kind (common/exit_codes)."""
+    failure = state.get("failure") or {}
+    if failure.get("reason"):
+        print(f"  reason:   {failure['reason']}", file=out)
+        return exit_codes.exit_code(failure.get("kind"))
+    if status == "not started":
+        print("  reason:   Flower did not start the run (see flower.log)", file=out)
+    else:
+        print(f"  reason:   Flower ended the run ({status}) before the ServerApp recorded a failure: the "
+              "SuperLink or `flwr run` stopped (see flower.log)", file=out)
+    return exit_codes.FLOWER
 
 
 def _final_quality(cfg: ExperimentConfig, run: RunDir, out: TextIO) -> None:

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import re
 import sys
+import time
 from typing import Any, Awaitable, Callable, MutableMapping, Sequence
 
 #: Paths the fleet address serves: the SuperNodes' API and Flower's health check.
@@ -53,20 +54,38 @@ def _printable(text: str, limit: int = 80) -> str:
     return re.sub(r"[^A-Za-z0-9/_.:-]", "?", text)[:limit]
 
 
-class FleetOnly:
-    """ASGI wrapper: passes fleet paths to ``app``, answers everything else 403."""
+#: Fleet answers that mean a node was refused -> what the coordinator's console says.
+REFUSALS = {
+    412: ("a SuperNode key that is not registered (not on the allow-list) tried to connect; the "
+          "hospital sees \"Failed to activate SuperNode\""),
+    401: ("a SuperNode failed authentication (a node id its key does not own: a node of another "
+          "SuperLink state database, or a forged request); the hospital's SuperNode stops"),
+}
+REFUSAL_QUIET_S = 60.0  # one line per client and kind per minute: heartbeats retry every few seconds
 
-    def __init__(self, app: Callable[..., Awaitable[None]], log: Callable[[str], None]) -> None:
-        self.app, self.log = app, log
+
+class FleetOnly:
+    """ASGI wrapper: passes fleet paths to ``app``, answers everything else 403, and logs the
+    fleet requests Flower refused (unknown key, failed authentication) as security lines."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], log: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.app, self.log, self.clock = app, log, clock
+        self._last: dict[tuple[str, int], float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":  # the operator server owns the lifespan
             return
         path = str(scope.get("path", ""))
-        if scope["type"] == "http" and fleet_path(path):
-            await self.app(scope, receive, send)
-            return
         client = scope.get("client") or ("?", 0)
+        if scope["type"] == "http" and fleet_path(path):
+            async def watch(message: MutableMapping[str, Any]) -> None:
+                if message.get("type") == "http.response.start":
+                    self._refused(int(message.get("status", 0)), path, str(client[0]))
+                await send(message)
+
+            await self.app(scope, receive, watch)
+            return
         self.log(f"{SECURITY_TAG} refused {_printable(str(scope.get('method', scope['type'])))} "
                  f"{_printable(path)} from {_printable(str(client[0]))} on the fleet address: only the "
                  "Fleet API is served to hospitals (the Control API listens on loopback)")
@@ -76,6 +95,16 @@ class FleetOnly:
         await send({"type": "http.response.start", "status": 403,
                     "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+    def _refused(self, status: int, path: str, client: str) -> None:
+        if status not in REFUSALS:
+            return
+        now, key = self.clock(), (client, status)
+        if now - self._last.get(key, -REFUSAL_QUIET_S) < REFUSAL_QUIET_S:
+            return
+        self._last[key] = now
+        self.log(f"{SECURITY_TAG} refused node on {_printable(path)} from {_printable(client)} "
+                 f"(HTTP {status}): {REFUSALS[status]}")
 
 
 def _stderr(line: str) -> None:

@@ -75,6 +75,8 @@ def test_deployment_tls_auth_dropout_and_restart(fed: Federation) -> None:
     # 1. An unknown key is refused, with a message that says why.
     assert fed.procs["intruder"].wait(timeout=150) == 2, fed.log("intruder")[-2000:]
     assert "not on its allow-list" in fed.log("intruder")
+    assert fed.wait_log("coordinator", r"\[fedmira-security\] refused node on /v1/fleet/activate-node .*HTTP 412",
+                        timeout=30), fed.log("coordinator")[-3000:]  # the coordinator sees it too
 
     # 2. Round 1: three hospitals over TLS with authentication; the run folder is a simulation's.
     run = _run_dir(fed)
@@ -96,6 +98,8 @@ def test_deployment_tls_auth_dropout_and_restart(fed: Federation) -> None:
     second = run.metrics()[1]
     assert set(second["train_sites"]) == {"site_01", "site_02"}
     assert "site_03" in [r["site"] for r in second["rejected"]]  # logged as excluded
+    assert fed.wait_log("coordinator", r"round 2/4 \| .*\| 1 site\(s\) excluded", timeout=30), \
+        fed.log("coordinator")[-3000:]  # once, not by node id and by site id
     assert [s["cold-start"] for s in second["train_sites"].values()] == [0, 0]  # the model stayed loaded
 
     # 4. The coordinator dies mid-run; restarted, it resumes after round 2 with the hospitals left.

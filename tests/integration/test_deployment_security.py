@@ -11,6 +11,8 @@
    time), and the live run completes.
 4. The hospitals outlive the run: the coordinator's next run (a new run folder, the same shared
    SuperLink database) trains with the same hospital processes.
+5. A round that loses a hospital below strategy.min_train_sites ends the coordinator with exit 3
+   and the reason on its console in one line (not a bare traceback header).
 """
 
 from __future__ import annotations
@@ -97,3 +99,13 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     (row,) = RunDir(runs[-1].parent).metrics()
     assert set(row["train_sites"]) == {"site_01", "site_02"}
     assert "Registered" not in fed.log("next_run")  # the keys were kept in the shared database
+
+    # 5. A hospital lost mid-round below min_train_sites: exit 3, the reason in one console line.
+    fed.coordinator(TINY, "strategy.rounds=1", "strategy.min_train_sites=2", "strategy.min_evaluate_sites=2",
+                    "strategy.round_timeout_s=20", "--wait-sites", "2", name="short_run")
+    assert fed.wait_log("hospital2", r"(?s)(task received: train.*){3}", timeout=240), fed.log("hospital2")[-2000:]
+    fed.kill("hospital2")
+    assert fed.procs["short_run"].wait(timeout=240) == 3, fed.log("short_run")[-3000:]
+    console = fed.log("short_run")
+    assert re.search(r"FAILED \(too_few_sites\): Round 1: only 1 of 2 sampled sites .*excluded: ", console), console[-3000:]
+    assert "reason:   Round 1: only 1 of 2" in console and "Traceback" not in console

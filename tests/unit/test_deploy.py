@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -24,9 +26,11 @@ from simulations.deploy import CoordinatorTls, deployment_config, parse_address,
 from simulations.hospital import (
     FAILURES,
     Hospital,
+    SuperNodeProcess,
     check_connection,
     check_credentials,
     split_file,
+    stopped_text,
     supernode_command,
 )
 
@@ -148,6 +152,26 @@ def test_hospital_credentials_and_node_config(pki, tmp_path: Path) -> None:  # t
     assert cmd[cmd.index("--isolation") + 1] == "process"
     assert _hospital(pki, tmp_path).index == _hospital(pki, tmp_path).index  # stable per site id
     assert any("allow-list" in text for _, text in FAILURES)
+
+
+def test_a_supernode_the_superlink_forgot_says_why_on_the_hospital_console(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14: a SuperNode refused on its heartbeat (401, the SuperLink's database was replaced)
+    ended with "The SuperNode stopped" and the cause only in supernode.log."""
+    h = _hospital(pki, tmp_path)
+    node = SuperNodeProcess(h, tmp_path, io.StringIO())
+    node._interpret('HTTP Request: POST https://coord:9092/v1/fleet/send-node-heartbeat "HTTP/1.1 401 Unauthorized"')
+    assert node.failure is not None and "no longer accepts" in node.failure and "mode.state_db" in node.failure
+    quiet = SuperNodeProcess(h, tmp_path, io.StringIO())  # Flower ends itself without a 401 line
+    quiet.node_id = "123"
+    quiet.proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    quiet.proc.wait()
+    text = stopped_text(quiet)
+    assert "SuperNode 123 stopped by itself" in text and "HTTP 401" in text and "mode.state_db" in text
+    quiet.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    quiet.proc.wait()
+    assert "exited with code 3" in stopped_text(quiet)
+    quiet.node_id = None
+    assert "before it connected" in stopped_text(quiet)
 
 
 def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Thread]:

@@ -73,6 +73,46 @@ def test_websockets_and_lifespan_never_reach_flower_through_the_fleet_address() 
     assert not fleet_path("/v1/fleetx/pull") and not fleet_path("/healthz")
 
 
+def test_nodes_flower_refuses_on_the_fleet_api_are_security_lines_once_a_minute() -> None:
+    """Issue 14: a refused node key showed on the hospital, not on the coordinator. Flower answers
+    412 to an unregistered key's activation and 401 to a node id its key does not own."""
+    def flower_says(status: int) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        return app
+
+    now = [0.0]
+    logged: list[str] = []
+    gate = FleetOnly(flower_says(412), logged.append, clock=lambda: now[0])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    def call(app: FleetOnly, path: str) -> None:
+        scope = {"type": "http", "path": path, "method": "POST", "client": ("10.0.0.7", 5555)}
+        asyncio.run(app(scope, receive, send))
+
+    call(gate, "/v1/fleet/activate-node")
+    (line,) = logged
+    assert line.startswith(SECURITY_TAG) and "10.0.0.7" in line and "HTTP 412" in line and "allow-list" in line
+    now[0] = 30.0
+    call(gate, "/v1/fleet/activate-node")  # a retry within the minute: no second line
+    assert len(logged) == 1
+    now[0] = 61.0
+    call(gate, "/v1/fleet/activate-node")
+    assert len(logged) == 2
+    gate.app = flower_says(401)
+    call(gate, "/v1/fleet/send-node-heartbeat")
+    assert "HTTP 401" in logged[-1] and "authentication" in logged[-1]
+    gate.app = flower_says(200)
+    call(gate, "/v1/fleet/pull-messages")
+    assert len(logged) == 3  # answered requests are not logged
+
+
 def test_a_busy_port_is_named(tmp_path: Path) -> None:
     pki = make_dev_pki(tmp_path / "pki", 1)
     with socket.socket() as holder:

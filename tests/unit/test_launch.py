@@ -50,3 +50,35 @@ def test_run_config_toml_flattens_back_to_the_config(tmp_path: Path) -> None:
     flat = {f"{s}.{k}": v for s, d in nested.items() for k, v in d.items()}
     assert ExperimentConfig.from_run_config(flat) == cfg
     assert dataclasses.asdict(cfg)["lora"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_deployment_locks_only_what_the_coordinator_sends(tmp_path: Path) -> None:
+    """Issue 14: a deployment's lock refusal listed split keys the user never passed and the
+    coordinator never uses (hospitals hold their own reports)."""
+    deploy = ["mode=deployment", "run.name=deployment"]
+    check_lock(_cfg(tmp_path, *deploy))
+    check_lock(_cfg(tmp_path, *deploy, "partition.seed=7", "partition.num_sites=9"))  # not used: fine
+    with pytest.raises(ConfigError, match=r"data\.max_length: \d+ -> 99") as info:
+        check_lock(_cfg(tmp_path, *deploy, "data.max_length=99"))
+    assert "partition" not in str(info.value)
+    # A lock recorded before a key was locked (or with keys since dropped) compares shared keys only.
+    check_lock(_cfg(tmp_path, "run.name=sim"))
+    check_lock(_cfg(tmp_path, "mode=deployment", "run.name=sim"))
+
+
+def test_a_resume_compares_only_the_keys_the_user_gave(tmp_path: Path) -> None:
+    """Issue 14: resuming with an override listed every default the recorded run had changed, and
+    the coordinator's address fell back to the default port."""
+    from common.compose import resume_config
+
+    base = ["mode=deployment"]
+    recorded = compose_config([*base, "+debug=tiny", "mode.superlink=127.0.0.1:19092", "strategy.rounds=3"])
+    assert resume_config(recorded, ["run.resume=/r"], base) is recorded
+    moved = resume_config(recorded, ["run.resume=/r", "mode.superlink=0.0.0.0:9100"], base)
+    assert moved.mode.superlink == "0.0.0.0:9100" and moved.strategy == recorded.strategy
+    with pytest.raises(ConfigError) as info:
+        resume_config(recorded, ["run.resume=/r", "strategy.rounds=5", "mode.superlink=0.0.0.0:9100"], base, "/r")
+    assert str(info.value).count("(recorded") == 1  # only strategy.rounds: not the tiny model, not the port
+    assert "strategy.rounds (recorded 3, given 5)" in str(info.value)
+    same = resume_config(recorded, ["run.resume=/r", "strategy.rounds=3"], base)  # given, unchanged
+    assert same.config_hash() == recorded.config_hash()

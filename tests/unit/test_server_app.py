@@ -106,3 +106,52 @@ def test_resume_restores_the_server_optimizer_state(tmp_path: Path) -> None:
     restore_strategy(fresh, run, 0)  # a new run restores nothing
     assert fresh.m_t is None  # type: ignore[attr-defined]
     assert json.loads((tmp_path / "state.json").read_text())["last_round"] == 2
+
+
+def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 14: below min_train_sites the console showed a bare "ServerApp raised an exception /
+    Traceback" header. The ServerApp records why; the launcher prints it and exits 3."""
+    import io
+    from types import SimpleNamespace
+
+    import server.server_app as server_app
+    from common import exit_codes
+    from server.strategy import RoundFailed
+    from simulations.launch import _finish, shown
+
+    cfg = _cfg(tmp_path)
+    run = RunDir(tmp_path)
+    run.mark(failure={"kind": "flower", "reason": "an earlier attempt"})  # cleared at start
+
+    def too_few(grid: Any, cfg: Any, run: Any) -> None:
+        raise RoundFailed("Round 1: only 1 of 2 sampled sites returned a usable adapter, fewer than "
+                          "strategy.min_train_sites=2; excluded: hospital_02 (no reply before the\nround "
+                          "timeout)")
+
+    monkeypatch.setattr(server_app, "run_rounds", too_few)
+    with pytest.raises(RoundFailed):
+        server_app.main(None, SimpleNamespace(run_config=cfg.to_run_config()))  # type: ignore[arg-type]
+    failure = run.state()["failure"]
+    assert failure["kind"] == "too_few_sites" and failure["round"] == 1
+    assert "\n" not in failure["reason"] and "excluded: hospital_02 (no reply before the round" in failure["reason"]
+    out = io.StringIO()
+    assert _finish(cfg, run, "finished:failed", 1.0, 2.0, out) == exit_codes.TOO_FEW_SITES == 3
+    assert "reason:   Round 1: only 1 of 2 sampled sites" in out.getvalue()
+    assert "Continue with: fedmira simulate run.resume=" in out.getvalue()
+
+    def crash(grid: Any, cfg: Any, run: Any) -> None:
+        raise KeyError("lora_B")
+
+    monkeypatch.setattr(server_app, "run_rounds", crash)
+    with pytest.raises(KeyError):
+        server_app.main(None, SimpleNamespace(run_config=cfg.to_run_config()))  # type: ignore[arg-type]
+    assert _finish(cfg, run, "finished:failed", 1.0, 2.0, io.StringIO()) == exit_codes.FAILED
+    run.mark(failure=None)
+    out = io.StringIO()
+    assert _finish(cfg, run, "not started", 1.0, 2.0, out) == exit_codes.FLOWER
+    assert "did not start the run" in out.getvalue()
+    # the console: Flower's bare exception header and traceback start are left to flower.log
+    assert not shown("ERROR :     ServerApp raised an exception") and not shown("Traceback (most recent call last):")
+    assert shown("ERROR :     [fedmira] FAILED (too_few_sites): Round 1 ...") and shown("WARNING : Round 2: excluded x: y")

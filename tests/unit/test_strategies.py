@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYog
 
 from common.aggregation import dense_update, hetero_aggregate, truncate_adapter
 from common.config import STRATEGY_NAMES, ExperimentConfig
-from common.rundir import load_strategy_state, save_strategy_state
+from common.rundir import excluded_count, load_strategy_state, save_strategy_state
 from common.transport import encode_tensor
 from server.fedadagrad import FedmiraFedAdagrad
 from server.fedadam import FedmiraFedAdam
@@ -30,7 +30,7 @@ from server.ffa_lora import FedmiraFFALoRA
 from server.hetero_svd import FedmiraHeteroSVD
 from server.strategies import STRATEGIES, build_strategy
 from server.strategy import AdapterAggregation, FedmiraBase, FedmiraFedAvg, RoundFailed
-from tests.unit.test_strategy import SHAPES, _arrays, _grid, _numpy, _reply, task_identity  # noqa: F401
+from tests.unit.test_strategy import SHAPES, _arrays, _error_reply, _grid, _numpy, _reply, task_identity  # noqa: F401
 
 KEY_A, KEY_B = sorted(SHAPES)  # "...lora_A.weight" (2, 4), "...lora_B.weight" (4, 2)
 ALPHA = 16.0
@@ -190,11 +190,63 @@ def test_sites_that_miss_the_timeout_are_logged(
         replies = [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 1, 1.0)]
         _, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and metrics["num-sites"] == 2
-    assert strategy.rejected[1] == [{"site": "node-3", "reason": "no reply before the round timeout "
-                                                                 "(strategy.round_timeout_s)"}]
+    assert strategy.rejected[1] == [{"site": "node-3", "node": 3, "reason": "no reply before the round "
+                                                                            "timeout (strategy.round_timeout_s)"}]
     with pytest.raises(RoundFailed):  # and a round with nobody back still fails loudly
         strategy.configure_train(2, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 3]))
         strategy.aggregate_train(2, [])
+
+
+def test_a_site_lost_in_training_and_evaluation_counts_once_by_its_allow_list_name(
+    task_identity: None,
+) -> None:
+    """Issue 14: one lost hospital was "2 site(s) excluded" (its node id, then its site id). Named
+    from the allow-list before it ever replied (round 1 of a resumed run), counted by node."""
+    strategy = FedmiraFedAvg(round_config_fn=_settings, min_train_nodes=1, evaluate_every=1,
+                             total_rounds=1)
+    strategy.node_names = {3: "hospital_03"}
+    strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 3]))
+    strategy.aggregate_train(1, [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 1, 1.0)])
+    strategy.aggregate_evaluate(1, [_error_reply(3, "TimeoutError: node offline")])
+    rejected = strategy.round_record(1)["rejected"]
+    assert [(r["site"], r["node"]) for r in rejected] == [("hospital_03", 3), ("hospital_03", 3)]
+    assert excluded_count(rejected) == 1
+    assert excluded_count([{"site": "a"}, {"site": "a"}, {"site": "b"}]) == 2  # records of older runs
+
+
+def _superlink_error(about: str) -> Any:
+    """What Flower's SuperLink returns for a node that stopped sending heartbeats: an error reply
+    from SUPERLINK_NODE_ID (1) to the instruction id, not from the node itself."""
+    import time as _time
+
+    from flwr.app import Error, Message, Metadata, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    ins = Message(content=RecordDict(), metadata=Metadata(
+        run_id=1, message_id=about, src_node_id=0, dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id="",
+        group_id="1", created_at=_time.time(), ttl=3600.0, message_type="train"))
+    return Message(error=Error(code=0, reason="Error: Node Unavailable - no heartbeat"), reply_to=ins)
+
+
+@pytest.mark.parametrize("ids_known", [True, False])
+def test_the_superlinks_node_unavailable_reply_excludes_that_node_once_not_node_1(
+    task_identity: None, ids_known: bool,
+) -> None:
+    """Found by the loopback rehearsal: a hospital killed mid-round came back as an error reply
+    from node 1 (the SuperLink), which the allow-list refused as "node-1", and the hospital was
+    excluded a second time for its timeout: "2 site(s) excluded" for one lost site."""
+    strategy = FedmiraFedAvg(round_config_fn=_settings, min_train_nodes=1, norm_factor=0)
+    strategy.allowed_nodes = lambda: frozenset({2, 3, 4})
+    strategy.node_names = {4: "hospital_04"}
+    messages = strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([2, 3, 4]))
+    for m in messages:  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"ins-{m.metadata.dst_node_id}" if ids_known else ""
+    replies = [_reply(2, _arrays(1), 1, 1.0), _reply(3, _arrays(2), 1, 1.0), _superlink_error("ins-4")]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics is not None and metrics["num-sites"] == 2
+    (entry,) = strategy.rejected[1]
+    assert (entry["site"], entry["node"]) == ("hospital_04", 4)
+    assert ("Node Unavailable" in entry["reason"]) is ids_known and "allow-list" not in entry["reason"]
 
 
 # --------------------------------------------------------------------------- communication

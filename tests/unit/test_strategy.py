@@ -132,7 +132,7 @@ def test_error_reply_is_excluded_and_logged(caplog: pytest.LogCaptureFixture) ->
         np.testing.assert_allclose(value, (1 * states[0][key] + 2 * states[1][key]) / 3, rtol=1e-6)
     assert metrics["num-sites"] == 2 and metrics["num-examples"] == 3
     assert strategy.rejected[1] == [
-        {"site": "node-7", "reason": "site raised: ValueError: CUDA out of memory"}
+        {"site": "node-7", "node": 7, "reason": "site raised: ValueError: CUDA out of memory"}
     ]
     assert any("node-7" in r.getMessage() and "CUDA out of memory" in r.getMessage() for r in caplog.records)
 
@@ -223,7 +223,7 @@ def test_round_record_and_round_offset() -> None:
     assert set(record["train_sites"]) == {"site_01", "site_02", "site_03"}
     assert record["train_sites"]["site_02"]["num-examples"] == 2
     assert record["train_sites"]["site_02"]["train-loss"] == 4.0
-    assert record["rejected"] == [{"site": "node-9", "reason": "site raised: ValueError: CUDA out of memory"}]
+    assert record["rejected"] == [{"site": "node-9", "node": 9, "reason": "site raised: ValueError: CUDA out of memory"}]
     assert record["evaluate"] == {} and record["evaluate_sites"] == {}
     assert strategy.round_record(1)["train"] == {} and strategy.round_record(1)["rejected"] == []
 
