@@ -210,7 +210,7 @@ def training_overlap(spec: SystemSpec, cfg: Any, held_out: Sequence[Report], out
     on when both its id and its findings match (ids alone may repeat across hospitals).
     """
     from common.config import ExperimentConfig
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     recorded = recorded_run_config(spec.adapter) if spec.adapter else None
     if not recorded:
@@ -633,7 +633,7 @@ def held_out_and_pool(cfg: Any, limit: int, out: TextIO) -> tuple[list[Report], 
     """
     from common.baselines import training_pool
     from common.evaluation import select_reports
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     splits = split_sites(cfg, load_pooled_reports(cfg, out))
     reports, external = select_reports(splits, split="test", limit=limit, seed=cfg.partition.seed)

@@ -373,7 +373,7 @@ def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: i
     from common.inference import generate_impressions
     from common.prompts import RAG_TEMPLATES
     from common.retrieval import index_sizes
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     stream = sys.stdout if out is None else out
     root = Path(out_dir)

@@ -53,7 +53,7 @@ class AuditPlan:
 
 def audit_sites(cfg: ExperimentConfig, plan: AuditPlan, out: TextIO) -> tuple[list[SiteData], list[Canary]]:
     """The first ``plan.sites`` internal sites of the configured split; canaries in the first."""
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     splits = [s for s in split_sites(cfg, load_pooled_reports(cfg, out)) if not s.external and s.train]
     if not splits:

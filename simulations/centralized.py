@@ -19,7 +19,7 @@ from common.engine import encode_reports, evaluate_loss, train_steps
 from common.errors import ConfigError
 from common.model import apply_lora, count_trainable, load_base_model
 from common.retrieval import rag_neighbors
-from simulations.launch import load_pooled_reports, split_sites
+from common.partition import load_pooled_reports, split_sites
 
 
 def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit: int = 200,

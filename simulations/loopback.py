@@ -3,7 +3,7 @@
 Used by the deployment test (``tests/integration/test_deployment.py``) and the per-round
 overhead benchmark (``python -m simulations.bench.deploy_overhead``); docs/deployment.md shows
 the same steps as shell commands. Every process runs the real commands (``python -m
-simulations.deploy_cli coordinator|hospital``) with TLS and SuperNode authentication, and
+fedmira coordinator|hospital``) with TLS and SuperNode authentication, and
 carries an environment marker so :meth:`Federation.close` can end all of them, including the
 Flower processes they start, whatever state they are in.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations.certs import DevPki, make_dev_pki
-from simulations.flower_runtime import _die_with_parent, free_port
+from server.certs import DevPki, make_dev_pki
+from common.flower_runtime import _die_with_parent, free_port
 
 MARKER = "FEDMIRA_LOOPBACK"
 
@@ -30,7 +30,7 @@ MARKER = "FEDMIRA_LOOPBACK"
 def write_demo_sites(out: Path, num_sites: int = 3, reports: int = 90, seed: int = 7) -> list[Path]:
     """One folder per hospital (train/val/test.jsonl) from the synthetic corpus."""
     from common.synthetic import make_synthetic_corpus
-    from simulations.partition import partition_reports, write_site_folders
+    from common.partition import partition_reports, write_site_folders
 
     splits = partition_reports(make_synthetic_corpus(num_sites, reports, seed))
     return write_site_folders(splits, out)
@@ -78,7 +78,7 @@ class Federation:
         with open(self.root / f"{name}.log", "ab") as log:
             # Own session, and SIGKILL if this process dies (a killed test run leaves nothing:
             # each command's own watchdog then ends the Flower processes it started).
-            proc = subprocess.Popen([sys.executable, "-m", "simulations.deploy_cli", *args], env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "fedmira", *args], env=env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(self.root), preexec_fn=_die_with_parent)
         self.procs[name] = proc

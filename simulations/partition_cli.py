@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from common.config import ExperimentConfig
-from simulations.launch import load_pooled_reports, split_sites
-from simulations.partition import (
+from common.partition import load_pooled_reports, split_sites
+from common.partition import (
     SiteSplit,
     plot_sites,
     site_templates,
@@ -162,7 +162,7 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str = "Partition") ->
     Parameters
     ----------
     rows : list[dict]
-        Rows with the same keys (e.g. :func:`simulations.partition.summarize`).
+        Rows with the same keys (e.g. :func:`common.partition.summarize`).
     title : str
         Level-1 heading.
 

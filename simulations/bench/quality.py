@@ -170,7 +170,7 @@ def _compose(budget: Budget, work: Path, *extra: str, prompt: str | None = None)
 
 def internal_sites(cfg: Any) -> list[tuple[str, int]]:
     """(site id, train reports) of the training sites, largest first."""
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     splits = split_sites(cfg, load_pooled_reports(cfg, io.StringIO()))
     return sorted(((s.site_id, len(s.train)) for s in splits if not s.external and s.train),

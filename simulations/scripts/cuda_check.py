@@ -17,7 +17,6 @@ Prints one JSON document (also written to ``--out``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics

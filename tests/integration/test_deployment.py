@@ -1,7 +1,7 @@
 """A real deployment on loopback: coordinator + 3 hospitals, TLS and SuperNode authentication.
 
 Every process is started with the commands of docs/deployment.md (``python -m
-simulations.deploy_cli coordinator|hospital``, the same functions as ``fedmira coordinator`` /
+fedmira coordinator|hospital``, the same functions as ``fedmira coordinator`` /
 ``fedmira hospital``), on free ports of 127.0.0.1, and every process (Flower's too) is ended at
 the end of each test (``simulations.loopback.Federation`` marks them all).
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from common.rundir import RunDir
-from simulations.certs import make_node_key
+from server.certs import make_node_key
 from simulations.loopback import Federation
 
 pytestmark = pytest.mark.integration

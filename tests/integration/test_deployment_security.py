@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from common.rundir import RunDir
-from simulations.certs import make_node_key
+from server.certs import make_node_key
 from simulations.loopback import Federation
 from tests.integration.test_deployment import QUICK, TINY, _run_dir, fed  # noqa: F401
 

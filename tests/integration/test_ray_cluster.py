@@ -22,7 +22,7 @@ import pytest
 
 from common.compose import compose_config
 from common.rundir import RunDir
-from simulations.flower_runtime import free_port
+from common.flower_runtime import free_port
 from simulations.launch import simulate
 from simulations.loopback import MARKER, pids_with_marker
 

@@ -20,7 +20,7 @@ import pytest
 from common.compose import compose_config
 from common.export import export_run
 from common.rundir import RunDir
-from simulations.flower_runtime import marked_pids
+from common.flower_runtime import marked_pids
 from simulations.launch import new_run, simulate
 
 pytestmark = pytest.mark.integration
@@ -92,7 +92,7 @@ def test_broken_site_is_excluded(tmp_path: Path) -> None:
 
 def test_sigkill_then_resume(tmp_path: Path) -> None:
     out_dir = tmp_path / "outputs"
-    cmd = [sys.executable, "-m", "common.cli", "simulate", *TINY, f"run.out_dir={out_dir}",
+    cmd = [sys.executable, "-m", "fedmira", "simulate", *TINY, f"run.out_dir={out_dir}",
            "strategy.rounds=6", "train.steps=15"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -114,7 +114,7 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     done_before = RunDir(run_dir).last_round
     assert done_before < 6
 
-    code = subprocess.run([sys.executable, "-m", "common.cli", "simulate", f"run.resume={run_dir}"],
+    code = subprocess.run([sys.executable, "-m", "fedmira", "simulate", f"run.resume={run_dir}"],
                           capture_output=True, text=True, timeout=300)
     assert code.returncode == 0, code.stdout[-2000:] + code.stderr[-2000:]
     rows = RunDir(run_dir).metrics()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from fedmira.cli import main
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

@@ -96,7 +96,7 @@ def test_default_systems_and_reference() -> None:
 # ----------------------------------------------------------------------------- held-out set
 def test_training_pool_never_holds_a_held_out_report(tmp_path: Path) -> None:
     from common.evaluation import select_reports
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     cfg = compose_config([*SMALL, "data.synthetic_reports=90", "partition.external_sites=1",
                           f"run.out_dir={tmp_path}"])
@@ -222,7 +222,7 @@ def test_verdict_picks_the_best_adapter(reports: list[Report]) -> None:
 
 # ----------------------------------------------------------------------------- end to end
 def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path) -> None:
-    from common.cli import main
+    from fedmira.cli import main
     from simulations.compare_cli import compare_command
 
     _adapter(tiny, tmp_path / "run")
@@ -328,7 +328,7 @@ def test_compare_on_a_file_without_prior_refuses_the_baselines(tmp_path: Path,
 
 
 def test_compare_help_explains_input_and_prior(capsys: pytest.CaptureFixture[str]) -> None:
-    from common.cli import main
+    from fedmira.cli import main
 
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
@@ -339,7 +339,7 @@ def test_compare_help_explains_input_and_prior(capsys: pytest.CaptureFixture[str
 def test_compare_on_a_file_refuses_an_adapter_trained_on_it(tiny: LoadedModel, tmp_path: Path) -> None:
     from common.reports import write_jsonl
     from simulations.compare_cli import compare_command
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     _adapter(tiny, tmp_path / "run")
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])

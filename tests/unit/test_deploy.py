@@ -21,9 +21,9 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from client.warm_executor import CodeMismatch, check_code, fab_code, installed_code
 from common.compose import compose_config
 from common.errors import ConfigError, DataError, FedmiraError
-from simulations.certs import ALLOW_LIST, make_dev_pki, read_allow_list
-from simulations.deploy import CoordinatorTls, deployment_config, parse_address, resolve_settings
-from simulations.hospital import (
+from server.certs import ALLOW_LIST, make_dev_pki, read_allow_list
+from server.coordinator import CoordinatorTls, deployment_config, parse_address, resolve_settings
+from client.hospital import (
     FAILURES,
     Hospital,
     SuperNodeProcess,
@@ -215,7 +215,7 @@ def test_hospital_connection_errors_say_what_is_wrong(pki, tmp_path: Path) -> No
     with pytest.raises(FedmiraError, match="Nothing listens"):
         check_connection(_hospital(pki, tmp_path, superlink=f"127.0.0.1:{free}"), out)
     with pytest.raises(DataError):
-        from simulations.hospital import prepare_data
+        from client.hospital import prepare_data
 
         prepare_data(_hospital(pki, tmp_path, data=tmp_path / "missing"), compose_config([]), out)
 
@@ -244,7 +244,7 @@ def test_warm_executor_runs_only_the_installed_code() -> None:
 
 # ------------------------------------------------------------------------------ command line
 def test_deploy_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.deploy_cli import main
+    from fedmira.cli import main
 
     assert main(["certs", f"out={tmp_path / 'pki'}", "--names", "st_marys,north"]) == 0
     assert (tmp_path / "pki" / "hospitals" / "north" / "supernode_key").is_file()

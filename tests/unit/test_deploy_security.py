@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 
 from common.errors import FedmiraError
 from common.rundir import RunDir
-from simulations.certs import make_dev_pki, make_node_key, read_allow_list
-from simulations.deploy import CoordinatorTls, DeploymentSuperLink, SecurityEcho, allow_listed_node_ids
-from simulations.flower_runtime import port_in_use
-from simulations.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
+from server.certs import make_dev_pki, make_node_key, read_allow_list
+from server.coordinator import CoordinatorTls, DeploymentSuperLink, SecurityEcho, allow_listed_node_ids
+from common.flower_runtime import port_in_use
+from server.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
 
 
 def _call(app: Any, path: str, method: str = "POST", kind: str = "http") -> tuple[list[dict[str, Any]], list[str]]:
@@ -131,7 +131,7 @@ def test_the_operator_address_is_loopback_and_hospitals_get_the_fleet_address(tm
     pki = make_dev_pki(tmp_path / "pki", 1)
     link = DeploymentSuperLink(tmp_path / "run", CoordinatorTls.from_dir(pki.root), "0.0.0.0", 9092, 9093)
     cmd = link.command()
-    assert cmd[1:3] == ["-m", "simulations.superlink_gate"]
+    assert cmd[1:3] == ["-m", "server.superlink_gate"]
     assert cmd[cmd.index("--fleet-host") + 1] == "0.0.0.0" and cmd[cmd.index("--fleet-port") + 1] == "9092"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "9093"
     assert link.address == "127.0.0.1:9093" and 'address = "127.0.0.1:9093"' in link.connection_toml()

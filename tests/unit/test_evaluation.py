@@ -97,7 +97,7 @@ def _cfg(tmp_path: Path, **partition: Any) -> ExperimentConfig:
 
 
 def test_select_reports_is_deterministic_and_capped(tmp_path: Path) -> None:
-    from simulations.launch import load_pooled_reports, split_sites
+    from common.partition import load_pooled_reports, split_sites
 
     cfg = _cfg(tmp_path, external_sites=1)
     splits = split_sites(cfg, load_pooled_reports(cfg, io.StringIO()))
@@ -314,7 +314,7 @@ def test_evaluate_file_bad_input_is_a_clear_error(tmp_path: Path) -> None:
 def test_evaluate_command_input_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     import common.inference
-    from common.cli import main
+    from fedmira.cli import main
     from common.errors import FedmiraError
     from simulations.evaluate_cli import evaluate_command
 
@@ -338,7 +338,7 @@ def test_evaluate_command_input_flags(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_cli_evaluate_input_end_to_end_on_the_tiny_model(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """`fedmira evaluate --input --prior` with real site_aware_rag prompts on the tiny random model."""
-    from common.cli import main
+    from fedmira.cli import main
 
     path, prior_path, scored = _hospital_files(tmp_path)
     out = tmp_path / "ev"

@@ -12,7 +12,8 @@ from common.compose import compose_config
 from common.config import ExperimentConfig
 from common.errors import ConfigError
 from common.reports import Report
-from simulations.launch import check_lock, split_sites, write_run_config
+from common.partition import split_sites
+from common.runs import check_lock, write_run_config
 from common.rundir import RunDir
 
 

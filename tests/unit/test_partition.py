@@ -1,4 +1,4 @@
-"""Tests of simulations/partition.py: sites, splits, manifests, site folders and summaries."""
+"""Tests of common/partition.py: sites, splits, manifests, site folders and summaries."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from common.errors import ConfigError, DataError
 from common.reports import Report, read_jsonl
 from common.synthetic import make_synthetic_corpus
 from common.reports import load_reports
-from simulations.partition import (
+from common.partition import (
     TEMPLATE_OTHER,
     SiteSplit,
     is_normal,

@@ -5,7 +5,6 @@ Tiny random model, fixed seeds, and expected numbers from Opacus' own accountant
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path

@@ -119,7 +119,7 @@ def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
     import server.server_app as server_app
     from common import exit_codes
     from server.strategy import RoundFailed
-    from simulations.launch import _finish, shown
+    from common.runs import finish_run, shown
 
     cfg = _cfg(tmp_path)
     run = RunDir(tmp_path)
@@ -137,7 +137,7 @@ def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
     assert failure["kind"] == "too_few_sites" and failure["round"] == 1
     assert "\n" not in failure["reason"] and "excluded: hospital_02 (no reply before the round" in failure["reason"]
     out = io.StringIO()
-    assert _finish(cfg, run, "finished:failed", 1.0, 2.0, out) == exit_codes.TOO_FEW_SITES == 3
+    assert finish_run(cfg, run, "finished:failed", 1.0, 2.0, out) == exit_codes.TOO_FEW_SITES == 3
     assert "reason:   Round 1: only 1 of 2 sampled sites" in out.getvalue()
     assert "Continue with: fedmira simulate run.resume=" in out.getvalue()
 
@@ -147,10 +147,10 @@ def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
     monkeypatch.setattr(server_app, "run_rounds", crash)
     with pytest.raises(KeyError):
         server_app.main(None, SimpleNamespace(run_config=cfg.to_run_config()))  # type: ignore[arg-type]
-    assert _finish(cfg, run, "finished:failed", 1.0, 2.0, io.StringIO()) == exit_codes.FAILED
+    assert finish_run(cfg, run, "finished:failed", 1.0, 2.0, io.StringIO()) == exit_codes.FAILED
     run.mark(failure=None)
     out = io.StringIO()
-    assert _finish(cfg, run, "not started", 1.0, 2.0, out) == exit_codes.FLOWER
+    assert finish_run(cfg, run, "not started", 1.0, 2.0, out) == exit_codes.FLOWER
     assert "did not start the run" in out.getvalue()
     # the console: Flower's bare exception header and traceback start are left to flower.log
     assert not shown("ERROR :     ServerApp raised an exception") and not shown("Traceback (most recent call last):")

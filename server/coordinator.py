@@ -45,10 +45,12 @@ from cryptography.exceptions import InvalidSignature
 from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
 from common.rundir import RunDir, RunLock
-from simulations.certs import ALLOW_LIST, read_allow_list
-from simulations.flower_runtime import SimulationSuperLink, port_in_use, run_status, stop_recorded, stream_run
-from simulations.superlink_gate import READY_LINE, SECURITY_TAG
-from simulations.launch import _finish, create_run_folder, resume_run, shown, write_run_config
+from server.certs import ALLOW_LIST, read_allow_list
+from common.flower_runtime import (
+    SimulationSuperLink, parse_address, port_in_use, run_status, stop_recorded, stream_run,
+)
+from server.superlink_gate import READY_LINE, SECURITY_TAG
+from common.runs import create_run_folder, finish_run, resume_run, shown, write_run_config
 
 DEFAULT_EXPERIMENT = "deployment"
 DEPLOYMENT_BASE = ("mode=deployment",)  # what `fedmira coordinator` adds before the user's overrides
@@ -126,19 +128,10 @@ def _sans(cert: Any) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ SuperLink
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` -> (host, port), with a message that says what is wrong."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"Address {address!r} is not host:port (e.g. 127.0.0.1:9092 or "
-                          "coordinator.example.org:9092); set mode.superlink.")
-    return host.strip("[]"), int(port)
-
-
 class DeploymentSuperLink(SimulationSuperLink):
     """The coordinator's SuperLink: HTTPS, SuperNode authentication, state database in the run.
 
-    Two addresses (``simulations/superlink_gate.py``): hospitals reach only the Fleet API on
+    Two addresses (``server/superlink_gate.py``): hospitals reach only the Fleet API on
     ``fleet_host:fleet_port``; the Control API (register keys, start and stop runs) and the
     ServerApp's Runtime API are on ``127.0.0.1:control_port``, for this machine only.
     """
@@ -170,7 +163,7 @@ class DeploymentSuperLink(SimulationSuperLink):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "simulations.superlink_gate",
+            sys.executable, "-m", "server.superlink_gate",
             "--fleet-host", self.fleet_host, "--fleet-port", str(self.fleet_port), "--",
             "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
             "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth",
@@ -404,7 +397,7 @@ def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str
     print(f"Hospitals connect to https://{host}:{port} (Fleet API only). Operator: https://{link.address} "
           f"on this machine only (Control API: `FLWR_HOME={link.flwr_home} flwr ls fedmira`).", file=out)
     status, started = _serve(link, run, cfg, entries, wanted, out, verbose)
-    return _finish(cfg, run, status, started - t0, time.perf_counter() - t0, out, command="coordinator")
+    return finish_run(cfg, run, status, started - t0, time.perf_counter() - t0, out, command="coordinator")
 
 
 def state_database(cfg: ExperimentConfig, run: RunDir, saved: dict[str, Any]) -> Path:

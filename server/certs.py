@@ -17,7 +17,7 @@ key in OpenSSH format (``flower-supernode --auth-supernode-private-key`` reads i
 ``load_ssh_private_key``) and the public key in OpenSSH format (``flwr supernode register`` reads
 it with ``load_ssh_public_key``). Flower 1.42 has no allow-list file any more (``flower-superlink
 --auth-list-public-keys`` is refused): the coordinator registers every key of
-``allowed_supernodes.txt`` with ``flwr supernode register`` (``simulations/deploy.py``).
+``allowed_supernodes.txt`` with ``flwr supernode register`` (``server/coordinator.py``).
 
 Everything is generated with the ``cryptography`` package (already installed: Flower depends on
 it) instead of shelling out to ``openssl``, so it works the same on every OS and needs no

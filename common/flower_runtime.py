@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from common.errors import FedmiraError
+from common.errors import ConfigError, FedmiraError
 
 PR_SET_PDEATHSIG = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,15 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port), with a message that says what is wrong."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"Address {address!r} is not host:port (e.g. 127.0.0.1:9092 or "
+                          "coordinator.example.org:9092); set mode.superlink.")
+    return host.strip("[]"), int(port)
 
 
 def free_port() -> int:
@@ -85,7 +94,7 @@ class SimulationSuperLink:
     """A SuperLink in simulation mode on a free loopback port, owned by this process.
 
     Subclasses change what is started (:meth:`command`), how the ``flwr`` CLI reaches it
-    (:meth:`connection_toml`) and where (``host``, ``port``): ``simulations/deploy.py`` starts
+    (:meth:`connection_toml`) and where (``host``, ``port``): ``server/coordinator.py`` starts
     the coordinator's TLS SuperLink with SuperNode authentication this way.
     """
 
@@ -217,7 +226,7 @@ def start_reaper(run_dir: Path) -> subprocess.Popen[bytes]:
     """A small watchdog that ends the run's processes if the launcher dies (even by SIGKILL)."""
     env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}
     return subprocess.Popen(
-        [sys.executable, "-m", "simulations.flower_runtime", str(os.getpid()), str(run_dir)],
+        [sys.executable, "-m", "common.flower_runtime", str(os.getpid()), str(run_dir)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, cwd=str(PROJECT_ROOT),
     )
@@ -291,5 +300,5 @@ def run_status(link: SimulationSuperLink, run_id: int) -> str:
         return "unknown"
 
 
-if __name__ == "__main__":  # the reaper: python -m simulations.flower_runtime LAUNCHER_PID RUN_DIR
+if __name__ == "__main__":  # the reaper: python -m common.flower_runtime LAUNCHER_PID RUN_DIR
     _reap(int(sys.argv[1]), Path(sys.argv[2]))

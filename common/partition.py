@@ -20,15 +20,20 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
-from common.errors import ConfigError, DataError
-from common.reports import MODALITIES, Report, write_jsonl
+from common.errors import ConfigError, DataError, FedmiraError
+from common.reports import MODALITIES, Report, load_reports, write_jsonl
+from common.synthetic import make_synthetic_corpus
+
+if TYPE_CHECKING:  # the config schema imports nothing from here; annotations only
+    from common.config import ExperimentConfig
 
 METHODS: tuple[str, ...] = ("natural", "iid", "dirichlet", "quantity", "template")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -798,3 +803,60 @@ def plot_sites(splits: list[SiteSplit], path: str | Path, *, mix: str = "auto") 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------------------ from a config
+#: A single-site file under ``partition=natural`` is dealt into this many IID sites.
+DEFAULT_SINGLE_SITE_SPLIT = 8
+
+
+def load_pooled_reports(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> list[Report]:
+    """The reports to split: the file at ``data.path`` or the embedded synthetic corpus."""
+    d = cfg.data
+    if not d.path:
+        return make_synthetic_corpus(d.synthetic_sites, d.synthetic_reports, d.synthetic_seed)
+    result = load_reports(d.path, fmt=d.format, policy=d.policy, max_chars=d.max_chars)
+    if result.problems:
+        codes: dict[str, int] = {}
+        for p in result.problems:
+            codes[p.code] = codes.get(p.code, 0) + 1
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(codes.items()))
+        print(f"data: {result.rows_skipped} of {result.rows_total} rows skipped ({summary}); "
+              f"`fedmira data check {d.path}` lists them.", file=out)
+    if not result.reports:
+        raise FedmiraError(f"No usable reports in {d.path}; run `fedmira data check {d.path}`.")
+    return result.reports
+
+
+def split_sites(cfg: ExperimentConfig, reports: list[Report]) -> list[SiteSplit]:
+    """Partition per config; a single-site file under ``natural`` falls back to an IID split."""
+    p = cfg.partition
+    method, num_sites = p.method, p.num_sites
+    if method == "natural" and len({r.site_id for r in reports}) < 2:
+        method, num_sites = "iid", num_sites or DEFAULT_SINGLE_SITE_SPLIT
+    return partition_reports(
+        reports, method=method, num_sites=num_sites, external_sites=p.external_sites,
+        val_fraction=p.val_fraction, test_fraction=p.test_fraction, seed=p.seed,
+        max_reports_per_site=p.max_reports_per_site, alpha=p.alpha, label_key=p.label_key,
+        min_site_reports=p.min_site_reports,
+    )
+
+
+def write_sites(run_dir: Path, cfg: ExperimentConfig, splits: list[SiteSplit]) -> dict[str, Any]:
+    """One folder per hospital + manifest + summary; returns the site index the apps read."""
+    sites_dir = run_dir / "sites"
+    write_site_folders(splits, sites_dir)
+    manifest_hash = write_manifest(splits, sites_dir / "manifest.json", seed=cfg.partition.seed,
+                                   extra={"lock_hash": cfg.lock_hash()})
+    rows = summarize(splits)
+    if rows:
+        cols = list(rows[0])
+        text = ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows)
+        (sites_dir / "summary.csv").write_text(text)
+    index = {
+        "train_sites": [s.site_id for s in splits if not s.external and s.train],
+        "external_sites": [s.site_id for s in splits if s.external],
+        "manifest_hash": manifest_hash,
+    }
+    (sites_dir / "sites.json").write_text(json.dumps(index, indent=2))
+    return index

@@ -39,7 +39,7 @@ from typing import Any, Sequence, TextIO
 
 from common.config import ExperimentConfig
 from common.errors import DataError, FedmiraError
-from simulations.flower_runtime import flower_env, free_port, kill_marked, start_reaper, stop_group
+from common.flower_runtime import flower_env, free_port, kill_marked, parse_address, start_reaper, stop_group
 
 ISOLATIONS = ("warm", "subprocess")
 CONNECT_TIMEOUT_S = 10.0
@@ -63,8 +63,6 @@ class Hospital:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        from simulations.deploy import parse_address
-
         return parse_address(self.superlink)
 
     @property
@@ -104,7 +102,7 @@ def prepare_data(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
 def split_file(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
     """Split one report file into ``WORKDIR/data/<site-id>/{train,val,test}.jsonl`` (by hash)."""
     from common.reports import load_reports
-    from simulations.partition import partition_reports, write_site_folders
+    from common.partition import partition_reports, write_site_folders
 
     result = load_reports(h.data, fmt=cfg.data.format, policy=cfg.data.policy, max_chars=cfg.data.max_chars,
                           site_id=h.site_id)

@@ -1,0 +1,7 @@
+"""``python -m fedmira ...``: the same as the ``fedmira`` console script."""
+
+import sys
+
+from fedmira.cli import main
+
+sys.exit(main())
