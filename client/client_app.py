@@ -7,8 +7,10 @@ Where the site's reports are:
 - simulation: the launcher wrote one folder per simulated hospital under ``RUN_DIR/sites`` and
   ``sites.json`` maps Flower's ``partition-id`` to a site id.
 
-With ``strategy=hetero_svd`` a hospital trains at its own LoRA rank: node config ``lora-rank``
-(deployment), else ``strategy.site_ranks`` cycled over the simulated sites (``common.site``).
+The client does what each message says, never what a strategy's name implies: with the
+``own-rank`` flag (hetero_svd) a hospital trains at its own LoRA rank, node config ``lora-rank``
+(deployment), else ``strategy.site_ranks`` cycled over the simulated sites (``common.site``);
+with ``freeze-lora-a`` (ffa_lora) it trains and sends the B factors only.
 
 With ``privacy.enabled`` each round is DP-SGD; the site's privacy ledger (accountant) is kept in
 the node's Flower state and in a file under node config ``state-dir`` (default: the site's data
@@ -90,7 +92,8 @@ def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData
     start = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
     site, index, folder = _site(context, cfg)
-    lora = site_lora(cfg, site_rank(cfg, context.node_config, index))
+    own_rank = bool(msg.content["config"].get("own-rank", False)) if "config" in msg.content else False
+    lora = site_lora(cfg, site_rank(cfg, context.node_config, index, own_rank=own_rank))
     worker, cold = _MODELS.get(cfg.model, lora, seed=cfg.train.seed)
     return cfg, site, index, folder, worker, cold, time.perf_counter() - start
 
@@ -108,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         worker, site, cfg, global_state,  # type: ignore[arg-type]
         lr=float(conf["lr"]), steps=int(conf["local-steps"]), seed=cfg.train.seed * 1000003 + g * 1009 + index,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]  (sent by fedprox)
-        ledger=ledger, global_round=g, optimizer_store=store,
+        ledger=ledger, global_round=g, optimizer_store=store, freeze_a=bool(conf.get("freeze-lora-a", False)),
     )
     if ledger is not None:
         _save_ledger(context, cfg, folder, ledger)

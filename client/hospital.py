@@ -172,7 +172,7 @@ def load_model(cfg: ExperimentConfig, out: TextIO, keep: bool) -> Any:
 def dry_run(worker: Any, folder: Path, cfg: ExperimentConfig, h: Hospital, out: TextIO) -> None:
     """One local round on a few reports: print exactly what a reply to the coordinator holds."""
     from common.adapters import get_adapter_state
-    from common.site import load_site, local_evaluate, local_train
+    from common.site import load_site, local_evaluate, local_train, round_flags
     from common.transport import state_payload_bytes
 
     site = load_site(folder, h.site_id)
@@ -180,7 +180,9 @@ def dry_run(worker: Any, folder: Path, cfg: ExperimentConfig, h: Hospital, out: 
     quick = cfg.replace(eval=dataclasses.replace(cfg.eval, max_loss_samples=DRY_RUN_REPORTS, rouge_samples=1,
                                                  max_new_tokens=4))
     start = get_adapter_state(worker.model)
-    state, train_metrics = local_train(worker, small, quick, start, lr=cfg.train.lr, steps=1, seed=0)
+    freeze_a = round_flags(cfg.strategy.name).get("freeze-lora-a", False)  # as a round's message says
+    state, train_metrics = local_train(worker, small, quick, start, lr=cfg.train.lr, steps=1, seed=0,
+                                       freeze_a=freeze_a)
     eval_metrics = local_evaluate(worker, small, quick, start) if small.val else {}
     sent = state_payload_bytes(state, cfg.strategy.transport_dtype)
     extra = ["setup-s", "cold-start", "site-index"]  # added by client/client_app.py

@@ -119,19 +119,39 @@ class ModelCache:
         return self._workers[key], True
 
 
-def site_rank(cfg: ExperimentConfig, node_config: Mapping[str, Any], index: int) -> int:
+#: Flags a strategy puts in every message to a site (``server/strategy.py`` ``client_flags``):
+#: ``own-rank`` (hetero_svd) lets the site train at its own LoRA rank; ``freeze-lora-a``
+#: (ffa_lora) keeps the A factors at the shared initialisation and sends B only.
+CLIENT_FLAGS = ("own-rank", "freeze-lora-a")
+
+#: The flags of the strategies that send any (their classes in ``server/`` take theirs from
+#: here), for the places that act out a round without a message: a hospital's dry run and
+#: ``fedmira audit``.
+STRATEGY_FLAGS: dict[str, dict[str, bool]] = {
+    "ffa_lora": {"freeze-lora-a": True},
+    "hetero_svd": {"own-rank": True},
+}
+
+
+def round_flags(strategy: str) -> dict[str, bool]:
+    """The flags a message of ``strategy`` carries (none for most)."""
+    return dict(STRATEGY_FLAGS.get(strategy, {}))
+
+
+def site_rank(cfg: ExperimentConfig, node_config: Mapping[str, Any], index: int, *, own_rank: bool) -> int:
     """The LoRA rank this site trains at.
 
-    Only ``hetero_svd`` lets ranks differ: there a deployed site's node config ``lora-rank``
-    wins, else ``strategy.site_ranks`` cycled over the site index, else ``lora.r``. Every other
-    strategy averages same-shaped adapters, so every site uses ``lora.r``.
+    Only when the message allows ``own_rank`` (hetero_svd) may ranks differ: then a deployed
+    site's node config ``lora-rank`` wins, else ``strategy.site_ranks`` cycled over the site
+    index, else ``lora.r``. Otherwise the strategy averages same-shaped adapters, so every site
+    uses ``lora.r``.
 
     Raises
     ------
     ConfigError
         When the rank is not an integer in ``[1, lora.r]``.
     """
-    if cfg.strategy.name != "hetero_svd":
+    if not own_rank:
         return cfg.lora.r
     if "lora-rank" in node_config:
         value = node_config["lora-rank"]
@@ -177,13 +197,14 @@ def local_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
     *, lr: float, steps: int, seed: int, proximal_mu: float = 0.0,
     ledger: AccountantState | None = None, global_round: int = 0,
-    optimizer_store: MutableMapping[str, torch.Tensor] | None = None,
+    optimizer_store: MutableMapping[str, torch.Tensor] | None = None, freeze_a: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """Train the global adapter on the site's train split; returns the adapter to send + metrics.
 
     The worker's LoRA rank is the site's (see :func:`site_rank`); a global adapter of higher
     rank is cut to it first. ``proximal_mu > 0`` adds FedProx's term around the global adapter.
-    With ``ffa_lora`` the A factors stay frozen and only the B tensors are returned.
+    With ``freeze_a`` (the message's ``freeze-lora-a``, sent by ffa_lora) the A factors stay
+    frozen and only the B tensors are returned.
     With ``privacy.enabled`` the round is DP-SGD and ``ledger`` (planned by :func:`plan_ledger`)
     records the released steps; a site whose budget is spent trains no step and reports
     ``num-examples`` 0 with ``dp-budget-spent`` 1, so the server leaves it out of the mean.
@@ -194,7 +215,7 @@ def local_train(
     node's own state; replaced with the new moments, never part of the reply).
     """
     set_threads(cfg)
-    ffa = cfg.strategy.name == "ffa_lora"
+    ffa = freeze_a
     rank = worker.model.peft_config["default"].r
     set_adapter_state(worker.model, fit_rank(global_state, rank))
     set_lora_a_trainable(worker.model, not ffa)

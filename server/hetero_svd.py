@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from common.aggregation import LORA_A, ArrayDict, adapter_rank, hetero_aggregate, truncate_adapter
+from common.site import round_flags
 from server.strategy import FedmiraFedAvg, decode_record
 
 
@@ -38,6 +39,8 @@ class FedmiraHeteroSVD(FedmiraFedAvg):
     max_rank : int
         ``lora.r``, the rank of the global adapter and the highest a site may use.
     """
+
+    client_flags = round_flags("hetero_svd")  # own-rank: each site trains at its own rank
 
     def __init__(self, *, alpha: float, max_rank: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)

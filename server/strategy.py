@@ -196,6 +196,10 @@ class AdapterAggregation(AdapterStrategy):
 class FedmiraBase(AdapterStrategy):
     """Top layer: per-round settings, reply checks, per-site metrics and communication bytes.
 
+    Every training and evaluation message carries :attr:`client_flags`: what the site must do
+    differently for this algorithm (freeze A, train at its own rank). The client obeys them; it
+    never looks at the strategy's name.
+
     Parameters
     ----------
     round_config_fn : callable
@@ -269,6 +273,9 @@ class FedmiraBase(AdapterStrategy):
         #: every node the SuperLink admitted takes part (simulation).
         self.allowed_nodes: Callable[[], frozenset[int]] | None = None
 
+    #: Flags every message to a site carries (see :data:`common.site.CLIENT_FLAGS`).
+    client_flags: dict[str, bool] = {}
+
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
 
@@ -305,7 +312,8 @@ class FedmiraBase(AdapterStrategy):
         self.current_round = g
         self.expected = self.expected_shapes(arrays)
         self.global_arrays = decode_record(arrays)
-        config = ConfigRecord({**dict(config), **self.round_config_fn(g), "global-round": g})
+        config = ConfigRecord({**dict(config), **self.round_config_fn(g), **self.client_flags,
+                               "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
         grid = self._allowed_grid(g, grid)
         messages = self.personalize(list(super().configure_train(server_round, arrays, config, grid)))
@@ -512,7 +520,7 @@ class FedmiraBase(AdapterStrategy):
             return []
         # The same sites every evaluation round, so the validation curve compares like with like.
         random.seed(self.seed * 100003 + 7919)
-        config = ConfigRecord({**dict(config), "global-round": g})
+        config = ConfigRecord({**dict(config), **self.client_flags, "global-round": g})
         grid = self._allowed_grid(g, grid)
         messages = self.personalize(list(super().configure_evaluate(server_round, arrays, config, grid)))
         self._instructions = messages

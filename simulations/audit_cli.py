@@ -30,7 +30,7 @@ from common.config import ExperimentConfig, GenerateConfig
 from common.engine import generate
 from common.errors import FedmiraError
 from common.privacy import AccountantState
-from common.site import ModelCache, SiteData, Worker, local_train, plan_ledger
+from common.site import ModelCache, SiteData, Worker, local_train, plan_ledger, round_flags
 
 ARMS = ("no_dp", "dp")
 
@@ -81,7 +81,8 @@ def train_arm(worker: Worker, sites: Sequence[SiteData], cfg: ExperimentConfig, 
         for index, site in enumerate(sites):
             ledger = plan_ledger(ledgers.get(site.site_id), site, cfg) if cfg.privacy.enabled else None
             new, metrics = local_train(worker, site, cfg, state, lr=cfg.train.lr, steps=cfg.train.steps,
-                                       seed=cfg.train.seed * 1000003 + g * 1009 + index, ledger=ledger, global_round=g)
+                                       seed=cfg.train.seed * 1000003 + g * 1009 + index, ledger=ledger, global_round=g,
+                                       freeze_a=round_flags(cfg.strategy.name).get("freeze-lora-a", False))
             if ledger is not None:
                 ledgers[site.site_id] = ledger
             if metrics["num-examples"]:

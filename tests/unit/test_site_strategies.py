@@ -24,6 +24,8 @@ from common.errors import ConfigError
 from common.model import LoadedModel, apply_lora, load_base_model
 from common.reports import Report, write_jsonl
 from common.site import ModelCache, fit_rank, site_rank
+from server.ffa_lora import FedmiraFFALoRA
+from server.hetero_svd import FedmiraHeteroSVD
 from common.transport import decode_array
 
 Factory = Callable[..., Any]
@@ -70,15 +72,17 @@ def _hetero(ranks: list[int], r: int = 16) -> ExperimentConfig:
 
 def test_site_rank_cycles_the_config_and_node_config_wins() -> None:
     cfg = _hetero([4, 8, 16])
-    assert [site_rank(cfg, {}, i) for i in range(5)] == [4, 8, 16, 4, 8]
-    assert site_rank(cfg, {"lora-rank": 2}, 0) == 2
-    assert site_rank(cfg, {"lora-rank": "12"}, 0) == 12
+    assert [site_rank(cfg, {}, i, own_rank=True) for i in range(5)] == [4, 8, 16, 4, 8]
+    assert site_rank(cfg, {"lora-rank": 2}, 0, own_rank=True) == 2
+    assert site_rank(cfg, {"lora-rank": "12"}, 0, own_rank=True) == 12
     with pytest.raises(ConfigError, match=r"lora-rank.*lora\.r=16"):
-        site_rank(cfg, {"lora-rank": 32}, 0)
+        site_rank(cfg, {"lora-rank": 32}, 0, own_rank=True)
     fedavg = compose_config(["+debug=tiny"])
-    assert site_rank(fedavg, {"lora-rank": 2}, 1) == fedavg.lora.r  # only hetero_svd has ranks
+    # only a message with own-rank (hetero_svd's) lets a site's rank differ
+    assert site_rank(fedavg, {"lora-rank": 2}, 1, own_rank=False) == fedavg.lora.r
+    assert site_rank(cfg, {"lora-rank": 2}, 1, own_rank=False) == cfg.lora.r
     no_list = compose_config(["+debug=tiny", "strategy=hetero_svd", "strategy.site_ranks=[]"])
-    assert site_rank(no_list, {}, 3) == no_list.lora.r
+    assert site_rank(no_list, {}, 3, own_rank=True) == no_list.lora.r
 
 
 def test_model_cache_rewraps_for_another_rank_without_reloading() -> None:
@@ -144,7 +148,7 @@ def _train(cfg: ExperimentConfig, folder: Path, state: dict[str, torch.Tensor], 
 def test_ffa_lora_site_sends_only_b_and_keeps_a(site_dir: Path, fresh_caches: None) -> None:
     cfg = compose_config(["+debug=tiny", "strategy=ffa_lora"])
     state = _initial(cfg)
-    reply = _train(cfg, site_dir, state, {})
+    reply = _train(cfg, site_dir, state, {}, **FedmiraFFALoRA.client_flags)  # what the strategy sends
     sent = reply.content["arrays"]
     assert set(sent) == {k for k in state if "lora_B" in k}
     assert reply.content["metrics"]["bytes-sent"] == sum(a.numpy().nbytes for a in sent.values())
@@ -154,6 +158,17 @@ def test_ffa_lora_site_sends_only_b_and_keeps_a(site_dir: Path, fresh_caches: No
         if "lora_A" in k:
             assert torch.equal(after[k], state[k])  # A frozen at the shared init
     assert any(not torch.equal(after[k], state[k]) for k in state if "lora_B" in k)
+
+
+def test_the_client_obeys_the_message_not_the_strategy_name(site_dir: Path, fresh_caches: None) -> None:
+    """Issue 15: the client decided by comparing strategy names; now only the message's flags count."""
+    cfg = compose_config(["+debug=tiny", "strategy=ffa_lora"])
+    state = _initial(cfg)
+    reply = _train(cfg, site_dir, state, {})  # an ffa_lora run, but this message says nothing
+    assert set(reply.content["arrays"]) == set(state)  # so A is trained and sent too
+    plain = compose_config(["+debug=tiny"])
+    reply = _train(plain, site_dir, _initial(plain), {}, **{"freeze-lora-a": True})
+    assert {k for k in reply.content["arrays"]} == {k for k in state if "lora_B" in k}
 
 
 def test_bfloat16_transport_halves_the_upload(site_dir: Path, fresh_caches: None) -> None:
@@ -170,7 +185,7 @@ def test_bfloat16_transport_halves_the_upload(site_dir: Path, fresh_caches: None
 def test_hetero_site_trains_at_its_rank_and_fedprox_mu_is_read(site_dir: Path, fresh_caches: None) -> None:
     cfg = _hetero([4, 8], r=8)
     state = _initial(cfg)  # the server's global adapter at lora.r = 8
-    reply = _train(cfg, site_dir, state, {"lora-rank": 4}, **{"proximal-mu": 0.5})
+    reply = _train(cfg, site_dir, state, {"lora-rank": 4}, **{"proximal-mu": 0.5}, **FedmiraHeteroSVD.client_flags)
     sent = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     assert set(sent) == set(state) and adapter_rank(sent) == 4
     assert reply.content["metrics"]["lora-rank"] == 4

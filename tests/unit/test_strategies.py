@@ -249,6 +249,19 @@ def test_the_superlinks_node_unavailable_reply_excludes_that_node_once_not_node_
     assert ("Node Unavailable" in entry["reason"]) is ids_known and "allow-list" not in entry["reason"]
 
 
+def test_messages_carry_the_flags_of_their_algorithm(task_identity: None) -> None:
+    """The client obeys these flags (issue 15: it no longer compares strategy names)."""
+    for name, flags in (("fedavg", {}), ("ffa_lora", {"freeze-lora-a": True}), ("hetero_svd", {"own-rank": True})):
+        strategy = build_strategy(_cfg(name, **({"site_ranks": [2, 4]} if name == "hetero_svd" else {})))
+        train = strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2]))
+        for m in train:
+            conf = dict(m.content["config"])
+            assert {k: conf[k] for k in ("freeze-lora-a", "own-rank") if k in conf} == flags, name
+        strategy.evaluate_every = 1
+        for m in strategy.configure_evaluate(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2])):
+            assert all(m.content["config"][k] == v for k, v in flags.items()), name
+
+
 # --------------------------------------------------------------------------- communication
 def test_bytes_up_and_down_per_site_and_cumulative(task_identity: None) -> None:
     strategy = FedmiraFedAvg(round_config_fn=_settings, comm_offset=(100, 200), evaluate_every=1,
