@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import re
+import threading
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from common import exit_codes
 from common.config import ExperimentConfig
 from common.errors import ConfigError
-from common.rundir import RunDir, plot_losses
+from common.rundir import RunDir, excluded_count, plot_losses
 
 LOCKS_DIR = "locks"
 
@@ -92,12 +92,85 @@ def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
 
 
 def shown(line: str) -> bool:
-    """Flower log lines worth the console without ``--verbose``: errors and exclusions. Not
-    Flower's "ServerApp raised an exception" / "Traceback" header: the ServerApp logs its
-    reason as one ``[fedmira] FAILED`` line; the traceback stays in flower.log."""
+    """Flower log lines worth the console without ``--verbose``: its errors. Not Flower's
+    "ServerApp raised an exception" / "Traceback" header, and not fedmira's own tagged lines:
+    progress, exclusions and the failure reason come from the run folder (:class:`RunFollower`);
+    the traceback stays in flower.log."""
     if "ServerApp raised an exception" in line or line.lstrip().startswith("Traceback"):
         return False
-    return "ERROR" in line or re.search(r"Round \d+: excluded ", line) is not None
+    return "ERROR" in line and "[fedmira]" not in line
+
+
+def round_line(g: int, total: int, record: dict[str, Any]) -> str:
+    """One committed round in one line: sites, losses, exclusions, epsilon, bytes, time."""
+    train, ev = record.get("train", {}), record.get("evaluate", {})
+    parts = [f"round {g}/{total}", f"{train.get('num-sites', 0)} sites",
+             f"train loss {train.get('train-loss', float('nan')):.4f}"]
+    if "val-loss" in ev:
+        parts.append(f"val loss {ev['val-loss']:.4f}")
+    if "rouge-l" in ev:
+        parts.append(f"ROUGE-L {ev['rouge-l']:.3f}")
+    if record.get("rejected"):
+        parts.append(f"{excluded_count(record['rejected'])} site(s) excluded")
+    privacy = record.get("privacy", {})
+    if "record_level" in privacy:
+        parts.append(f"site epsilon max {privacy['record_level']['max_epsilon']:.2f}")
+    if "site_level" in privacy:
+        parts.append(f"site-level epsilon {privacy['site_level']['epsilon']:.2f}")
+    comm = record.get("comm", {})
+    if comm:
+        parts.append(f"{(comm['up_bytes'] + comm['down_bytes']) / 1e6:.2f} MB "
+                     f"({comm['cumulative_bytes'] / 1e6:.2f} MB total)")
+    parts.append(f"{record.get('round_s', 0.0):.1f} s")
+    return " | ".join(parts)
+
+
+class RunFollower:
+    """Follows a run folder while Flower runs it and emits what the ServerApp committed: each
+    round's exclusions and its line (``metrics.jsonl``), the byte-budget warning and the failure
+    (``state.json``). Progress never depends on the wording of Flower's output.
+
+    Use as a context manager; leaving it reads the folder one last time.
+    """
+
+    def __init__(self, run: RunDir, total: int, emit: Callable[[str, int], None], poll_s: float = 0.5) -> None:
+        self.run, self.total, self.emit, self.poll_s = run, total, emit, poll_s
+        self.seen = run.last_round  # rounds committed before this launch were shown then
+        self._notes: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-follower", daemon=True)
+
+    def __enter__(self) -> RunFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Emit what was committed since the last call (safe to call at any time)."""
+        for row in self.run.metrics():
+            g = int(row.get("round", 0))
+            if g <= self.seen:
+                continue
+            self.seen = g
+            for r in row.get("rejected", []):
+                self.emit(f"Round {g}: excluded {r['site']}: {r['reason']}", g)
+            self.emit(round_line(g, self.total, row), g)
+        state = self.run.state()
+        failure = state.get("failure") or {}
+        notes = [state.get("budget_warning"),  # the stop itself is in finish_run's summary
+                 f"FAILED ({failure['kind']}): {failure['reason']}" if failure.get("reason") else None]
+        for note in notes:
+            if note and note not in self._notes:
+                self._notes.add(note)
+                self.emit(str(note), self.seen)
 
 
 def finish_run(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, wall_s: float,

@@ -50,7 +50,7 @@ from common.flower_runtime import (
     SimulationSuperLink, parse_address, port_in_use, run_status, stop_recorded, stream_run,
 )
 from server.superlink_gate import READY_LINE, SECURITY_TAG
-from common.runs import create_run_folder, finish_run, resume_run, shown, write_run_config
+from common.runs import RunFollower, create_run_folder, finish_run, resume_run, shown, write_run_config
 
 DEFAULT_EXPERIMENT = "deployment"
 DEPLOYMENT_BASE = ("mode=deployment",)  # what `fedmira coordinator` adds before the user's overrides
@@ -445,7 +445,8 @@ def _serve(link: DeploymentSuperLink, run: RunDir, cfg: ExperimentConfig, entrie
         run.write_allowed_nodes(nodes)
         wait_for_sites(link, wanted, out, allowed=frozenset(nodes.values()))
         started = time.perf_counter()
-        run_id = stream_run(link, toml_path, [], _progress(run, out, verbose), log_file)
+        with RunFollower(run, cfg.strategy.rounds, lambda text, g: print(text, file=out, flush=True)):
+            run_id = stream_run(link, toml_path, [], _progress(run, out, verbose), log_file)
         status = run_status(link, run_id) if run_id is not None else "not started"
     return status, started
 
@@ -492,10 +493,9 @@ class SecurityEcho:
 
 
 def _progress(run: RunDir, out: TextIO, verbose: bool) -> Callable[[str], None]:
+    """Flower's output: its errors (all of it with -v); progress comes from the run folder."""
     def on_line(line: str) -> None:
-        if "[fedmira]" in line:
-            print(line.split("[fedmira]", 1)[1].strip(), file=out, flush=True)
-        elif verbose or shown(line):
+        if verbose or shown(line):
             print(line, file=out, flush=True)
         if "Successfully started run" in line:
             run.mark(flower_run_id=int(line.rsplit(" ", 1)[-1]))

@@ -27,8 +27,9 @@ from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_s
 from common.config import ExperimentConfig
 from common.model import apply_lora, load_base_model
 from common.rundir import (
-    RunDir, excluded_count, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
+    RunDir, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
 )
+from common.runs import round_line
 from common.transport import BYTES_PER_MB, budget_status
 from server.strategies import build_strategy
 from server.strategy import FedmiraBase, RoundFailed
@@ -75,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     the run folder with its kind and reason before Flower sees the exception."""
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run = RunDir(cfg.run.dir)
-    run.mark(serverapp_started_at=time.time(), failure=None)
+    run.mark(serverapp_started_at=time.time(), failure=None, budget_warning=None)
     try:
         run_rounds(grid, cfg, run)
     except RoundFailed as exc:
@@ -95,9 +96,10 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir) -> None:
         return
     spent = run.comm_totals()
     if budget_status(sum(spent), cfg.strategy.byte_budget_mb) == "exceeded":
-        log(INFO, "[fedmira] byte budget of %.3f MB already spent (%.3f MB): nothing to run",
-            cfg.strategy.byte_budget_mb, sum(spent) / BYTES_PER_MB)
-        run.mark(status="stopped_budget")
+        why = (f"byte budget of {cfg.strategy.byte_budget_mb:.3f} MB already spent "
+               f"({sum(spent) / BYTES_PER_MB:.3f} MB): nothing to run")
+        log(INFO, "[fedmira] %s", why)
+        run.mark(status="stopped_budget", stop_reason=why)
         return
     n_bytes = adapter_num_bytes(state)
     log(INFO, "fedmira: %s, %d rounds, adapter %d tensors / %.2f MB per site and direction",
@@ -145,7 +147,7 @@ def _committer(
         clock["t"] = time.perf_counter()
         adapter = arrays.to_torch_state_dict()
         run.commit_round(g, lambda folder: write_round(strategy, adapter, peft_config, folder), record)
-        _log_round(g, cfg.strategy.rounds, record)
+        log(INFO, "[fedmira] %s", round_line(g, cfg.strategy.rounds, record))
         run.write_metrics_csv()
         plot_losses(run)
         if cfg.run.tensorboard:
@@ -154,8 +156,10 @@ def _committer(
         status = budget_status(used, budget)
         if status == "warn" and not clock["warned"]:
             clock["warned"] = True
-            log(WARNING, "[fedmira] byte budget: %.0f%% used (%.3f of %.3f MB) after round %d",
-                100 * used / (budget * BYTES_PER_MB), used / BYTES_PER_MB, budget, g)
+            note = (f"byte budget: {100 * used / (budget * BYTES_PER_MB):.0f}% used "
+                    f"({used / BYTES_PER_MB:.3f} of {budget:.3f} MB) after round {g}")
+            log(WARNING, "[fedmira] %s", note)
+            run.mark(budget_warning=note)
         if status == "exceeded" and g < cfg.strategy.rounds:
             raise BudgetExhausted(f"byte budget exceeded: {used / BYTES_PER_MB:.3f} MB > "
                                   f"strategy.byte_budget_mb={budget:g} after round {g}; stopped "
@@ -172,26 +176,3 @@ def _fail(run: RunDir, kind: str, reason: str) -> None:
     line = " ".join(reason.split())[:600]
     run.mark(status="failed", failure={"kind": kind, "reason": line, "round": run.last_round + 1})
     log(ERROR, "[fedmira] FAILED (%s): %s", kind, line)
-
-
-def _log_round(g: int, total: int, record: dict[str, Any]) -> None:
-    train, ev = record["train"], record["evaluate"]
-    parts = [f"round {g}/{total}", f"{train.get('num-sites', 0)} sites",
-             f"train loss {train.get('train-loss', float('nan')):.4f}"]
-    if "val-loss" in ev:
-        parts.append(f"val loss {ev['val-loss']:.4f}")
-    if "rouge-l" in ev:
-        parts.append(f"ROUGE-L {ev['rouge-l']:.3f}")
-    if record["rejected"]:
-        parts.append(f"{excluded_count(record['rejected'])} site(s) excluded")
-    privacy = record.get("privacy", {})
-    if "record_level" in privacy:
-        parts.append(f"site epsilon max {privacy['record_level']['max_epsilon']:.2f}")
-    if "site_level" in privacy:
-        parts.append(f"site-level epsilon {privacy['site_level']['epsilon']:.2f}")
-    comm = record.get("comm", {})
-    if comm:
-        parts.append(f"{(comm['up_bytes'] + comm['down_bytes']) / 1e6:.2f} MB "
-                     f"({comm['cumulative_bytes'] / 1e6:.2f} MB total)")
-    parts.append(f"{record['round_s']:.1f} s")
-    log(INFO, "[fedmira] %s", " | ".join(parts))

@@ -24,7 +24,7 @@ from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
 from common.partition import load_pooled_reports, split_sites, write_sites
 from common.rundir import RunDir, RunLock
-from common.runs import create_run_folder, finish_run, resume_run, shown, write_run_config
+from common.runs import RunFollower, create_run_folder, finish_run, resume_run, shown, write_run_config
 
 
 # ------------------------------------------------------------------------------ simulate
@@ -71,15 +71,17 @@ def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overr
     bar = tqdm(total=cfg.strategy.rounds, initial=run.last_round, desc="rounds", unit="round",
                file=out, dynamic_ncols=True)
 
-    def on_line(line: str) -> None:
-        if "[fedmira]" in line:
-            bar.write(line.split("[fedmira]", 1)[1].strip(), file=out)
-            bar.n = run.last_round
-            bar.refresh()
-        elif verbose or shown(line):
+    def on_line(line: str) -> None:  # Flower's output: its errors (all of it with -v)
+        if verbose or shown(line):
             bar.write(line, file=out)
 
+    def on_commit(text: str, g: int) -> None:  # what the ServerApp committed to the run folder
+        bar.write(text, file=out)
+        bar.n = g
+        bar.refresh()
+
     with open(run.path / "flower.log", "a", encoding="utf-8") as log_file, \
+            RunFollower(run, cfg.strategy.rounds, on_commit), \
             SimulationSuperLink(run.path, cfg.mode.ray_address) as link:
         startup_s = time.perf_counter() - t0
         run_id = submit_and_stream(link, toml_path, n_sites, cfg.mode.client_cpus,

@@ -85,7 +85,7 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     assert [r["round"] for r in rows] == [1] and set(rows[0]["train_sites"]) == {"site_01", "site_02"}
     refused = [r for r in rows[0]["rejected"] if "allow-list" in r["reason"]]
     assert [r["site"] for r in refused] == [f"node-{rogue_node}"]
-    assert re.search(rf"excluded node-{rogue_node}: node {rogue_node} is not on the allow-list",
+    assert re.search(rf"Round 1: excluded node-{rogue_node}: not on the allow-list",
                      fed.log("coordinator")), fed.log("coordinator")[-3000:]
     assert "task received" not in fed.log("rogue")
 

@@ -83,3 +83,35 @@ def test_a_resume_compares_only_the_keys_the_user_gave(tmp_path: Path) -> None:
     assert "strategy.rounds (recorded 3, given 5)" in str(info.value)
     same = resume_config(recorded, ["run.resume=/r", "strategy.rounds=3"], base)  # given, unchanged
     assert same.config_hash() == recorded.config_hash()
+
+
+def test_progress_comes_from_the_run_folder_not_from_flowers_output(tmp_path: Path) -> None:
+    """Issue 15: the launchers grepped Flower's stdout for "[fedmira]"; they follow the run folder."""
+    from common.runs import RunFollower, round_line, shown
+
+    run = RunDir(tmp_path / "run")
+    run.mark(status="running")
+    lines: list[tuple[str, int]] = []
+    record = {"train": {"num-sites": 2, "train-loss": 1.5}, "evaluate": {"val-loss": 1.25},
+              "rejected": [{"site": "site_03", "node": 3, "reason": "no reply before the round timeout"}],
+              "comm": {"up_bytes": 1_000_000, "down_bytes": 1_000_000, "cumulative_bytes": 2_000_000},
+              "round_s": 3.0}
+    follower = RunFollower(run, 3, lambda text, g: lines.append((text, g)), poll_s=3600)
+    follower.poll()
+    assert lines == []
+    run.commit_round(1, lambda folder: folder.mkdir(parents=True), record)
+    run.mark(budget_warning="byte budget: 86% used (1.7 of 2.0 MB) after round 1")
+    follower.poll()
+    follower.poll()  # nothing twice
+    assert lines == [("Round 1: excluded site_03: no reply before the round timeout", 1),
+                     ("round 1/3 | 2 sites | train loss 1.5000 | val loss 1.2500 | 1 site(s) excluded | "
+                      "2.00 MB (2.00 MB total) | 3.0 s", 1),
+                     ("byte budget: 86% used (1.7 of 2.0 MB) after round 1", 1)]
+    assert round_line(1, 3, record) == lines[1][0]
+    run.mark(failure={"kind": "too_few_sites", "reason": "Round 2: only 1 of 2 sampled sites ..."})
+    with RunFollower(run, 3, lambda text, g: lines.append((text, g)), poll_s=3600):
+        pass  # leaving reads the folder once more
+    assert lines[-1] == ("FAILED (too_few_sites): Round 2: only 1 of 2 sampled sites ...", 1)
+    assert not any("round 1/3" in text for text, _ in lines[3:])  # a resumed launch skips shown rounds
+    assert not shown("INFO : [fedmira] round 1/3 | ...") and not shown("ERROR : [fedmira] FAILED (x): y")
+    assert shown("ERROR :     ClientApp raised an exception")
