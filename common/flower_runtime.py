@@ -190,36 +190,43 @@ def stop_group(pid: int, grace: float = 10.0) -> None:
 
 
 def marked_pids(run_dir: Path) -> list[int]:
-    """PIDs of live processes started for ``run_dir`` (found by their environment; Linux)."""
-    needle = f"{RUN_MARKER}={run_dir}".encode()
+    """PIDs of live processes started for ``run_dir``, found by the marker in their environment
+    (psutil: processes of other users, or already gone, are skipped)."""
+    import psutil
+
     found = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
             continue
         try:
-            env = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
+            if proc.environ().get(RUN_MARKER) == str(run_dir):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
             continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry.name))
     return found
 
 
 def kill_marked(run_dir: Path, grace: float = 5.0) -> int:
     """SIGTERM, then SIGKILL, every process of ``run_dir``; returns how many there were."""
-    pids = marked_pids(run_dir)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+    import psutil
+
+    procs = []
+    for pid in marked_pids(run_dir):
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    alive = list(procs)
+    for method in ("terminate", "kill"):
+        for proc in alive:
             try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
+                getattr(proc, method)()
+            except psutil.NoSuchProcess:
                 pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and marked_pids(run_dir):
-            time.sleep(0.2)
-        if not marked_pids(run_dir):
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+        if not alive:
             break
-    return len(pids)
+    return len(procs)
 
 
 def start_reaper(run_dir: Path) -> subprocess.Popen[bytes]:

@@ -115,3 +115,29 @@ def test_progress_comes_from_the_run_folder_not_from_flowers_output(tmp_path: Pa
     assert not any("round 1/3" in text for text, _ in lines[3:])  # a resumed launch skips shown rounds
     assert not shown("INFO : [fedmira] round 1/3 | ...") and not shown("ERROR : [fedmira] FAILED (x): y")
     assert shown("ERROR :     ClientApp raised an exception")
+
+
+def test_a_runs_processes_are_found_by_their_marker_and_ended(tmp_path: Path) -> None:
+    """psutil instead of scanning /proc (issue 15); only processes carrying the run's marker."""
+    import os
+    import subprocess
+    import sys
+
+    from common.flower_runtime import RUN_MARKER, kill_marked, marked_pids
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ours = subprocess.Popen(sleep, env={**os.environ, RUN_MARKER: str(tmp_path)})
+    other = subprocess.Popen(sleep, env={**os.environ, RUN_MARKER: str(tmp_path / "another")})
+    try:
+        deadline = __import__("time").monotonic() + 10
+        while ours.pid not in marked_pids(tmp_path) and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.05)
+        assert marked_pids(tmp_path) == [ours.pid]
+        assert kill_marked(tmp_path, grace=5.0) == 1
+        ours.wait(timeout=10)  # ended (psutil reaped our child, so its code reads 0 here)
+        assert other.poll() is None  # another run's process is left alone
+        assert marked_pids(tmp_path) == []
+    finally:
+        other.kill()
+        other.wait()
+        ours.kill()
