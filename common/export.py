@@ -125,6 +125,19 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hub_card(cfg: ExperimentConfig, body: str) -> Any:
+    """``body`` as a Hugging Face model card (``huggingface_hub.ModelCard``): YAML metadata the
+    Hub and PEFT read (library, base model when it is a Hub id, tags), then the Markdown."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = cfg.model.name_or_path
+    hub_id = "/" in base and not base.startswith(("/", ".", "~")) and not Path(base).exists()
+    data = ModelCardData(library_name="peft", base_model=base if hub_id else None,
+                         pipeline_tag="text-generation",
+                         tags=["fedmira", "federated-learning", "lora", "radiology", "summarization"])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool = False) -> Path:
     """Export a run's final adapter + model card (and the merged model when ``merge``)."""
     run = RunDir(run_dir)
@@ -134,9 +147,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool =
     adapter_src = _final_adapter(run)
     shutil.rmtree(target / "adapter", ignore_errors=True)
     shutil.copytree(adapter_src, target / "adapter")
-    card = model_card(run, cfg, doc)
-    (target / "README.md").write_text(card, encoding="utf-8")
-    (target / "adapter" / "README.md").write_text(card, encoding="utf-8")
+    card = hub_card(cfg, model_card(run, cfg, doc))
+    card.save(target / "README.md")
+    card.save(target / "adapter" / "README.md")
     (target / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True))
     if merge:
         _merge(cfg, target / "adapter", target / "merged")

@@ -322,3 +322,18 @@ def test_model_card_states_the_recipe() -> None:
                                          "train.keep_optimizer_state=true", "train.group_by_length=true"]))
     assert line == ("0.5 local epochs per round x batch 4 x accum 1, lr 0.0005 (cosine over the run, "
                     "10 warm-up steps), AdamW state kept at each site, length-grouped batches")
+
+
+def test_the_model_card_is_a_hugging_face_card_with_metadata(tmp_path: Path) -> None:
+    """Issue 15: the card is written with huggingface_hub.ModelCard (YAML metadata + Markdown)."""
+    from huggingface_hub import ModelCard
+
+    from common.export import hub_card
+
+    cfg = compose_config(["+debug=tiny", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    hub_card(cfg, "# fedmira adapter\n\nbody\n").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "fedmira" in card.data.tags and card.text.strip().endswith("body")
+    local = hub_card(compose_config(["+debug=tiny", "model.name_or_path=/models/local"]), "x")
+    assert local.data.base_model is None  # a hospital's staged path is not a Hub id
