@@ -7,10 +7,12 @@ they differ and how much:
 * :func:`wilcoxon_test`: Wilcoxon signed-rank test (:func:`scipy.stats.wilcoxon`) with the
   matched-pairs rank-biserial correlation as effect size;
 * :func:`paired_randomization_test`: paired approximate randomization (random sign flips of
-  the differences; exact enumeration for tiny samples), seeded and vectorised;
+  the differences, :func:`scipy.stats.permutation_test`; exact enumeration for tiny samples),
+  seeded;
 * :func:`holm_bonferroni`: Holm's step-down adjustment for several metrics or comparisons;
 * :func:`bootstrap_ci`, :func:`mean_ci`, :func:`mean_difference_ci`: percentile bootstrap
-  confidence intervals with a seeded :class:`numpy.random.Generator`.
+  confidence intervals (:func:`scipy.stats.bootstrap`, paired resampling of rows) with a
+  seeded :class:`numpy.random.Generator`.
 
 Every random procedure takes a ``seed`` and gives the same answer for the same inputs.
 """
@@ -24,8 +26,6 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_PERMUTATIONS = 10000
-# Bootstrap / randomization draws are made in chunks of at most this many numbers (memory).
-_CHUNK_CELLS = 4_000_000
 # Ties in the randomization statistic are decided with this relative tolerance (floating point).
 _TIE_RTOL = 1e-9
 
@@ -75,20 +75,25 @@ def bootstrap_ci(
     tuple of float
         ``(lo, hi)``; ``(nan, nan)`` without samples.
     """
+    from scipy.stats import bootstrap
+
     arrays = [np.asarray(c, dtype=float) for c in columns]
     n = len(arrays[0])
     if n == 0 or n_resamples < 1:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // n)
-    stats: list[np.ndarray] = []
-    for start in range(0, n_resamples, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_resamples - start), n))
-        stats.append(np.asarray(statistic(*(arr[idx] for arr in arrays)), dtype=float))
-    values = np.concatenate(stats)
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    lo, hi = np.nanpercentile(values, [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    if n == 1 or all(np.ptp(a) == 0 for a in arrays):  # every resample is the sample itself
+        value = float(np.asarray(statistic(*(a[None, :] for a in arrays)), dtype=float)[0])
+        return value, value
+
+    def stat(*cols: np.ndarray, axis: int = -1) -> np.ndarray:
+        flat = [np.moveaxis(c, axis, -1) for c in cols]
+        shape = flat[0].shape[:-1]
+        out = statistic(*(c.reshape(-1, n) for c in flat))
+        return np.asarray(out, dtype=float).reshape(shape)
+
+    res = bootstrap(tuple(arrays), stat, paired=True, vectorized=True, n_resamples=n_resamples,
+                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def mean_ci(values: Sequence[float | None], *, n_resamples: int = DEFAULT_RESAMPLES,
@@ -236,12 +241,13 @@ def paired_randomization_test(
         hits = _p_from_null(_exact_null(d), observed, alternative)
         return {"mean_diff": observed, "p_value": float(hits.mean()), "n": int(d.size),
                 "n_resamples": 2**d.size, "exact": True}
-    rng = np.random.default_rng(seed)
-    chunk, count = max(1, _CHUNK_CELLS // d.size), 0
-    for start in range(0, n_resamples, chunk):
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(chunk, n_resamples - start), d.size))
-        count += int(_p_from_null((signs * d).mean(axis=1), observed, alternative).sum())
-    return {"mean_diff": observed, "p_value": (count + 1) / (n_resamples + 1), "n": int(d.size),
+    from scipy.stats import permutation_test
+
+    # One sample under permutation_type="samples": scipy flips the sign of each difference.
+    res = permutation_test((d,), lambda v, axis=-1: v.mean(axis=axis), permutation_type="samples",
+                           vectorized=True, n_resamples=n_resamples, alternative=alternative,
+                           rng=np.random.default_rng(seed))
+    return {"mean_diff": observed, "p_value": float(res.pvalue), "n": int(d.size),
             "n_resamples": n_resamples, "exact": False}
 
 
