@@ -13,6 +13,7 @@ written as a byte-for-byte deterministic JSON manifest whose hash identifies the
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -850,9 +851,10 @@ def write_sites(run_dir: Path, cfg: ExperimentConfig, splits: list[SiteSplit]) -
                                    extra={"lock_hash": cfg.lock_hash()})
     rows = summarize(splits)
     if rows:
-        cols = list(rows[0])
-        text = ",".join(cols) + "\n" + "".join(",".join(str(r[c]) for c in cols) + "\n" for r in rows)
-        (sites_dir / "summary.csv").write_text(text)
+        with open(sites_dir / "summary.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     index = {
         "train_sites": [s.site_id for s in splits if not s.external and s.train],
         "external_sites": [s.site_id for s in splits if s.external],
