@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
@@ -45,6 +45,9 @@ from common.adapters import ADAPTER_CONFIG
 from common.errors import FedmiraError
 from common.prompts import RAG_TEMPLATES, TEMPLATES
 from common.reports import Report
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 ZERO_SHOT, RETRIEVAL, MOST_FREQUENT, ADAPTER = "zero_shot", "retrieval", "most_frequent", "adapter"
 RETRIEVAL_SITE = "retrieval_site"
@@ -176,7 +179,7 @@ def recorded_run_config(adapter: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def system_template(spec: SystemSpec, cfg: Any) -> str:
+def system_template(spec: SystemSpec, cfg: ExperimentConfig) -> str:
     """The prompt a system is run with: explicit, else its run's recorded one, else the config's."""
     if spec.template:
         return spec.template
@@ -187,7 +190,7 @@ def system_template(spec: SystemSpec, cfg: Any) -> str:
     return str(cfg.data.template)
 
 
-def check_base_model(spec: SystemSpec, cfg: Any) -> None:
+def check_base_model(spec: SystemSpec, cfg: ExperimentConfig) -> None:
     """Refuse an adapter trained on another base model than ``model.name_or_path``."""
     recorded = recorded_run_config(spec.adapter) if spec.adapter else None
     base = (recorded or {}).get("model", {}).get("name_or_path")
@@ -198,7 +201,7 @@ def check_base_model(spec: SystemSpec, cfg: Any) -> None:
             "(every compared adapter must share one base model).")
 
 
-def training_overlap(spec: SystemSpec, cfg: Any, held_out: Sequence[Report], out: TextIO, *,
+def training_overlap(spec: SystemSpec, cfg: ExperimentConfig, held_out: Sequence[Report], out: TextIO, *,
                      external_file: bool = False) -> int:
     """How many held-out reports the adapter was trained on, judged from its run's recorded split.
 
@@ -277,7 +280,7 @@ def reports_fingerprint(reports: Sequence[Report]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(cfg: Any, spec: SystemSpec, template: str, reports: Sequence[Report]) -> dict[str, Any]:
+def cache_key(cfg: ExperimentConfig, spec: SystemSpec, template: str, reports: Sequence[Report]) -> dict[str, Any]:
     """Everything that decides a generated prediction: base model, adapter bytes, prompt, decoding, reports."""
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "cache_dir"}
     return {
@@ -289,7 +292,7 @@ def cache_key(cfg: Any, spec: SystemSpec, template: str, reports: Sequence[Repor
     }
 
 
-def _rag_key(cfg: Any, template: str) -> dict[str, Any]:
+def _rag_key(cfg: ExperimentConfig, template: str) -> dict[str, Any]:
     """What else decides a retrieval-augmented prompt (absent for other templates, so older
     cache entries stay valid)."""
     if template not in RAG_TEMPLATES:
@@ -623,7 +626,7 @@ def write_compare(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 
 # ----------------------------------------------------------------------------- the whole job
-def held_out_and_pool(cfg: Any, limit: int, out: TextIO) -> tuple[list[Report], set[str], list[Report]]:
+def held_out_and_pool(cfg: ExperimentConfig, limit: int, out: TextIO) -> tuple[list[Report], set[str], list[Report]]:
     """The evaluation reports (as ``fedmira evaluate`` picks them) and the baselines' training pool.
 
     Raises
@@ -648,7 +651,7 @@ def held_out_and_pool(cfg: Any, limit: int, out: TextIO) -> tuple[list[Report], 
     return reports, external, pool
 
 
-def held_out_from_file(cfg: Any, systems: Sequence[SystemSpec], input_path: str, prior_path: str | None,
+def held_out_from_file(cfg: ExperimentConfig, systems: Sequence[SystemSpec], input_path: str, prior_path: str | None,
                        out: TextIO) -> tuple[list[Report], set[str], list[Report], dict[str, Any]]:
     """A new hospital's file as the held-out set (every report, all external) and its prior-report
     file as the baselines' training pool and retrieval index (see
@@ -677,7 +680,7 @@ def held_out_from_file(cfg: Any, systems: Sequence[SystemSpec], input_path: str,
     return files.reports, files.sites, files.prior, files.meta()
 
 
-def predict_system(spec: SystemSpec, cfg: Any, reports: list[Report], pool: list[Report], *,
+def predict_system(spec: SystemSpec, cfg: ExperimentConfig, reports: list[Report], pool: list[Report], *,
                    cache_dir: Path | None, progress: bool = True,
                    generate_fn: Callable[..., list[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Predictions of one system and how they were obtained (``source``: computed/cache, seconds)."""
@@ -704,7 +707,7 @@ def predict_system(spec: SystemSpec, cfg: Any, reports: list[Report], pool: list
     return hyps, {**info, "source": "generated", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_compare(cfg: Any, systems: Sequence[SystemSpec], *, reference: str | None = None, limit: int = 200,
+def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, reference: str | None = None, limit: int = 200,
                 out_dir: str | Path, cache_dir: str | Path | None = None, use_encoder: bool = True,
                 n_resamples: int = 1000, n_permutations: int = 10000, progress: bool = True,
                 out: TextIO | None = None, input_path: str | None = None,
@@ -827,7 +830,7 @@ def print_compare(result: dict[str, Any], stream: TextIO) -> None:
         print(f"  {key:<11} {path}", file=stream)
 
 
-def final_quality(cfg: Any, adapter: str | Path, out_dir: str | Path, stream: TextIO) -> dict[str, Any]:
+def final_quality(cfg: ExperimentConfig, adapter: str | Path, out_dir: str | Path, stream: TextIO) -> dict[str, Any]:
     """A finished run's global adapter beside the baselines on ``eval.final_reports`` held-out reports.
 
     The same held-out reports, baselines, paired tests and files as ``fedmira compare`` (written

@@ -28,11 +28,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 from common.clinical import clinical_f1
 from common.metrics import ENCODER_METRICS, SAMPLE_METRICS, corpus_bleu4, score_pairs, summarize_scores
 from common.reports import Report
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 #: Metrics shown in report tables and plots, in this order, with their labels.
 REPORT_METRICS: dict[str, str] = {
@@ -342,7 +345,7 @@ def write_predictions(reports: Sequence[Report], hyps: Sequence[str], path: Path
         write_impressions(list(reports), list(hyps), handle)
 
 
-def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: int = 200,
+def run_evaluate(cfg: ExperimentConfig, *, adapter: str | None, split: str = "test", limit: int = 200,
                  out_dir: str | Path, use_encoder: bool = True, n_resamples: int = 1000,
                  progress: bool = True, out: TextIO | None = None) -> dict[str, Any]:
     """Generate impressions for the evaluation reports of ``cfg`` and write the evaluation.
@@ -405,7 +408,7 @@ def run_evaluate(cfg: Any, *, adapter: str | None, split: str = "test", limit: i
     return result
 
 
-def _meta(cfg: Any, adapter: str | None, split: str, limit: int, n: int, gen_s: float,
+def _meta(cfg: ExperimentConfig, adapter: str | None, split: str, limit: int, n: int, gen_s: float,
           score_s: float) -> dict[str, Any]:
     return {
         "model": cfg.model.name_or_path, "adapter": adapter or "none (zero-shot base model)",
@@ -540,7 +543,7 @@ def load_file_set(input_path: str, prior_path: str | None, data: Any, out: TextI
     return FileSet(reports, kept, input_path, prior_path, skipped, prior_skipped, excluded)
 
 
-def run_evaluate_file(cfg: Any, *, input_path: str, prior_path: str | None, adapter: str | None,
+def run_evaluate_file(cfg: ExperimentConfig, *, input_path: str, prior_path: str | None, adapter: str | None,
                       out_dir: str | Path, use_encoder: bool = True, n_resamples: int = 1000,
                       progress: bool = True, out: TextIO | None = None) -> dict[str, Any]:
     """Score every report of a new hospital's file as it is, as an external site.

@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from common.errors import DataError
 from common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
 from common.prompts import IGNORE_INDEX, Example, collate
 from common.reports import Report
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 STATE_VERSION = 1
 #: Key of the ledger in a Flower node's ``context.state``.
@@ -196,7 +199,7 @@ def save_state(state: AccountantState, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def ledger_file(state_dir: Path, cfg: Any) -> Path:
+def ledger_file(state_dir: Path, cfg: ExperimentConfig) -> Path:
     """``<state_dir>/privacy/<run>.json``: one ledger per training run (resume keeps the name).
 
     Separate runs on the same data compose: their epsilons add up (a safe bound).

@@ -24,11 +24,14 @@ package, cosine similarity).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from common.reports import Report
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 RETRIEVERS = ("tfidf", "minilm")
 #: Queries scored against the index per block: bounds memory to block x index size floats.
@@ -197,7 +200,7 @@ def site_neighbors(
 
 
 def rag_neighbors(
-    cfg: Any, queries: Sequence[Report], prior: Sequence[Report], *, leave_one_out: bool = False,
+    cfg: ExperimentConfig, queries: Sequence[Report], prior: Sequence[Report], *, leave_one_out: bool = False,
 ) -> list[tuple[Neighbor, ...]] | None:
     """Per-site neighbours when ``cfg.data`` asks for retrieval-augmented prompts, else None."""
     from common.prompts import RAG_TEMPLATES

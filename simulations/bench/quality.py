@@ -48,9 +48,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from common.errors import FedmiraError
+
+if TYPE_CHECKING:
+    from common.config import ExperimentConfig
 
 DEFAULT_DATA = "../shared/data/iu_xray/indiana_reports.csv"
 RESULTS_DIR, WORK_DIR = "results", "outputs/bench-quality"
@@ -168,7 +171,7 @@ def _compose(budget: Budget, work: Path, *extra: str, prompt: str | None = None)
     return compose_config([*budget.overrides(prompt), f"run.out_dir={work / 'runs'}", *extra])
 
 
-def internal_sites(cfg: Any) -> list[tuple[str, int]]:
+def internal_sites(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     """(site id, train reports) of the training sites, largest first."""
     from common.partition import load_pooled_reports, split_sites
 
@@ -279,7 +282,7 @@ def federated_checkpoints(run: Path) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the curve
-def budget_curve(cfg: Any, state: State, names: Sequence[str], limit: int, cache: Path,
+def budget_curve(cfg: ExperimentConfig, state: State, names: Sequence[str], limit: int, cache: Path,
                  out: TextIO) -> dict[str, list[dict[str, Any]]]:
     """ROUGE-L of every checkpoint of ``names`` on the first ``limit`` held-out reports."""
     from common.compare import SystemSpec, held_out_and_pool, predict_system
@@ -301,7 +304,7 @@ def budget_curve(cfg: Any, state: State, names: Sequence[str], limit: int, cache
     return curve
 
 
-def curve_baselines(cfg: Any, limit: int, cache: Path) -> dict[str, float]:
+def curve_baselines(cfg: ExperimentConfig, limit: int, cache: Path) -> dict[str, float]:
     """The no-training baselines' ROUGE-L on the curve's reports (the plot's horizontal lines:
     the same reports as its points, not the full held-out set)."""
     from common.compare import RETRIEVAL_KINDS, SystemSpec, held_out_and_pool, predict_system
@@ -496,7 +499,7 @@ def machine() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the run
-def train_all(budget: Budget, work: Path, state: State, cfg: Any, out: TextIO) -> dict[str, tuple[str, str]]:
+def train_all(budget: Budget, work: Path, state: State, cfg: ExperimentConfig, out: TextIO) -> dict[str, tuple[str, str]]:
     """Every trained system: name -> (adapter folder, prompt)."""
     sites = internal_sites(cfg)
     pooled_reports = sum(n for _, n in sites)
@@ -520,7 +523,7 @@ def train_all(budget: Budget, work: Path, state: State, cfg: Any, out: TextIO) -
     return adapters
 
 
-def ablation(budget: Budget, cfg: Any, result: dict[str, Any], specs: Sequence[Any]) -> dict[str, Any] | None:
+def ablation(budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], specs: Sequence[Any]) -> dict[str, Any] | None:
     """Pooled main prompt vs pooled ablation prompts, from the compare's per-sample scores."""
     from common.stats import holm_bonferroni, wilcoxon_test
 
