@@ -31,6 +31,7 @@ run: setup
 	$(BIN)/fedmira simulate $(ARGS)
 
 test: setup
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

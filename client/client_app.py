@@ -33,7 +33,14 @@ from common.config import ExperimentConfig
 from common.engine import OPTIMIZER_KEY
 from common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
 from common.site import (
-    ModelCache, SiteData, load_site, local_evaluate, local_train, plan_ledger, site_lora, site_rank,
+    ModelCache,
+    SiteData,
+    load_site,
+    local_evaluate,
+    local_train,
+    plan_ledger,
+    site_lora,
+    site_rank,
 )
 from common.transport import encode_state
 

@@ -101,8 +101,8 @@ def prepare_data(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
 
 def split_file(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
     """Split one report file into ``WORKDIR/data/<site-id>/{train,val,test}.jsonl`` (by hash)."""
-    from common.reports import load_reports
     from common.partition import partition_reports, write_site_folders
+    from common.reports import load_reports
 
     result = load_reports(h.data, fmt=cfg.data.format, policy=cfg.data.policy, max_chars=cfg.data.max_chars,
                           site_id=h.site_id)

@@ -525,7 +525,7 @@ def comparison_table(result: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in result["comparisons"]:
         d = row["mean_diff"]
-        star = lambda t: "*" if row[t]["reject"] else ""  # noqa: E731
+        star = lambda t, row=row: "*" if row[t]["reject"] else ""  # noqa: E731
         cells = [
             row["system"], PAIRED_METRICS[row["metric"]], _num(row["reference_mean"]),
             _num(row["system_mean"]),

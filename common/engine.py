@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 from common.config import DataConfig, GenerateConfig, TrainConfig
 from common.model import autocast_context
 from common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
-    Schedule, lr_at, make_optimizer, optimizer_arrays, restore_optimizer, round_steps,
+    Schedule,
+    lr_at,
+    make_optimizer,
+    optimizer_arrays,
+    restore_optimizer,
+    round_steps,
 )
 
 #: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).

@@ -374,9 +374,9 @@ def run_evaluate(cfg: ExperimentConfig, *, adapter: str | None, split: str = "te
     """
     from common.baselines import training_pool
     from common.inference import generate_impressions
+    from common.partition import load_pooled_reports, split_sites
     from common.prompts import RAG_TEMPLATES
     from common.retrieval import index_sizes
-    from common.partition import load_pooled_reports, split_sites
 
     stream = sys.stdout if out is None else out
     root = Path(out_dir)

@@ -15,7 +15,6 @@ Sources, by ``ModelConfig.name_or_path``:
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import logging
 import os

@@ -289,7 +289,7 @@ def plot_losses(run: RunDir, path: Path | None = None) -> Path | None:
             for site, m in rec.get(sites_key, {}).items():
                 if key[1] in m:
                     per_site.setdefault(site, []).append((rec["round"], m[key[1]]))
-        for site, pts in sorted(per_site.items()):
+        for _site, pts in sorted(per_site.items()):
             ax.plot(*zip(*pts), lw=0.8, alpha=0.5, marker=".", label=None)
         overall = [(r["round"], r[key[0]][key[1]]) for r in rows if key[1] in r.get(key[0], {})]
         if overall:

@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("overrides", nargs="*", help="Hydra overrides (privacy.*, train.*, strategy.rounds, ...)")
     audit.set_defaults(func=cmd_audit)
 
-    from simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION, SYSTEM_HELP
+    from simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION
+    from simulations.compare_cli import SYSTEM_HELP
 
     cmp = sub.add_parser(
         "compare", formatter_class=fmt, epilog=EPILOG_OVERRIDES, description=COMPARE_DESCRIPTION,

@@ -44,13 +44,18 @@ from cryptography.exceptions import InvalidSignature
 
 from common.config import ExperimentConfig
 from common.errors import ConfigError, FedmiraError
-from common.rundir import RunDir, RunLock
-from server.certs import ALLOW_LIST, read_allow_list
 from common.flower_runtime import (
-    SimulationSuperLink, parse_address, port_in_use, run_status, stop_recorded, stream_run,
+    SimulationSuperLink,
+    parse_address,
+    port_in_use,
+    run_status,
+    stop_recorded,
+    stream_run,
 )
-from server.superlink_gate import READY_LINE, SECURITY_TAG
+from common.rundir import RunDir, RunLock
 from common.runs import RunFollower, create_run_folder, finish_run, resume_run, shown, write_run_config
+from server.certs import ALLOW_LIST, read_allow_list
+from server.superlink_gate import READY_LINE, SECURITY_TAG
 
 DEFAULT_EXPERIMENT = "deployment"
 DEPLOYMENT_BASE = ("mode=deployment",)  # what `fedmira coordinator` adds before the user's overrides

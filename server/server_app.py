@@ -27,7 +27,11 @@ from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_s
 from common.config import ExperimentConfig
 from common.model import apply_lora, load_base_model
 from common.rundir import (
-    RunDir, load_strategy_state, plot_losses, save_strategy_state, write_tensorboard,
+    RunDir,
+    load_strategy_state,
+    plot_losses,
+    save_strategy_state,
+    write_tensorboard,
 )
 from common.runs import round_line
 from common.transport import BYTES_PER_MB, budget_status

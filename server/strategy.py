@@ -179,7 +179,7 @@ class AdapterAggregation(AdapterStrategy):
         """
         site_dp: SiteLevelLedger | None = getattr(self, "site_dp", None)
         if site_dp is not None:
-            glob: ArrayDict = getattr(self, "global_arrays")
+            glob: ArrayDict = getattr(self, "global_arrays")  # noqa: B009  (a sibling's; composition: issue 15)
             reference = {k: glob[k] for k in states[0]}
             out, _ = site_level_aggregate(reference, states, clip=site_dp.clip,
                                           noise_multiplier=site_dp.noise_multiplier, rng=self.dp_rng())

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
 from common.aggregation import combine
-from common.audit import SECRET_DIGITS, Canary, canary_exposure, extracted, make_canaries, matched_digits, plant
+from common.audit import (
+    SECRET_DIGITS,
+    Canary,
+    canary_exposure,
+    extracted,
+    make_canaries,
+    matched_digits,
+    plant,
+)
 from common.config import ExperimentConfig, GenerateConfig
 from common.engine import generate
 from common.errors import FedmiraError

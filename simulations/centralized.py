@@ -18,8 +18,8 @@ from common.config import ExperimentConfig
 from common.engine import encode_reports, evaluate_loss, train_steps
 from common.errors import ConfigError
 from common.model import apply_lora, count_trainable, load_base_model
-from common.retrieval import rag_neighbors
 from common.partition import load_pooled_reports, split_sites
+from common.retrieval import rag_neighbors
 
 
 def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit: int = 200,

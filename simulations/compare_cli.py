@@ -62,8 +62,8 @@ def compare_command(overrides: Sequence[str], systems: Sequence[str], *, referen
     FedmiraError
         Bad systems, options, overrides, data or model (the CLI prints the message).
     """
-    from common.compose import compose_config
     from common.compare import default_systems, parse_system, print_compare, run_compare
+    from common.compose import compose_config
     from simulations.evaluate_cli import DEFAULT_LIMIT, check_input_flags
 
     printer = sys.stdout if stream is None else stream

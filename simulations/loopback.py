@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.certs import DevPki, make_dev_pki
 from common.flower_runtime import _die_with_parent, free_port
+from server.certs import DevPki, make_dev_pki
 
 MARKER = "FEDMIRA_LOOPBACK"
 
 
 def write_demo_sites(out: Path, num_sites: int = 3, reports: int = 90, seed: int = 7) -> list[Path]:
     """One folder per hospital (train/val/test.jsonl) from the synthetic corpus."""
-    from common.synthetic import make_synthetic_corpus
     from common.partition import partition_reports, write_site_folders
+    from common.synthetic import make_synthetic_corpus
 
     splits = partition_reports(make_synthetic_corpus(num_sites, reports, seed))
     return write_site_folders(splits, out)

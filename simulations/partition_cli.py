@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from common.config import ExperimentConfig
-from common.partition import load_pooled_reports, split_sites
 from common.partition import (
     SiteSplit,
+    load_pooled_reports,
     plot_sites,
     site_templates,
+    split_sites,
     summarize,
     write_manifest,
     write_site_folders,

@@ -136,7 +136,14 @@ def strategy_rows(
 
 def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Any:
     from flwr.app import (
-        Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict,
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Message,
+        MessageType,
+        Metadata,
+        MetricRecord,
+        RecordDict,
     )
 
     metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from common.compose import compose_config
-from common.rundir import RunDir
 from common.flower_runtime import free_port
+from common.rundir import RunDir
 from simulations.launch import simulate
 from simulations.loopback import MARKER, pids_with_marker
 

@@ -19,8 +19,8 @@ import pytest
 
 from common.compose import compose_config
 from common.export import export_run
-from common.rundir import RunDir
 from common.flower_runtime import marked_pids
+from common.rundir import RunDir
 from simulations.launch import new_run, simulate
 
 pytestmark = pytest.mark.integration

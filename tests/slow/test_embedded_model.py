@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.adapters import get_adapter_state, save_adapter, load_adapter
+from common.adapters import get_adapter_state, load_adapter, save_adapter
 from common.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig
 from common.engine import encode_reports, evaluate_loss, generate, train_steps
 from common.model import apply_lora, count_trainable, load_base_model

@@ -14,7 +14,8 @@ import pytest
 
 from common.config import LoraConfig
 from common.model import apply_lora, build_tiny_model, build_tiny_tokenizer, count_trainable
-from simulations.bench import comm, run as runner
+from simulations.bench import comm
+from simulations.bench import run as runner
 from simulations.bench.aggregation import bench_rows
 from simulations.bench.client_overhead import QUICK, batch_order, rows_from
 from simulations.bench.common import BenchRow, median_ratio, parse_target

@@ -17,7 +17,14 @@ import pytest
 from common.errors import FedmiraError
 from common.synthetic import make_synthetic_corpus
 from simulations.bench.quality import (
-    Budget, checkpoint_steps, choose_local_sites, federated_warmup_ratio, ratios, run_bench, steps_for, targets,
+    Budget,
+    checkpoint_steps,
+    choose_local_sites,
+    federated_warmup_ratio,
+    ratios,
+    run_bench,
+    steps_for,
+    targets,
 )
 
 EXAMS = ["XR CHEST PA AND LATERAL", "CHEST 2V FRONTAL/LATERAL", "PA and lateral chest x-XXXX"]

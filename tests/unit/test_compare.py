@@ -337,9 +337,9 @@ def test_compare_help_explains_input_and_prior(capsys: pytest.CaptureFixture[str
 
 
 def test_compare_on_a_file_refuses_an_adapter_trained_on_it(tiny: LoadedModel, tmp_path: Path) -> None:
+    from common.partition import load_pooled_reports, split_sites
     from common.reports import write_jsonl
     from simulations.compare_cli import compare_command
-    from common.partition import load_pooled_reports, split_sites
 
     _adapter(tiny, tmp_path / "run")
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])

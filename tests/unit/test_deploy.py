@@ -18,11 +18,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from client.warm_executor import CodeMismatch, check_code, fab_code, installed_code
-from common.compose import compose_config
-from common.errors import ConfigError, DataError, FedmiraError
-from server.certs import ALLOW_LIST, make_dev_pki, read_allow_list
-from server.coordinator import CoordinatorTls, deployment_config, parse_address, resolve_settings
 from client.hospital import (
     FAILURES,
     Hospital,
@@ -33,6 +28,11 @@ from client.hospital import (
     stopped_text,
     supernode_command,
 )
+from client.warm_executor import CodeMismatch, check_code, fab_code, installed_code
+from common.compose import compose_config
+from common.errors import ConfigError, DataError, FedmiraError
+from server.certs import ALLOW_LIST, make_dev_pki, read_allow_list
+from server.coordinator import CoordinatorTls, deployment_config, parse_address, resolve_settings
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from common.errors import FedmiraError
+from common.flower_runtime import port_in_use
 from common.rundir import RunDir
 from server.certs import make_dev_pki, make_node_key, read_allow_list
 from server.coordinator import CoordinatorTls, DeploymentSuperLink, SecurityEcho, allow_listed_node_ids
-from common.flower_runtime import port_in_use
 from server.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
 
 

@@ -314,8 +314,8 @@ def test_evaluate_file_bad_input_is_a_clear_error(tmp_path: Path) -> None:
 def test_evaluate_command_input_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     import common.inference
-    from fedmira.cli import main
     from common.errors import FedmiraError
+    from fedmira.cli import main
     from simulations.evaluate_cli import evaluate_command
 
     path, prior_path, scored = _hospital_files(tmp_path)

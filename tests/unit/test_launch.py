@@ -11,10 +11,10 @@ import pytest
 from common.compose import compose_config
 from common.config import ExperimentConfig
 from common.errors import ConfigError
-from common.reports import Report
 from common.partition import split_sites
-from common.runs import check_lock, write_run_config
+from common.reports import Report
 from common.rundir import RunDir
+from common.runs import check_lock, write_run_config
 
 
 def _cfg(tmp_path: Path, *extra: str) -> ExperimentConfig:

@@ -12,10 +12,10 @@ from transformers import get_scheduler
 
 from common.adapters import get_adapter_state
 from common.config import LoraConfig, TrainConfig
-from common.errors import ConfigError
 from common.engine import _batches, train_steps
+from common.errors import ConfigError
 from common.model import LoadedModel, apply_lora
-from common.optim import Schedule, lr_factor, round_steps, make_optimizer, optimizer_arrays, restore_optimizer
+from common.optim import Schedule, lr_factor, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
 from common.prompts import IGNORE_INDEX, Example, collate
 from common.site import round_schedule
 

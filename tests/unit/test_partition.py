@@ -12,9 +12,6 @@ from pathlib import Path
 import pytest
 
 from common.errors import ConfigError, DataError
-from common.reports import Report, read_jsonl
-from common.synthetic import make_synthetic_corpus
-from common.reports import load_reports
 from common.partition import (
     TEMPLATE_OTHER,
     SiteSplit,
@@ -31,6 +28,8 @@ from common.partition import (
     write_manifest,
     write_site_folders,
 )
+from common.reports import Report, load_reports, read_jsonl
+from common.synthetic import make_synthetic_corpus
 
 
 @pytest.fixture(scope="module")

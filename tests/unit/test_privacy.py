@@ -22,9 +22,21 @@ from common.engine import encode_reports, train_steps
 from common.errors import DataError
 from common.model import LoadedModel
 from common.privacy import (
-    AccountantState, SiteLevelLedger, affordable_steps, clip_update, dp_gradient, dp_train_steps,
-    epsilon_for, ledger_file, load_state, make_dp_optimizer, noise_for_target, plan_state, save_state,
-    site_level_aggregate, unit_ids,
+    AccountantState,
+    SiteLevelLedger,
+    affordable_steps,
+    clip_update,
+    dp_gradient,
+    dp_train_steps,
+    epsilon_for,
+    ledger_file,
+    load_state,
+    make_dp_optimizer,
+    noise_for_target,
+    plan_state,
+    save_state,
+    site_level_aggregate,
+    unit_ids,
 )
 from common.prompts import IGNORE_INDEX, Example
 from common.reports import Report

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
-    Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict,
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
 )
 
 from client import client_app

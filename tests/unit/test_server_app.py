@@ -118,8 +118,8 @@ def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
 
     import server.server_app as server_app
     from common import exit_codes
-    from server.strategy import RoundFailed
     from common.runs import finish_run, shown
+    from server.strategy import RoundFailed
 
     cfg = _cfg(tmp_path)
     run = RunDir(tmp_path)

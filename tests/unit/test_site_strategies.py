@@ -24,9 +24,9 @@ from common.errors import ConfigError
 from common.model import LoadedModel, apply_lora, load_base_model
 from common.reports import Report, write_jsonl
 from common.site import ModelCache, fit_rank, site_rank
+from common.transport import decode_array
 from server.ffa_lora import FedmiraFFALoRA
 from server.hetero_svd import FedmiraHeteroSVD
-from common.transport import decode_array
 
 Factory = Callable[..., Any]
 

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
-    Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, Metadata, MetricRecord, RecordDict,
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
 )
 from flwr.supercore.task_identity import TaskIdentity
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
