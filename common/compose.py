@@ -66,14 +66,14 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def given_keys(overrides: Sequence[str], base: Sequence[str] = ()) -> set[str]:
-    """The leaf keys ``overrides`` set on top of ``base``: those a plain ``key=value`` names, and
-    those a group choice or experiment overlay changes."""
+def given_keys(overrides: Sequence[str], base: Sequence[str] = ()) -> tuple[set[str], dict[str, Any]]:
+    """The leaf keys ``overrides`` set on top of ``base`` (those a plain ``key=value`` names, and
+    those a group choice or experiment overlay changes), and the flat composed config."""
     before = _flat(compose_dict(list(base)))
     after = _flat(compose_dict([*base, *overrides]))
     named = {_override_key(o) for o in overrides}
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    return changed | {k for k in named if k in after}
+    return changed | {k for k in named if k in after}, after
 
 
 def resume_config(recorded: ExperimentConfig, overrides: Sequence[str], base: Sequence[str] = (),
@@ -87,8 +87,7 @@ def resume_config(recorded: ExperimentConfig, overrides: Sequence[str], base: Se
     overrides = [o for o in overrides if not o.startswith(_RESUME_KEYS)]
     if not overrides:
         return recorded
-    keys = given_keys(overrides, base)
-    given = _flat(compose_dict([*base, *overrides]))
+    keys, given = given_keys(overrides, base)  # one composition with the overrides, not two
     old = _flat(recorded.to_dict())
     moved: dict[str, Any] = {}
     refused: list[str] = []
