@@ -44,12 +44,12 @@ test-all: setup
 # Cost benchmarks, each a ratio to a baseline measured in the same run; writes results/bench-*.{json,md}.
 # ARGS="--quick" for a smoke run, ARGS="--only comm,aggregation" for some of them.
 bench: setup
-	$(BIN)/python -m simulations.bench.run $(ARGS)
+	$(BIN)/python -m fedmira.simulations.bench.run $(ARGS)
 
 # Quality on real reports (IU); resumable: a rerun skips what is done. IU_DATA overrides the path.
 IU_DATA ?= ../shared/data/iu_xray/indiana_reports.csv
 bench-quality: setup
-	$(BIN)/python -m simulations.bench.quality --data $(IU_DATA) $(ARGS)
+	$(BIN)/python -m fedmira.simulations.bench.quality --data $(IU_DATA) $(ARGS)
 
 clean-runs:
 	rm -rf outputs

@@ -29,10 +29,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.config import ExperimentConfig
-from common.engine import OPTIMIZER_KEY
-from common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
-from common.site import (
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.engine import OPTIMIZER_KEY
+from fedmira.common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
+from fedmira.common.site import (
     ModelCache,
     SiteData,
     load_site,
@@ -42,7 +42,7 @@ from common.site import (
     site_lora,
     site_rank,
 )
-from common.transport import encode_state
+from fedmira.common.transport import encode_state
 
 app = ClientApp()
 

@@ -37,9 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from common.config import ExperimentConfig
-from common.errors import DataError, FedmiraError
-from common.flower_runtime import flower_env, free_port, kill_marked, parse_address, start_reaper, stop_group
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import DataError, FedmiraError
+from fedmira.common.flower_runtime import (
+    flower_env,
+    free_port,
+    kill_marked,
+    parse_address,
+    start_reaper,
+    stop_group,
+)
 
 ISOLATIONS = ("warm", "subprocess")
 CONNECT_TIMEOUT_S = 10.0
@@ -76,7 +83,7 @@ class Hospital:
 # ------------------------------------------------------------------------------ 1. data
 def prepare_data(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
     """Check the reports; returns the folder with ``train.jsonl``/``val.jsonl`` to train on."""
-    from common.reports import check_data
+    from fedmira.common.reports import check_data
 
     if h.data.is_dir():
         files = [h.data / "train.jsonl", *[p for p in [h.data / "val.jsonl"] if p.is_file()]]
@@ -101,8 +108,8 @@ def prepare_data(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
 
 def split_file(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
     """Split one report file into ``WORKDIR/data/<site-id>/{train,val,test}.jsonl`` (by hash)."""
-    from common.partition import partition_reports, write_site_folders
-    from common.reports import load_reports
+    from fedmira.common.partition import partition_reports, write_site_folders
+    from fedmira.common.reports import load_reports
 
     result = load_reports(h.data, fmt=cfg.data.format, policy=cfg.data.policy, max_chars=cfg.data.max_chars,
                           site_id=h.site_id)
@@ -121,7 +128,7 @@ def device_summary(cfg: ExperimentConfig) -> tuple[str, int | None]:
     """(description, free bytes or None) of the device the model will use."""
     import torch
 
-    from common.model import resolve_device
+    from fedmira.common.model import resolve_device
 
     device = resolve_device(cfg.model.device)
     if device.type == "cuda":
@@ -151,13 +158,13 @@ def load_model(cfg: ExperimentConfig, out: TextIO, keep: bool) -> Any:
     with the model loaded; otherwise the model is dropped after the preflight, since Flower's
     per-task processes load their own copy.
     """
-    from common.model import count_trainable
-    from common.site import ModelCache
+    from fedmira.common.model import count_trainable
+    from fedmira.common.site import ModelCache
 
     cache = ModelCache()
     if keep:
         try:
-            from client.client_app import _MODELS as cache  # the ClientApp's process-wide cache
+            from fedmira.client.client_app import _MODELS as cache  # the ClientApp's process-wide cache
         except ImportError:
             pass
     worker, _ = cache.get(cfg.model, cfg.lora, seed=cfg.train.seed)
@@ -171,9 +178,9 @@ def load_model(cfg: ExperimentConfig, out: TextIO, keep: bool) -> Any:
 # ------------------------------------------------------------------------------ 4. what leaves
 def dry_run(worker: Any, folder: Path, cfg: ExperimentConfig, h: Hospital, out: TextIO) -> None:
     """One local round on a few reports: print exactly what a reply to the coordinator holds."""
-    from common.adapters import get_adapter_state
-    from common.site import load_site, local_evaluate, local_train, round_flags
-    from common.transport import state_payload_bytes
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.site import load_site, local_evaluate, local_train, round_flags
+    from fedmira.common.transport import state_payload_bytes
 
     site = load_site(folder, h.site_id)
     small = dataclasses.replace(site, train=site.train[:DRY_RUN_REPORTS], val=site.val[:DRY_RUN_REPORTS])
@@ -417,7 +424,7 @@ def preflight(h: Hospital, cfg: ExperimentConfig, out: TextIO, dry: bool = True)
 
 def serve_warm(node: SuperNodeProcess, stop: threading.Event, out: TextIO) -> None:
     """Run the ClientApp tasks in this process until ``stop`` or the SuperNode ends."""
-    from client.warm_executor import TaskTiming, serve
+    from fedmira.client.warm_executor import TaskTiming, serve
 
     def report(t: TaskTiming) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -495,7 +502,7 @@ def hospital_command(
     preflight_only: bool = False,
 ) -> int:
     """``fedmira hospital --superlink HOST:PORT --root-cert CA --key KEY --data PATH [...]``."""
-    from common.compose import compose_config
+    from fedmira.common.compose import compose_config
 
     bad = [o for o in overrides if "=" not in o]
     if bad:

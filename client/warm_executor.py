@@ -61,8 +61,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-import client as client_pkg
-import common as common_pkg
+import fedmira.client as client_pkg
+import fedmira.common as common_pkg
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per poll otherwise
@@ -248,7 +248,7 @@ def serve(address: str, stop: threading.Event, *, poll_s: float = 0.2,
     on_task : callable, optional
         Called with each task's :class:`TaskTiming` (for logs and the overhead benchmark).
     """
-    from client.client_app import app  # imported once: torch, transformers, PEFT stay loaded
+    from fedmira.client.client_app import app  # imported once: torch, transformers, PEFT stay loaded
 
     installed = installed_code()
     runtime = _client(address)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from common.config import AGGREGATIONS
+from fedmira.common.config import AGGREGATIONS
 
 ArrayDict = dict[str, np.ndarray]
 

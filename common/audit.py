@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from common.config import DataConfig
-from common.prompts import IGNORE_INDEX, encode_example, prompt_ids, target_ids
-from common.reports import Report
+from fedmira.common.config import DataConfig
+from fedmira.common.prompts import IGNORE_INDEX, encode_example, prompt_ids, target_ids
+from fedmira.common.reports import Report
 
 SECRET_DIGITS = 6
 _WORDS = ("amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",

@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from typing import Any, Sequence
 
-from common.reports import Report
+from fedmira.common.reports import Report
 
 _SPACES = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.;:,!]+$")
@@ -95,7 +95,7 @@ def retrieve_site_impressions(train: Sequence[Report], queries: Sequence[Report]
     """Retrieval within the query's own site: the impression of the most similar training report
     of the same ``site_id`` (the first prior case a ``site_aware_rag`` prompt shows). A site with
     no training reports (an external one) falls back to retrieval over the whole pool."""
-    from common.retrieval import site_neighbors
+    from fedmira.common.retrieval import site_neighbors
 
     near = site_neighbors(queries, train, 1, "tfidf", leave_one_out=False)
     missing = [i for i, n in enumerate(near) if not n]

@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
-from common.adapters import ADAPTER_CONFIG
-from common.errors import FedmiraError
-from common.prompts import RAG_TEMPLATES, TEMPLATES
-from common.reports import Report
+from fedmira.common.adapters import ADAPTER_CONFIG
+from fedmira.common.errors import FedmiraError
+from fedmira.common.prompts import RAG_TEMPLATES, TEMPLATES
+from fedmira.common.reports import Report
 
 if TYPE_CHECKING:
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 ZERO_SHOT, RETRIEVAL, MOST_FREQUENT, ADAPTER = "zero_shot", "retrieval", "most_frequent", "adapter"
 RETRIEVAL_SITE = "retrieval_site"
@@ -212,8 +212,8 @@ def training_overlap(spec: SystemSpec, cfg: ExperimentConfig, held_out: Sequence
     another file (``--input``), so the split is always recomputed and a report counts as trained
     on when both its id and its findings match (ids alone may repeat across hospitals).
     """
-    from common.config import ExperimentConfig
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.config import ExperimentConfig
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     recorded = recorded_run_config(spec.adapter) if spec.adapter else None
     if not recorded:
@@ -370,7 +370,7 @@ def compare_systems(
         other system x metric), ``family`` (size, alpha, tests), ``verdict`` and ``per_sample``
         (system -> rows of ids and scores, no text).
     """
-    from common.metrics import score_pairs, summarize_scores
+    from fedmira.common.metrics import score_pairs, summarize_scores
 
     if reference not in predictions:
         raise FedmiraError(f"--reference {reference!r} is not among the systems "
@@ -414,7 +414,12 @@ def paired_family(rows: dict[str, list[dict[str, Any]]], reference: str, metrics
     to score higher), ``wilcoxon`` and ``randomization`` (each with ``p_value``, ``p_holm`` and
     ``reject``).
     """
-    from common.stats import holm_bonferroni, mean_difference_ci, paired_randomization_test, wilcoxon_test
+    from fedmira.common.stats import (
+        holm_bonferroni,
+        mean_difference_ci,
+        paired_randomization_test,
+        wilcoxon_test,
+    )
 
     pairs = [(name, m) for name in rows if name != reference for m in metrics]
     out: list[dict[str, Any]] = []
@@ -444,7 +449,7 @@ def _mean(values: Sequence[Any]) -> float | None:
 def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: dict[str, str], *,
                               n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Whether the best fine-tuned system (highest mean ROUGE-L) beats retrieval, in one sentence."""
-    from common.stats import mean_difference_ci
+    from fedmira.common.stats import mean_difference_ci
 
     adapters = [n for n in rows if kinds.get(n) == ADAPTER]
     retrievals = [n for n in rows if kinds.get(n) in RETRIEVAL_KINDS]
@@ -610,7 +615,7 @@ def write_compare(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths = {"markdown": root / COMPARE_MD, "json": root / COMPARE_JSON, "plot": root / COMPARE_PNG,
              "per_sample": root / PER_SAMPLE_CSV}
     summary = {k: v for k, v in result.items() if k not in ("per_sample", "paths")}
-    from common.evaluation import json_safe  # one NaN -> null rule for every JSON report
+    from fedmira.common.evaluation import json_safe  # one NaN -> null rule for every JSON report
 
     paths["json"].write_text(json.dumps(json_safe(summary), indent=2), encoding="utf-8")
     paths["markdown"].write_text(compare_markdown(result), encoding="utf-8")
@@ -634,9 +639,9 @@ def held_out_and_pool(cfg: ExperimentConfig, limit: int, out: TextIO) -> tuple[l
     FedmiraError
         No reports to evaluate, or an evaluated report that is also in the pool (a leak).
     """
-    from common.baselines import training_pool
-    from common.evaluation import select_reports
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.baselines import training_pool
+    from fedmira.common.evaluation import select_reports
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     splits = split_sites(cfg, load_pooled_reports(cfg, out))
     reports, external = select_reports(splits, split="test", limit=limit, seed=cfg.partition.seed)
@@ -663,7 +668,7 @@ def held_out_from_file(cfg: ExperimentConfig, systems: Sequence[SystemSpec], inp
         Bad files (file:line of the first problem), prior reports of other sites, or baselines
         asked for without a pool to learn from.
     """
-    from common.evaluation import load_file_set
+    from fedmira.common.evaluation import load_file_set
 
     baselines = [s.name for s in systems if s.kind in BASELINE_KINDS]
     if baselines and not prior_path:
@@ -684,14 +689,14 @@ def predict_system(spec: SystemSpec, cfg: ExperimentConfig, reports: list[Report
                    cache_dir: Path | None, progress: bool = True,
                    generate_fn: Callable[..., list[str]] | None = None) -> tuple[list[str], dict[str, Any]]:
     """Predictions of one system and how they were obtained (``source``: computed/cache, seconds)."""
-    from common.baselines import BASELINES
+    from fedmira.common.baselines import BASELINES
 
     t0 = time.perf_counter()
     if spec.kind in BASELINE_KINDS:
         hyps = BASELINES[spec.kind](pool, reports)
         return hyps, {"source": "computed", "seconds": round(time.perf_counter() - t0, 2)}
     if generate_fn is None:
-        from common.inference import generate_impressions as generate_fn
+        from fedmira.common.inference import generate_impressions as generate_fn
     template = system_template(spec, cfg)
     key = cache_key(cfg, spec, template, reports)
     if template in RAG_TEMPLATES:  # the prompts also depend on the index they retrieve from
@@ -752,7 +757,7 @@ def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, referen
     root = Path(out_dir)
     file_meta: dict[str, Any] = {}
     if input_path:
-        from common.evaluation import retrieval_note
+        from fedmira.common.evaluation import retrieval_note
 
         reports, external, pool, file_meta = held_out_from_file(cfg, systems, input_path, prior_path,
                                                                 stream)
@@ -808,7 +813,7 @@ def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, referen
 
 def _write_predictions(folder: Path, reports: Sequence[Report], preds: dict[str, list[str]]) -> None:
     """One JSONL per system (the researcher's own model output; stays on this machine)."""
-    from common.inference import write_impressions
+    from fedmira.common.inference import write_impressions
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, hyps in preds.items():

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.config import ExperimentConfig
-from common.errors import ConfigError
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import ConfigError
 
 
 def conf_dir() -> Path:

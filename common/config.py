@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from fedmira.common.errors import ConfigError
 
 MODEL_EMBEDDED = "embedded:smollm2-135m"
 MODEL_TINY = "tiny-random"

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.config import DataConfig, GenerateConfig, TrainConfig
-from common.model import autocast_context
-from common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
+from fedmira.common.config import DataConfig, GenerateConfig, TrainConfig
+from fedmira.common.model import autocast_context
+from fedmira.common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
     Schedule,
     lr_at,
     make_optimizer,
@@ -31,9 +31,9 @@ from common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engin
 
 #: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).
 OPTIMIZER_KEY = "fedmira.optimizer"
-from common.prompts import IGNORE_INDEX, Example, collate, collate_left, encode_example, prompt_ids
-from common.reports import Report
-from common.retrieval import Neighbor
+from fedmira.common.prompts import IGNORE_INDEX, Example, collate, collate_left, encode_example, prompt_ids
+from fedmira.common.reports import Report
+from fedmira.common.retrieval import Neighbor
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
-from common.clinical import clinical_f1
-from common.metrics import ENCODER_METRICS, SAMPLE_METRICS, corpus_bleu4, score_pairs, summarize_scores
-from common.reports import Report
+from fedmira.common.clinical import clinical_f1
+from fedmira.common.metrics import (
+    ENCODER_METRICS,
+    SAMPLE_METRICS,
+    corpus_bleu4,
+    score_pairs,
+    summarize_scores,
+)
+from fedmira.common.reports import Report
 
 if TYPE_CHECKING:
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 #: Metrics shown in report tables and plots, in this order, with their labels.
 REPORT_METRICS: dict[str, str] = {
@@ -339,7 +345,7 @@ def _rank(seed: int, report_id: str) -> str:
 
 def write_predictions(reports: Sequence[Report], hyps: Sequence[str], path: Path) -> None:
     """Generated impressions as JSONL (report_id, site_id, impression, reference)."""
-    from common.inference import write_impressions
+    from fedmira.common.inference import write_impressions
 
     with path.open("w", encoding="utf-8") as handle:
         write_impressions(list(reports), list(hyps), handle)
@@ -372,11 +378,11 @@ def run_evaluate(cfg: ExperimentConfig, *, adapter: str | None, split: str = "te
         The result of :func:`evaluate_predictions` with ``meta`` (adapter, split, counts,
         timings, config hashes) and ``paths``.
     """
-    from common.baselines import training_pool
-    from common.inference import generate_impressions
-    from common.partition import load_pooled_reports, split_sites
-    from common.prompts import RAG_TEMPLATES
-    from common.retrieval import index_sizes
+    from fedmira.common.baselines import training_pool
+    from fedmira.common.inference import generate_impressions
+    from fedmira.common.partition import load_pooled_reports, split_sites
+    from fedmira.common.prompts import RAG_TEMPLATES
+    from fedmira.common.retrieval import index_sizes
 
     stream = sys.stdout if out is None else out
     root = Path(out_dir)
@@ -384,7 +390,7 @@ def run_evaluate(cfg: ExperimentConfig, *, adapter: str | None, split: str = "te
     splits = split_sites(cfg, load_pooled_reports(cfg, stream))
     reports, external = select_reports(splits, split=split, limit=limit, seed=cfg.partition.seed)
     if not reports:
-        from common.errors import DataError
+        from fedmira.common.errors import DataError
 
         raise DataError(f"No reports in the {split} split to evaluate; check data.path and partition.")
     print(f"evaluating {len(reports)} reports from {len({r.site_id for r in reports})} sites "
@@ -423,7 +429,7 @@ def _meta(cfg: ExperimentConfig, adapter: str | None, split: str, limit: int, n:
 
 def retrieval_note(reports: Sequence[Report], prior: Sequence[Report], source: str) -> str:
     """One line saying which prior reports each site's prompts retrieve from (counts only)."""
-    from common.retrieval import index_sizes
+    from fedmira.common.retrieval import index_sizes
 
     parts = [f"{site} {n} ({source})" if n else f"{site} none (no prior reports)"
              for site, n in index_sizes(reports, prior).items()]
@@ -465,7 +471,7 @@ class FileSet:
 
     def meta(self) -> dict[str, Any]:
         """What the evaluation records about the files (paths and counts; no text)."""
-        from common.retrieval import index_sizes
+        from fedmira.common.retrieval import index_sizes
 
         return {"input": self.input_path, "prior": self.prior_path, "rows_skipped": self.rows_skipped,
                 "prior_reports": len(self.prior), "prior_rows_skipped": self.prior_rows_skipped,
@@ -477,8 +483,8 @@ def _read_report_file(path: str, flag: str, data: Any, out: TextIO) -> tuple[lis
     """Usable reports of one file and how many rows were skipped (counts, codes and file:line only)."""
     from collections import Counter
 
-    from common.errors import DataError
-    from common.reports import load_reports
+    from fedmira.common.errors import DataError
+    from fedmira.common.reports import load_reports
 
     if path == "-":
         raise DataError(f"{flag} - (stdin) cannot be scored: every report needs its reference impression. "
@@ -517,7 +523,7 @@ def load_file_set(input_path: str, prior_path: str | None, data: Any, out: TextI
         A file that cannot be read or has no usable report (naming file and line of the first
         problem), or prior reports of sites that are not in the input.
     """
-    from common.errors import DataError
+    from fedmira.common.errors import DataError
 
     reports, skipped = _read_report_file(input_path, "--input", data, out)
     reports = sorted(reports, key=lambda r: (r.site_id, r.report_id))
@@ -560,8 +566,8 @@ def run_evaluate_file(cfg: ExperimentConfig, *, input_path: str, prior_path: str
         As :func:`run_evaluate`; ``meta`` records the input and prior files, skipped rows and the
         per-site index sizes (counts only).
     """
-    from common.inference import generate_impressions
-    from common.prompts import RAG_TEMPLATES
+    from fedmira.common.inference import generate_impressions
+    from fedmira.common.prompts import RAG_TEMPLATES
 
     stream = sys.stdout if out is None else out
     root = Path(out_dir)

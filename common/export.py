@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.config import ExperimentConfig
-from common.errors import FedmiraError
-from common.rundir import RunDir, excluded_count
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import FedmiraError
+from fedmira.common.rundir import RunDir, excluded_count
 
 
 def _final_adapter(run: RunDir) -> Path:
@@ -162,7 +162,7 @@ def _merge(cfg: ExperimentConfig, adapter: Path, out: Path) -> None:
 
     from peft import PeftModel
 
-    from common.model import _make_plain, load_base_model
+    from fedmira.common.model import _make_plain, load_base_model
 
     loaded = load_base_model(dataclasses.replace(cfg.model, device="cpu"))
     merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from common.errors import ConfigError, FedmiraError
+from fedmira.common.errors import ConfigError, FedmiraError
 
 PR_SET_PDEATHSIG = 1
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def start_reaper(run_dir: Path) -> subprocess.Popen[bytes]:
     """A small watchdog that ends the run's processes if the launcher dies (even by SIGKILL)."""
     env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}
     return subprocess.Popen(
-        [sys.executable, "-m", "common.flower_runtime", str(os.getpid()), str(run_dir)],
+        [sys.executable, "-m", "fedmira.common.flower_runtime", str(os.getpid()), str(run_dir)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, cwd=str(PROJECT_ROOT),
     )
@@ -307,5 +307,5 @@ def run_status(link: SimulationSuperLink, run_id: int) -> str:
         return "unknown"
 
 
-if __name__ == "__main__":  # the reaper: python -m common.flower_runtime LAUNCHER_PID RUN_DIR
+if __name__ == "__main__":  # the reaper: python -m fedmira.common.flower_runtime LAUNCHER_PID RUN_DIR
     _reap(int(sys.argv[1]), Path(sys.argv[2]))

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence, TextIO
 
-from common.adapters import ADAPTER_CONFIG
-from common.config import ExperimentConfig
-from common.engine import generate
-from common.errors import DataError, ModelError
-from common.model import load_base_model, model_autocast
-from common.reports import Report, load_reports, normalize_modality
-from common.retrieval import rag_neighbors
+from fedmira.common.adapters import ADAPTER_CONFIG
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.engine import generate
+from fedmira.common.errors import DataError, ModelError
+from fedmira.common.model import load_base_model, model_autocast
+from fedmira.common.reports import Report, load_reports, normalize_modality
+from fedmira.common.retrieval import rag_neighbors
 
 
 def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple[Any, Any, Any]:

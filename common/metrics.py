@@ -221,7 +221,7 @@ def score_pairs(references: Sequence[str], hypotheses: Sequence[str], *,
         Per pair: :data:`SAMPLE_METRICS` plus ``clinical_tp``/``clinical_fp``/``clinical_fn``
         (counts for pooled micro-F1). Scales: 0..1 (BLEU too), ``sim`` -1..1.
     """
-    from common.clinical import sample_clinical_counts
+    from fedmira.common.clinical import sample_clinical_counts
 
     _check_aligned(references, hypotheses)
     parts = list(body_parts) if body_parts is not None else [None] * len(references)
@@ -250,7 +250,7 @@ def summarize_scores(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = SA
     dict
         Metric -> ``mean``, ``lo``, ``hi``, ``n``.
     """
-    from common.stats import bootstrap_ci, mean_ci
+    from fedmira.common.stats import bootstrap_ci, mean_ci
 
     out = {m: mean_ci([r.get(m) for r in rows], n_resamples=n_resamples, confidence=confidence,
                       seed=seed) for m in metrics}

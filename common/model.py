@@ -33,8 +33,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from common.config import MODEL_EMBEDDED, MODEL_TINY, LoraConfig, ModelConfig
-from common.errors import ModelError
+from fedmira.common.config import MODEL_EMBEDDED, MODEL_TINY, LoraConfig, ModelConfig
+from fedmira.common.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from common.config import TrainConfig
+from fedmira.common.config import TrainConfig
 
 #: AdamW's per-parameter state entries, in the order they are stored.
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")

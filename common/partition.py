@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
-from common.errors import ConfigError, DataError, FedmiraError
-from common.reports import MODALITIES, Report, load_reports, write_jsonl
-from common.synthetic import make_synthetic_corpus
+from fedmira.common.errors import ConfigError, DataError, FedmiraError
+from fedmira.common.reports import MODALITIES, Report, load_reports, write_jsonl
+from fedmira.common.synthetic import make_synthetic_corpus
 
 if TYPE_CHECKING:  # the config schema imports nothing from here; annotations only
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 METHODS: tuple[str, ...] = ("natural", "iid", "dirichlet", "quantity", "template")
 SPLITS: tuple[str, ...] = ("train", "val", "test")

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.config import PrivacyConfig, TrainConfig
-from common.errors import DataError
-from common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
-from common.prompts import IGNORE_INDEX, Example, collate
-from common.reports import Report
+from fedmira.common.config import PrivacyConfig, TrainConfig
+from fedmira.common.errors import DataError
+from fedmira.common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
+from fedmira.common.prompts import IGNORE_INDEX, Example, collate
+from fedmira.common.reports import Report
 
 if TYPE_CHECKING:
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 STATE_VERSION = 1
 #: Key of the ledger in a Flower node's ``context.state``.

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
-from common.errors import ConfigError
-from common.reports import MODALITY_NAMES, Report
-from common.retrieval import Neighbor
+from fedmira.common.errors import ConfigError
+from fedmira.common.reports import MODALITY_NAMES, Report
+from fedmira.common.retrieval import Neighbor
 
 IGNORE_INDEX = -100
 #: System turns: ``full`` names the task; ``short`` saves ~10 tokens per example. Both replace the

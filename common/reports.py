@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
-from common.errors import ConfigError, DataError, FedmiraError
+from fedmira.common.errors import ConfigError, DataError, FedmiraError
 
 # DICOM modality codes (plus MR spelled as radiologists do). DR/CR are radiographs.
 MODALITIES: tuple[str, ...] = ("CT", "MR", "DR", "CR", "US", "MG", "NM", "PT", "XA", "RF", "OT", "UN")

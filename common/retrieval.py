@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from common.reports import Report
+from fedmira.common.reports import Report
 
 if TYPE_CHECKING:
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 RETRIEVERS = ("tfidf", "minilm")
 #: Queries scored against the index per block: bounds memory to block x index size floats.
@@ -203,7 +203,7 @@ def rag_neighbors(
     cfg: ExperimentConfig, queries: Sequence[Report], prior: Sequence[Report], *, leave_one_out: bool = False,
 ) -> list[tuple[Neighbor, ...]] | None:
     """Per-site neighbours when ``cfg.data`` asks for retrieval-augmented prompts, else None."""
-    from common.prompts import RAG_TEMPLATES
+    from fedmira.common.prompts import RAG_TEMPLATES
 
     data = cfg.data
     if data.template not in RAG_TEMPLATES or data.neighbors == 0:

@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.errors import FedmiraError
+from fedmira.common.errors import FedmiraError
 
 STATE_FILE = "state.json"
 ALLOWED_NODES = "allowed_nodes.json"  # deployment: node ids of the allow-listed keys

@@ -13,10 +13,10 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
-from common import exit_codes
-from common.config import ExperimentConfig
-from common.errors import ConfigError
-from common.rundir import RunDir, excluded_count, plot_losses
+from fedmira.common import exit_codes
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import ConfigError
+from fedmira.common.rundir import RunDir, excluded_count, plot_losses
 
 LOCKS_DIR = "locks"
 
@@ -69,7 +69,7 @@ def resume_run(resume: str, overrides: Sequence[str] = (),
                base: Sequence[str] = ()) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
     """Reopen a run folder with its recorded config; ``overrides`` (the user's, beside
     ``run.resume``) may not change it, except where the run is served (``RESUMABLE_KEYS``)."""
-    from common.compose import resume_config
+    from fedmira.common.compose import resume_config
 
     run = RunDir(Path(resume).resolve())
     doc = run.read_config()

@@ -17,19 +17,19 @@ from typing import Any, Mapping, MutableMapping
 
 import torch
 
-from common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
-from common.aggregation import LORA_A, adapter_rank, truncate_adapter
-from common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
-from common.engine import encode_reports, evaluate_loss, generate, train_steps
-from common.errors import ConfigError, DataError
-from common.metrics import rouge_l
-from common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
-from common.optim import Schedule, round_steps
-from common.privacy import AccountantState, DPResult, dp_train_steps, plan_state, unit_ids
-from common.prompts import RAG_TEMPLATES, Example
-from common.reports import Report, load_reports
-from common.retrieval import Neighbor, SiteIndex, neighbors_for
-from common.transport import state_payload_bytes
+from fedmira.common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
+from fedmira.common.aggregation import LORA_A, adapter_rank, truncate_adapter
+from fedmira.common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
+from fedmira.common.engine import encode_reports, evaluate_loss, generate, train_steps
+from fedmira.common.errors import ConfigError, DataError
+from fedmira.common.metrics import rouge_l
+from fedmira.common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
+from fedmira.common.optim import Schedule, round_steps
+from fedmira.common.privacy import AccountantState, DPResult, dp_train_steps, plan_state, unit_ids
+from fedmira.common.prompts import RAG_TEMPLATES, Example
+from fedmira.common.reports import Report, load_reports
+from fedmira.common.retrieval import Neighbor, SiteIndex, neighbors_for
+from fedmira.common.transport import state_payload_bytes
 
 
 @dataclass

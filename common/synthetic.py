@@ -18,8 +18,8 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from common.errors import ConfigError
-from common.reports import Report
+from fedmira.common.errors import ConfigError
+from fedmira.common.reports import Report
 
 Slots = dict[str, tuple[str, ...]]
 

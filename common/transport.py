@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import TRANSPORT_DTYPES
+from fedmira.common.config import TRANSPORT_DTYPES
 
 BYTES_PER_MB = 1_000_000  # MB as in "1.8 MB per adapter": decimal, like network traffic
 BUDGET_WARN_SHARE = 0.8

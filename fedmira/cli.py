@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from common import exit_codes
-from common.errors import FedmiraError
+from fedmira.common import exit_codes
+from fedmira.common.errors import FedmiraError
 
 EPILOG_OVERRIDES = """\
 Overrides (any number, after the options):
@@ -33,7 +33,7 @@ PRIOR_HELP = ("with --input: that hospital's own prior reports, the retrieval in
 
 
 def _compose(overrides: Sequence[str]):  # type: ignore[no-untyped-def]
-    from common.compose import compose_config
+    from fedmira.common.compose import compose_config
 
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -43,12 +43,12 @@ def _compose(overrides: Sequence[str]):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from common.reports import check_data
+    from fedmira.common.reports import check_data
 
     cfg = _compose(args.overrides)
     count_tokens: Callable[[str], int] | None = None
     if args.tokens:
-        from common.model import load_base_model
+        from fedmira.common.model import load_base_model
 
         tok = load_base_model(cfg.model).tokenizer
         count_tokens = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
@@ -58,7 +58,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from simulations.centralized import train_centralized
+    from fedmira.simulations.centralized import train_centralized
 
     overrides = list(args.overrides)
     if not any(o.startswith("train=") for o in overrides):
@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from common.inference import generate_impressions, read_input, write_impressions
+    from fedmira.common.inference import generate_impressions, read_input, write_impressions
 
     cfg = _compose(args.overrides)
     reports = read_input(args.input, cfg.data.format, site=args.site, modality=args.modality,
@@ -86,21 +86,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.launch import simulate
+    from fedmira.simulations.launch import simulate
 
     cfg = _compose(args.overrides)
     return simulate(cfg, resume_overrides=args.overrides if cfg.run.resume else (), verbose=args.verbose)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from simulations.evaluate_cli import evaluate_command
+    from fedmira.simulations.evaluate_cli import evaluate_command
 
     return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder,
                             input=args.input, prior=args.prior)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from simulations.compare_cli import compare_command
+    from fedmira.simulations.compare_cli import compare_command
 
     return compare_command(args.overrides, args.system, reference=args.reference, out=args.out,
                            cache=args.cache, limit=args.limit, zero_shot=not args.no_zero_shot,
@@ -110,7 +110,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from simulations.audit_cli import AuditPlan, audit_command
+    from fedmira.simulations.audit_cli import AuditPlan, audit_command
 
     plan = AuditPlan(canaries=args.canaries, repeats=args.repeats, candidates=args.candidates,
                      sites=args.sites, seed=args.seed)
@@ -118,7 +118,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from simulations.partition_cli import run_partition
+    from fedmira.simulations.partition_cli import run_partition
 
     out = args.out
     overrides = []
@@ -134,7 +134,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from common.export import export_run
+    from fedmira.common.export import export_run
 
     target = export_run(args.run_dir, args.out, merge=args.merge)
     print(f"Exported to {target}: adapter/ (PEFT), README.md (model card)"
@@ -143,7 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from common.config import help_table
+    from fedmira.common.config import help_table
 
     cfg = _compose(args.overrides)
     values = cfg.to_run_config()
@@ -164,14 +164,14 @@ OVERRIDES_HELP = ("Hydra overrides (key=value, group=option, +debug=tiny); the c
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from server.coordinator import coordinator_command
+    from fedmira.server.coordinator import coordinator_command
 
     return coordinator_command(args.overrides, certs=args.certs, allow_list=args.allow_list,
                                wait_sites=args.wait_sites, verbose=args.verbose)
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:
-    from client.hospital import hospital_command
+    from fedmira.client.hospital import hospital_command
 
     return hospital_command(args.overrides, superlink=args.superlink, root_cert=args.root_cert, key=args.key,
                             data=args.data, site_id=args.site_id, workdir=args.workdir,
@@ -181,7 +181,7 @@ def cmd_hospital(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from server.certs import certs_command
+    from fedmira.server.certs import certs_command
 
     out = args.out
     for item in args.rest:  # `out=DIR` reads like an override but is this command's own
@@ -384,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("overrides", nargs="*", help="Hydra overrides (privacy.*, train.*, strategy.rounds, ...)")
     audit.set_defaults(func=cmd_audit)
 
-    from simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION
-    from simulations.compare_cli import SYSTEM_HELP
+    from fedmira.simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION
+    from fedmira.simulations.compare_cli import SYSTEM_HELP
 
     cmp = sub.add_parser(
         "compare", formatter_class=fmt, epilog=EPILOG_OVERRIDES, description=COMPARE_DESCRIPTION,

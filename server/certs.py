@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import FedmiraError
+from fedmira.common.errors import FedmiraError
 
 ALLOW_LIST = "allowed_supernodes.txt"
 CURVE = ec.SECP384R1

@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence, TextIO
 
 from cryptography.exceptions import InvalidSignature
 
-from common.config import ExperimentConfig
-from common.errors import ConfigError, FedmiraError
-from common.flower_runtime import (
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import ConfigError, FedmiraError
+from fedmira.common.flower_runtime import (
     SimulationSuperLink,
     parse_address,
     port_in_use,
@@ -52,10 +52,17 @@ from common.flower_runtime import (
     stop_recorded,
     stream_run,
 )
-from common.rundir import RunDir, RunLock
-from common.runs import RunFollower, create_run_folder, finish_run, resume_run, shown, write_run_config
-from server.certs import ALLOW_LIST, read_allow_list
-from server.superlink_gate import READY_LINE, SECURITY_TAG
+from fedmira.common.rundir import RunDir, RunLock
+from fedmira.common.runs import (
+    RunFollower,
+    create_run_folder,
+    finish_run,
+    resume_run,
+    shown,
+    write_run_config,
+)
+from fedmira.server.certs import ALLOW_LIST, read_allow_list
+from fedmira.server.superlink_gate import READY_LINE, SECURITY_TAG
 
 DEFAULT_EXPERIMENT = "deployment"
 DEPLOYMENT_BASE = ("mode=deployment",)  # what `fedmira coordinator` adds before the user's overrides
@@ -168,7 +175,7 @@ class DeploymentSuperLink(SimulationSuperLink):
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "server.superlink_gate",
+            sys.executable, "-m", "fedmira.server.superlink_gate",
             "--fleet-host", self.fleet_host, "--fleet-port", str(self.fleet_port), "--",
             "--ssl-ca-certfile", str(self.tls.ca_cert), "--ssl-certfile", str(self.tls.server_cert),
             "--ssl-keyfile", str(self.tls.server_key), "--enable-supernode-auth",
@@ -511,7 +518,7 @@ def _progress(run: RunDir, out: TextIO, verbose: bool) -> Callable[[str], None]:
 def coordinator_command(overrides: Sequence[str], *, certs: str | None = None,
                         allow_list: str | None = None, wait_sites: int = 0, verbose: bool = False) -> int:
     """``fedmira coordinator [--certs DIR] [--allow-list FILE] [--wait-sites N] [overrides]``."""
-    from common.compose import compose_config
+    from fedmira.common.compose import compose_config
 
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdagrad
 
-from server.fedopt import ServerOptimizerState
-from server.strategy import AdapterAggregation, FedmiraBase
+from fedmira.server.fedopt import ServerOptimizerState
+from fedmira.server.strategy import AdapterAggregation, FedmiraBase
 
 
 class FedmiraFedAdagrad(ServerOptimizerState, FedmiraBase, FedAdagrad, AdapterAggregation):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.aggregation import ArrayDict
+from fedmira.common.aggregation import ArrayDict
 
 MOMENTS = ("m_t", "v_t")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedProx
 
-from server.strategy import AdapterAggregation, FedmiraBase
+from fedmira.server.strategy import AdapterAggregation, FedmiraBase
 
 
 class FedmiraFedProx(FedmiraBase, FedProx, AdapterAggregation):

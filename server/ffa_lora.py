@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord
 
-from common.aggregation import LORA_A, ArrayDict
-from common.site import round_flags
-from server.strategy import FedmiraFedAvg
+from fedmira.common.aggregation import LORA_A, ArrayDict
+from fedmira.common.site import round_flags
+from fedmira.server.strategy import FedmiraFedAvg
 
 
 class FedmiraFFALoRA(FedmiraFedAvg):

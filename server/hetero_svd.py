@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from common.aggregation import LORA_A, ArrayDict, adapter_rank, hetero_aggregate, truncate_adapter
-from common.site import round_flags
-from server.strategy import FedmiraFedAvg, decode_record
+from fedmira.common.aggregation import LORA_A, ArrayDict, adapter_rank, hetero_aggregate, truncate_adapter
+from fedmira.common.site import round_flags
+from fedmira.server.strategy import FedmiraFedAvg, decode_record
 
 
 class FedmiraHeteroSVD(FedmiraFedAvg):

@@ -23,20 +23,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.adapters import adapter_num_bytes, get_adapter_state, load_adapter_state, save_adapter_state
-from common.config import ExperimentConfig
-from common.model import apply_lora, load_base_model
-from common.rundir import (
+from fedmira.common.adapters import (
+    adapter_num_bytes,
+    get_adapter_state,
+    load_adapter_state,
+    save_adapter_state,
+)
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.model import apply_lora, load_base_model
+from fedmira.common.rundir import (
     RunDir,
     load_strategy_state,
     plot_losses,
     save_strategy_state,
     write_tensorboard,
 )
-from common.runs import round_line
-from common.transport import BYTES_PER_MB, budget_status
-from server.strategies import build_strategy
-from server.strategy import FedmiraBase, RoundFailed
+from fedmira.common.runs import round_line
+from fedmira.common.transport import BYTES_PER_MB, budget_status
+from fedmira.server.strategies import build_strategy
+from fedmira.server.strategy import FedmiraBase, RoundFailed
 
 app = ServerApp()
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from common.config import ExperimentConfig
-from common.privacy import SiteLevelLedger
-from server.fedadagrad import FedmiraFedAdagrad
-from server.fedadam import FedmiraFedAdam
-from server.fedprox import FedmiraFedProx
-from server.fedyogi import FedmiraFedYogi
-from server.ffa_lora import FedmiraFFALoRA
-from server.hetero_svd import FedmiraHeteroSVD
-from server.strategy import FedmiraBase, FedmiraFedAvg
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.privacy import SiteLevelLedger
+from fedmira.server.fedadagrad import FedmiraFedAdagrad
+from fedmira.server.fedadam import FedmiraFedAdam
+from fedmira.server.fedprox import FedmiraFedProx
+from fedmira.server.fedyogi import FedmiraFedYogi
+from fedmira.server.ffa_lora import FedmiraFFALoRA
+from fedmira.server.hetero_svd import FedmiraHeteroSVD
+from fedmira.server.strategy import FedmiraBase, FedmiraFedAvg
 
 
 def _server_opt(cfg: ExperimentConfig, betas: bool = True) -> dict[str, Any]:

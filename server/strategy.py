@@ -41,9 +41,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.aggregation import ArrayDict, combine, norm_outliers, update_norms
-from common.privacy import SiteLevelLedger, site_level_aggregate
-from common.transport import decode_array, npy_values, payload_bytes
+from fedmira.common.aggregation import ArrayDict, combine, norm_outliers, update_norms
+from fedmira.common.privacy import SiteLevelLedger, site_level_aggregate
+from fedmira.common.transport import decode_array, npy_values, payload_bytes
 
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
 NOT_AVERAGED = ("site-index", "lora-rank")  # identifiers, not quantities

@@ -21,7 +21,7 @@ files are Flower's, only the routing is ours. ``uvicorn.run`` is replaced for th
 
 Usage (``fedmira coordinator`` builds the command)::
 
-    python -m server.superlink_gate --fleet-host 0.0.0.0 --fleet-port 9092 -- \\
+    python -m fedmira.server.superlink_gate --fleet-host 0.0.0.0 --fleet-port 9092 -- \\
         --host 127.0.0.1 --port 9093 --ssl-certfile ... --enable-supernode-auth ...
 """
 
@@ -154,7 +154,7 @@ async def _serve(operator: Any, fleet: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m server.superlink_gate",
+        prog="python -m fedmira.server.superlink_gate",
         description="Flower SuperLink serving only its Fleet API on the hospitals' address; the "
                     "flower-superlink arguments after `--` (their --host/--port: the operator "
                     "address, keep it on loopback).")

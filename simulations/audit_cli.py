@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
-from common.aggregation import combine
-from common.audit import (
+from fedmira.common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
+from fedmira.common.aggregation import combine
+from fedmira.common.audit import (
     SECRET_DIGITS,
     Canary,
     canary_exposure,
@@ -34,11 +34,11 @@ from common.audit import (
     matched_digits,
     plant,
 )
-from common.config import ExperimentConfig, GenerateConfig
-from common.engine import generate
-from common.errors import FedmiraError
-from common.privacy import AccountantState
-from common.site import ModelCache, SiteData, Worker, local_train, plan_ledger, round_flags
+from fedmira.common.config import ExperimentConfig, GenerateConfig
+from fedmira.common.engine import generate
+from fedmira.common.errors import FedmiraError
+from fedmira.common.privacy import AccountantState
+from fedmira.common.site import ModelCache, SiteData, Worker, local_train, plan_ledger, round_flags
 
 ARMS = ("no_dp", "dp")
 
@@ -61,7 +61,7 @@ class AuditPlan:
 
 def audit_sites(cfg: ExperimentConfig, plan: AuditPlan, out: TextIO) -> tuple[list[SiteData], list[Canary]]:
     """The first ``plan.sites`` internal sites of the configured split; canaries in the first."""
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     splits = [s for s in split_sites(cfg, load_pooled_reports(cfg, out)) if not s.external and s.train]
     if not splits:
@@ -218,7 +218,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 
 def audit_command(overrides: Sequence[str], plan: AuditPlan, out: str | None, stream: TextIO | None = None) -> int:
     """Run ``fedmira audit``; returns the exit code."""
-    from common.compose import compose_config
+    from fedmira.common.compose import compose_config
 
     printer = sys.stdout if stream is None else stream
     bad = [o for o in overrides if "=" not in o]

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from common.adapters import save_adapter
-from common.config import ExperimentConfig
-from common.engine import encode_reports, evaluate_loss, train_steps
-from common.errors import ConfigError
-from common.model import apply_lora, count_trainable, load_base_model
-from common.partition import load_pooled_reports, split_sites
-from common.retrieval import rag_neighbors
+from fedmira.common.adapters import save_adapter
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.engine import encode_reports, evaluate_loss, train_steps
+from fedmira.common.errors import ConfigError
+from fedmira.common.model import apply_lora, count_trainable, load_base_model
+from fedmira.common.partition import load_pooled_reports, split_sites
+from fedmira.common.retrieval import rag_neighbors
 
 
 def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit: int = 200,

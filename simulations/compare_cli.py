@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from common.errors import FedmiraError
+from fedmira.common.errors import FedmiraError
 
 DESCRIPTION = """\
 Compare systems on one held-out set (the reports `fedmira evaluate` scores, split by the same
@@ -62,9 +62,9 @@ def compare_command(overrides: Sequence[str], systems: Sequence[str], *, referen
     FedmiraError
         Bad systems, options, overrides, data or model (the CLI prints the message).
     """
-    from common.compare import default_systems, parse_system, print_compare, run_compare
-    from common.compose import compose_config
-    from simulations.evaluate_cli import DEFAULT_LIMIT, check_input_flags
+    from fedmira.common.compare import default_systems, parse_system, print_compare, run_compare
+    from fedmira.common.compose import compose_config
+    from fedmira.simulations.evaluate_cli import DEFAULT_LIMIT, check_input_flags
 
     printer = sys.stdout if stream is None else stream
     bad = [o for o in overrides if "=" not in o]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from common.errors import FedmiraError
+from fedmira.common.errors import FedmiraError
 
 EVAL_DIR = "eval"
 #: Held-out reports scored when --limit is not given (the split of data.path only).
@@ -77,8 +77,8 @@ def evaluate_command(overrides: Sequence[str], adapter: str | None, out: str | N
     FedmiraError
         Bad overrides, data or model (the CLI prints the message).
     """
-    from common.compose import compose_config
-    from common.evaluation import run_evaluate, run_evaluate_file
+    from fedmira.common.compose import compose_config
+    from fedmira.common.evaluation import run_evaluate, run_evaluate_file
 
     printer = sys.stdout if stream is None else stream
     bad = [o for o in overrides if "=" not in o]

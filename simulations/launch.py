@@ -19,12 +19,19 @@ from typing import Any, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
-from common import exit_codes
-from common.config import ExperimentConfig
-from common.errors import ConfigError, FedmiraError
-from common.partition import load_pooled_reports, split_sites, write_sites
-from common.rundir import RunDir, RunLock
-from common.runs import RunFollower, create_run_folder, finish_run, resume_run, shown, write_run_config
+from fedmira.common import exit_codes
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import ConfigError, FedmiraError
+from fedmira.common.partition import load_pooled_reports, split_sites, write_sites
+from fedmira.common.rundir import RunDir, RunLock
+from fedmira.common.runs import (
+    RunFollower,
+    create_run_folder,
+    finish_run,
+    resume_run,
+    shown,
+    write_run_config,
+)
 
 
 # ------------------------------------------------------------------------------ simulate
@@ -47,7 +54,12 @@ def simulate(cfg: ExperimentConfig, *, resume_overrides: Sequence[str] = (), out
 
 def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overrides: Sequence[str], out: TextIO,
               verbose: bool) -> int:
-    from common.flower_runtime import SimulationSuperLink, run_status, stop_recorded, submit_and_stream
+    from fedmira.common.flower_runtime import (
+        SimulationSuperLink,
+        run_status,
+        stop_recorded,
+        submit_and_stream,
+    )
 
     t0, launched_at = time.perf_counter(), time.time()
     if cfg.run.resume:
@@ -97,7 +109,7 @@ def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overr
 def _final_quality(cfg: ExperimentConfig, run: RunDir, out: TextIO) -> None:
     """Score the global adapter against the baselines (simulation only: a coordinator never holds
     hospital reports). A failure here is reported, not fatal: every round is already committed."""
-    from common.compare import final_quality
+    from fedmira.common.compare import final_quality
 
     adapter = run.path / "final_adapter"
     if not cfg.eval.final_reports or not (adapter / "adapter_config.json").is_file():

@@ -1,7 +1,7 @@
 """A whole deployment on one machine, over loopback: the coordinator and N hospitals as processes.
 
 Used by the deployment test (``tests/integration/test_deployment.py``) and the per-round
-overhead benchmark (``python -m simulations.bench.deploy_overhead``); docs/deployment.md shows
+overhead benchmark (``python -m fedmira.simulations.bench.deploy_overhead``); docs/deployment.md shows
 the same steps as shell commands. Every process runs the real commands (``python -m
 fedmira coordinator|hospital``) with TLS and SuperNode authentication, and
 carries an environment marker so :meth:`Federation.close` can end all of them, including the
@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.flower_runtime import _die_with_parent, free_port
-from server.certs import DevPki, make_dev_pki
+from fedmira.common.flower_runtime import _die_with_parent, free_port
+from fedmira.server.certs import DevPki, make_dev_pki
 
 MARKER = "FEDMIRA_LOOPBACK"
 
 
 def write_demo_sites(out: Path, num_sites: int = 3, reports: int = 90, seed: int = 7) -> list[Path]:
     """One folder per hospital (train/val/test.jsonl) from the synthetic corpus."""
-    from common.partition import partition_reports, write_site_folders
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.partition import partition_reports, write_site_folders
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     splits = partition_reports(make_synthetic_corpus(num_sites, reports, seed))
     return write_site_folders(splits, out)

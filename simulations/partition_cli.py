@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from common.config import ExperimentConfig
-from common.partition import (
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.partition import (
     SiteSplit,
     load_pooled_reports,
     plot_sites,

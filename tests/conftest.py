@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.adapters import get_adapter_state, set_adapter_state
-from common.config import DataConfig, LoraConfig, ModelConfig
-from common.model import LoadedModel, apply_lora, load_base_model
-from common.reports import Report
-from common.synthetic import make_synthetic_corpus
+from fedmira.common.adapters import get_adapter_state, set_adapter_state
+from fedmira.common.config import DataConfig, LoraConfig, ModelConfig
+from fedmira.common.model import LoadedModel, apply_lora, load_base_model
+from fedmira.common.reports import Report
+from fedmira.common.synthetic import make_synthetic_corpus
 
 SEED = 1234
 #: Where model tests run: ``FEDMIRA_TEST_DEVICE=cuda pytest tests/unit`` checks them on a GPU

@@ -1,1 +1,1 @@
-"""Micro-benchmarks (run as modules, e.g. ``python -m simulations.bench.aggregation``)."""
+"""Micro-benchmarks (run as modules, e.g. ``python -m fedmira.simulations.bench.aggregation``)."""

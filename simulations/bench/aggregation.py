@@ -4,11 +4,11 @@ Builds random LoRA adapters with the shapes of the embedded model (SmolLM2-135M,
 and v_proj: 30 layers, q_proj 576x576, v_proj 576->192 (3 KV heads x 64), 120 tensors, 460,800
 parameters) for K sites, and times each aggregation rule (median of several repeats) next to a
 bare NumPy weighted mean, which is what Flower's own FedAvg does (``run`` gives the same numbers
-to ``python -m simulations.bench.run`` as rows)::
+to ``python -m fedmira.simulations.bench.run`` as rows)::
 
-    python -m simulations.bench.aggregation                  # 42 sites, 5 repeats
-    python -m simulations.bench.aggregation --sites 4        # the default 10% sample of 42
-    python -m simulations.bench.aggregation --linalg-threads 2
+    python -m fedmira.simulations.bench.aggregation                  # 42 sites, 5 repeats
+    python -m fedmira.simulations.bench.aggregation --sites 4        # the default 10% sample of 42
+    python -m fedmira.simulations.bench.aggregation --linalg-threads 2
 
 Two groups of rows: the pure math of ``common.aggregation`` on NumPy arrays, and the Flower
 strategies' ``aggregate_train`` on real reply Messages (which adds deserialising every tensor,
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import common.aggregation as agg
-from simulations.bench.common import BenchRow
+import fedmira.common.aggregation as agg
+from fedmira.simulations.bench.common import BenchRow
 
 LAYERS, HIDDEN, KV_DIM = 30, 576, 192
 
@@ -113,9 +113,9 @@ def strategy_rows(
     sites: int, repeats: int, rng: np.random.Generator,
 ) -> list[tuple[str, tuple[float, float]]]:
     """Timings of the Flower strategies' aggregate_train on reply Messages (checks included)."""
-    from server.fedadam import FedmiraFedAdam
-    from server.hetero_svd import FedmiraHeteroSVD
-    from server.strategy import FedmiraFedAvg
+    from fedmira.server.fedadam import FedmiraFedAdam
+    from fedmira.server.hetero_svd import FedmiraHeteroSVD
+    from fedmira.server.strategy import FedmiraFedAvg
 
     glob = agg.hetero_aggregate([adapter(8, rng)], [1.0], alpha=16, rank=8)
     states = [near(glob, 8, rng) for _ in range(sites)]

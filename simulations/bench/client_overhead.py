@@ -17,8 +17,8 @@ All count the same tokens (attention mask), so tokens/s compare directly. Measur
 interleaved in rounds A B C, B C A, C A B, ... (each side takes each place in turn) after one
 warm-up each, and each ratio is the median over rounds of that round's ratio::
 
-    python -m simulations.bench.client_overhead            # embedded SmolLM2-135M, ~2 minutes
-    python -m simulations.bench.client_overhead --quick    # tiny random model, seconds
+    python -m fedmira.simulations.bench.client_overhead            # embedded SmolLM2-135M, ~2 minutes
+    python -m fedmira.simulations.bench.client_overhead --quick    # tiny random model, seconds
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from simulations.bench.common import BenchRow, median_ratio
+from fedmira.simulations.bench.common import BenchRow, median_ratio
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ GLOBAL_ROUND = 1
 
 def _site_folder(root: Path) -> Path:
     """A hospital folder with synthetic reports (train.jsonl, val.jsonl)."""
-    from common.reports import write_jsonl
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.reports import write_jsonl
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     reports = make_synthetic_corpus(num_sites=1, num_reports=SITE_REPORTS + 4, seed=11)
     folder = root / "site_bench"
@@ -85,7 +85,7 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int
     """The example indices of each step, as ``train_steps`` draws them for this seed."""
     import random
 
-    from common.engine import _batches  # the exact sampler of the site path: same batches in B
+    from fedmira.common.engine import _batches  # the exact sampler of the site path: same batches in B
 
     it = _batches(n, batch_size, random.Random(seed))
     return [next(it) for _ in range(steps)]
@@ -94,7 +94,7 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int
 def bare_loop(model: Any, examples: list[Any], order: list[list[int]], pad_id: int,
               lr: float, max_grad_norm: float) -> float:
     """Seconds for a plain PEFT training loop over ``order`` (collate included, as a DataLoader would)."""
-    from common.prompts import collate
+    from fedmira.common.prompts import collate
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -116,11 +116,11 @@ def bare_loop(model: Any, examples: list[Any], order: list[list[int]], pad_id: i
 
 def measure(settings: Settings) -> dict[str, Any]:
     """Interleaved A/B timings; returns tokens per call and the per-call seconds of each side."""
-    import client.client_app as client_app
-    from common.adapters import get_adapter_state, set_adapter_state
-    from common.compose import compose_config
-    from common.engine import encode_reports, train_steps
-    from common.site import load_site
+    import fedmira.client.client_app as client_app
+    from fedmira.common.adapters import get_adapter_state, set_adapter_state
+    from fedmira.common.compose import compose_config
+    from fedmira.common.engine import encode_reports, train_steps
+    from fedmira.common.site import load_site
 
     threads = THREADS
     cfg = compose_config([*settings.overrides, f"train.threads={threads}", f"train.steps={settings.steps}"])
@@ -210,11 +210,11 @@ def run(quick: bool) -> list[BenchRow]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the rows (the runner, ``python -m simulations.bench.run``, also writes them)."""
+    """Print the rows (the runner, ``python -m fedmira.simulations.bench.run``, also writes them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny random model instead of SmolLM2")
     args = parser.parse_args(argv)
-    from simulations.bench.run import format_table
+    from fedmira.simulations.bench.run import format_table
 
     print(format_table({"client_overhead": run(args.quick)}, notes=True))
 

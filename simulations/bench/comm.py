@@ -13,7 +13,7 @@ arithmetic); the 7B-class shapes are the published Llama-2-7B and Mistral-7B con
 measured check: the real SmolLM2 adapter, encoded by ``common.transport`` and serialised by
 Flower into the protobuf that goes on the wire, against the arithmetic::
 
-    python -m simulations.bench.comm
+    python -m fedmira.simulations.bench.comm
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
-from simulations.bench.common import BenchRow
+from fedmira.simulations.bench.common import BenchRow
 
 MB = 1_000_000  # decimal, like network traffic (common.transport.BYTES_PER_MB)
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -116,9 +116,9 @@ def embedded_shape() -> tuple[DecoderShape, str]:
     """SmolLM2's shapes from the embedded model's config.json, or the known ones if absent."""
     from transformers import AutoConfig
 
-    from common.config import ModelConfig
-    from common.errors import ModelError
-    from common.model import ensure_embedded_model
+    from fedmira.common.config import ModelConfig
+    from fedmira.common.errors import ModelError
+    from fedmira.common.model import ensure_embedded_model
 
     try:
         folder = ensure_embedded_model(ModelConfig())
@@ -132,10 +132,10 @@ def measured_rows(shape: DecoderShape) -> list[BenchRow]:
     from flwr.app import Array, ArrayRecord
     from flwr.common.serde import array_record_to_proto
 
-    from common.adapters import get_adapter_state
-    from common.compose import compose_config
-    from common.model import apply_lora, load_base_model
-    from common.transport import encode_state
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.compose import compose_config
+    from fedmira.common.model import apply_lora, load_base_model
+    from fedmira.common.transport import encode_state
 
     cfg = compose_config([])
     loaded = load_base_model(cfg.model)
@@ -178,9 +178,9 @@ def run(quick: bool) -> list[BenchRow]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the rows (the runner, ``python -m simulations.bench.run``, also writes them)."""
+    """Print the rows (the runner, ``python -m fedmira.simulations.bench.run``, also writes them)."""
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
-    from simulations.bench.run import format_table
+    from fedmira.simulations.bench.run import format_table
 
     print(format_table({"comm": run(quick=False)}))
 

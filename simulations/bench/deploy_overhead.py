@@ -14,8 +14,8 @@ same commands as docs/deployment.md) once per isolation mode and reports, per si
 and the round wall time the coordinator recorded (which also holds Flower's polling: SuperNode
 and ServerApp each poll every 3 s)::
 
-    python -m simulations.bench.deploy_overhead                 # tiny model, 3 rounds, both modes
-    python -m simulations.bench.deploy_overhead +debug=tiny model=smollm2_135m --rounds 2
+    python -m fedmira.simulations.bench.deploy_overhead                 # tiny model, 3 rounds, both modes
+    python -m fedmira.simulations.bench.deploy_overhead +debug=tiny model=smollm2_135m --rounds 2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from simulations.loopback import Federation
+from fedmira.simulations.loopback import Federation
 
 KINDS = (("train", "train_sites", "train-s"), ("evaluate", "evaluate_sites", "eval-s"))
 COLUMNS = ("task_s", "work_s", "setup_s", "overhead_s")

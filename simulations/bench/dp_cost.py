@@ -9,8 +9,8 @@ learning rate and threads.
 Each call trains ``steps`` steps from the same adapter; calls alternate A B, B A, ... after a
 warm-up of each, and the ratio is the median of the pairs' per-step time ratios::
 
-    python -m simulations.bench.dp_cost            # embedded SmolLM2-135M, about a minute
-    python -m simulations.bench.dp_cost --quick    # tiny random model, seconds
+    python -m fedmira.simulations.bench.dp_cost            # embedded SmolLM2-135M, about a minute
+    python -m fedmira.simulations.bench.dp_cost --quick    # tiny random model, seconds
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from simulations.bench.common import BenchRow, median_ratio
+from fedmira.simulations.bench.common import BenchRow, median_ratio
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,12 @@ THREADS = 1  # as in client_overhead: one thread varies least on a shared 2-core
 
 
 def _setup(settings: Settings) -> tuple[Callable[[], float], Callable[[], float], dict[str, Any]]:
-    from common.adapters import get_adapter_state, set_adapter_state
-    from common.compose import compose_config
-    from common.engine import encode_reports, train_steps
-    from common.model import apply_lora, load_base_model
-    from common.privacy import AccountantState, dp_train_steps
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.adapters import get_adapter_state, set_adapter_state
+    from fedmira.common.compose import compose_config
+    from fedmira.common.engine import encode_reports, train_steps
+    from fedmira.common.model import apply_lora, load_base_model
+    from fedmira.common.privacy import AccountantState, dp_train_steps
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     cfg = compose_config([*settings.overrides, f"train.batch_size={settings.batch}", "train.grad_accum=1"])
     loaded = load_base_model(cfg.model)

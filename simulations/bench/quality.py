@@ -25,7 +25,7 @@ paying. Results go to ``results/quality-<date>.{json,md}`` and ``quality-<date>-
 (numbers only)::
 
     make bench-quality                                                 # see the README for times
-    python -m simulations.bench.quality --epochs 0.25 --strategies fedavg --ablation ""   # quicker
+    python -m fedmira.simulations.bench.quality --epochs 0.25 --strategies fedavg --ablation ""   # quicker
 
 It runs long, so it resumes: everything lives in ``--work/<settings hash>/`` (adapters, run
 folders, prediction cache, ``state.json``); a rerun with the same settings skips trained
@@ -50,10 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from common.errors import FedmiraError
+from fedmira.common.errors import FedmiraError
 
 if TYPE_CHECKING:
-    from common.config import ExperimentConfig
+    from fedmira.common.config import ExperimentConfig
 
 DEFAULT_DATA = "../shared/data/iu_xray/indiana_reports.csv"
 RESULTS_DIR, WORK_DIR = "results", "outputs/bench-quality"
@@ -120,7 +120,7 @@ class Budget:
         a strategy or scoring more reports reuses every adapter already trained (systems are
         recorded by name; predictions are cached per system and report).
         """
-        from common.config import stable_hash
+        from fedmira.common.config import stable_hash
 
         path = Path(self.data)
         stamp = [path.stat().st_size, int(path.stat().st_mtime)] if path.is_file() else None
@@ -166,14 +166,14 @@ class State:
 
 # ----------------------------------------------------------------------------- training
 def _compose(budget: Budget, work: Path, *extra: str, prompt: str | None = None) -> Any:
-    from common.compose import compose_config
+    from fedmira.common.compose import compose_config
 
     return compose_config([*budget.overrides(prompt), f"run.out_dir={work / 'runs'}", *extra])
 
 
 def internal_sites(cfg: ExperimentConfig) -> list[tuple[str, int]]:
     """(site id, train reports) of the training sites, largest first."""
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     splits = split_sites(cfg, load_pooled_reports(cfg, io.StringIO()))
     return sorted(((s.site_id, len(s.train)) for s in splits if not s.external and s.train),
@@ -202,7 +202,7 @@ def checkpoint_steps(steps: int, rounds: int) -> list[int]:
 def train_pooled(budget: Budget, work: Path, state: State, name: str, steps: int, site: str | None,
                  prompt: str, out: TextIO) -> str:
     """Centralized (site None) or local-only training via ``fedmira train``'s function; resumable."""
-    from simulations.centralized import train_centralized
+    from fedmira.simulations.centralized import train_centralized
 
     done = state.adapter(name)
     if done:
@@ -232,7 +232,7 @@ def federated_warmup_ratio(budget: Budget, pooled_steps: int) -> float:
 def train_federated(budget: Budget, work: Path, state: State, strategy: str, out: TextIO,
                     pooled_steps: int) -> str:
     """A federated run through ``simulations.launch.simulate``; resumes an interrupted one."""
-    from simulations.launch import simulate
+    from fedmira.simulations.launch import simulate
 
     name = f"{FEDERATED_PREFIX}{strategy}"
     done = state.adapter(name)
@@ -272,7 +272,7 @@ def train_federated(budget: Budget, work: Path, state: State, strategy: str, out
 
 def federated_checkpoints(run: Path) -> list[dict[str, Any]]:
     """Per committed round: cumulative training tokens over all sites and the round's adapter."""
-    from common.rundir import RunDir
+    from fedmira.common.rundir import RunDir
 
     rd, total, points = RunDir(run), 0, []
     for row in rd.metrics():
@@ -285,8 +285,8 @@ def federated_checkpoints(run: Path) -> list[dict[str, Any]]:
 def budget_curve(cfg: ExperimentConfig, state: State, names: Sequence[str], limit: int, cache: Path,
                  out: TextIO) -> dict[str, list[dict[str, Any]]]:
     """ROUGE-L of every checkpoint of ``names`` on the first ``limit`` held-out reports."""
-    from common.compare import SystemSpec, held_out_and_pool, predict_system
-    from common.metrics import rouge_l
+    from fedmira.common.compare import SystemSpec, held_out_and_pool, predict_system
+    from fedmira.common.metrics import rouge_l
 
     reports, _, pool = held_out_and_pool(cfg, limit, io.StringIO())
     curve: dict[str, list[dict[str, Any]]] = {}
@@ -307,8 +307,8 @@ def budget_curve(cfg: ExperimentConfig, state: State, names: Sequence[str], limi
 def curve_baselines(cfg: ExperimentConfig, limit: int, cache: Path) -> dict[str, float]:
     """The no-training baselines' ROUGE-L on the curve's reports (the plot's horizontal lines:
     the same reports as its points, not the full held-out set)."""
-    from common.compare import RETRIEVAL_KINDS, SystemSpec, held_out_and_pool, predict_system
-    from common.metrics import rouge_l
+    from fedmira.common.compare import RETRIEVAL_KINDS, SystemSpec, held_out_and_pool, predict_system
+    from fedmira.common.metrics import rouge_l
 
     reports, _, pool = held_out_and_pool(cfg, limit, io.StringIO())
     out: dict[str, float] = {}
@@ -358,7 +358,7 @@ def ratios(result: dict[str, Any], federated: Sequence[str], central: str) -> di
 
 def strongest_retrieval(result: dict[str, Any]) -> str | None:
     """The retrieval baseline with the highest mean ROUGE-L (the bar a trained model must clear)."""
-    from common.compare import RETRIEVAL_KINDS
+    from fedmira.common.compare import RETRIEVAL_KINDS
 
     names = [n for n, i in result["systems"].items() if i["kind"] in RETRIEVAL_KINDS]
     return max(names, key=lambda n: _mean(result["systems"][n]["summary"], "rougeL") or 0.0) if names else None
@@ -525,7 +525,7 @@ def train_all(budget: Budget, work: Path, state: State, cfg: ExperimentConfig, o
 
 def ablation(budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], specs: Sequence[Any]) -> dict[str, Any] | None:
     """Pooled main prompt vs pooled ablation prompts, from the compare's per-sample scores."""
-    from common.stats import holm_bonferroni, wilcoxon_test
+    from fedmira.common.stats import holm_bonferroni, wilcoxon_test
 
     names = [CENTRAL, *(f"{CENTRAL}_{p}" for p in budget.ablation)]
     names = [n for n in names if n in result["per_sample"]]
@@ -547,7 +547,7 @@ def ablation(budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], spec
 
 def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Train what is missing, compare everything, write the results; returns the results document."""
-    from common.compare import SystemSpec, default_systems, run_compare
+    from fedmira.common.compare import SystemSpec, default_systems, run_compare
 
     t_start = time.perf_counter()
     if not Path(budget.data).is_file():
@@ -589,7 +589,7 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
 
 def write_results(doc: dict[str, Any], results_dir: Path, out: TextIO) -> dict[str, Any]:
     """``results/quality-<date>.json``, ``.md`` and the budget plot; prints the Markdown."""
-    from common.evaluation import json_safe
+    from fedmira.common.evaluation import json_safe
 
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_dir / f"quality-{doc['date'][:10]}"
@@ -611,7 +611,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     d = Budget()
-    p = argparse.ArgumentParser(prog="python -m simulations.bench.quality", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedmira.simulations.bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=d.data, help=f"IU reports CSV (default {d.data})")
     p.add_argument("--template-sites", type=int, default=d.template_sites,

@@ -11,8 +11,8 @@ interleaved (A B, B A, ...) after a warm-up of each, and reports the median pair
 
 ::
 
-    python -m simulations.bench.recipe            # embedded SmolLM2-135M, a few minutes
-    python -m simulations.bench.recipe --quick    # tiny random model, seconds
+    python -m fedmira.simulations.bench.recipe            # embedded SmolLM2-135M, a few minutes
+    python -m fedmira.simulations.bench.recipe --quick    # tiny random model, seconds
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from simulations.bench.common import BenchRow, interleaved_pairs, median_ratio
+from fedmira.simulations.bench.common import BenchRow, interleaved_pairs, median_ratio
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ THREADS = 2
 @contextlib.contextmanager
 def full_logits() -> Iterator[None]:
     """The previous loss path: logits over the whole vocabulary at every position."""
-    import common.engine as engine
+    import fedmira.common.engine as engine
 
     saved = engine._decoder_and_head
     engine._decoder_and_head = lambda model: None  # token_loss falls back to model(...).logits
@@ -56,11 +56,11 @@ def full_logits() -> Iterator[None]:
 
 
 def _setup(settings: Settings) -> dict[str, Any]:
-    from common.adapters import get_adapter_state
-    from common.compose import compose_config
-    from common.engine import encode_reports
-    from common.model import apply_lora, load_base_model
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.compose import compose_config
+    from fedmira.common.engine import encode_reports
+    from fedmira.common.model import apply_lora, load_base_model
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     cfg = compose_config([*settings.overrides, f"train.batch_size={settings.batch}", "train.grad_accum=1",
                           "train.lr=1e-3", "data.max_length=320"])
@@ -74,8 +74,8 @@ def _setup(settings: Settings) -> dict[str, Any]:
 
 
 def _timer(env: dict[str, Any], autocast: torch.dtype | None, full: bool, steps: int) -> Callable[[], float]:
-    from common.adapters import set_adapter_state
-    from common.engine import train_steps
+    from fedmira.common.adapters import set_adapter_state
+    from fedmira.common.engine import train_steps
 
     cfg, loaded = env["cfg"], env["loaded"]
 
@@ -97,8 +97,8 @@ def _median(values: list[float]) -> float:
 
 def _heldout_after(env: dict[str, Any], autocast: torch.dtype | None, steps: int) -> float:
     """Held-out loss (fp32) after ``steps`` steps trained with ``autocast``."""
-    from common.adapters import set_adapter_state
-    from common.engine import evaluate_loss, train_steps
+    from fedmira.common.adapters import set_adapter_state
+    from fedmira.common.engine import evaluate_loss, train_steps
 
     loaded = env["loaded"]
     pad = int(loaded.tokenizer.pad_token_id)
@@ -109,7 +109,7 @@ def _heldout_after(env: dict[str, Any], autocast: torch.dtype | None, steps: int
 
 
 def _preamble_row(env: dict[str, Any]) -> BenchRow:
-    from common.prompts import prompt_ids
+    from fedmira.common.prompts import prompt_ids
 
     tok, cfg = env["loaded"].tokenizer, env["cfg"]
     full = [len(prompt_ids(r, tok, cfg.data.template, 4096)) for r in env["reports"]]
@@ -136,7 +136,7 @@ def run(quick: bool) -> list[BenchRow]:
         torch.set_num_threads(threads)
     note = (f"{settings.label}, batch {settings.batch}, {settings.steps} steps per call, {settings.pairs} "
             f"interleaved pairs, {THREADS} threads")
-    from common.model import cpu_has_fast_bf16
+    from fedmira.common.model import cpu_has_fast_bf16
 
     return [
         BenchRow("bf16 autocast / fp32 step", _median([p[0] for p in amp]), "s/step",

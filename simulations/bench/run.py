@@ -3,10 +3,10 @@
 Every benchmark measures something next to its baseline in the same run on the same machine
 and reports the ratio, so the numbers hold on a noisy shared machine::
 
-    python -m simulations.bench.run                        # all, about 6-8 minutes on 2 shared cores
-    python -m simulations.bench.run --quick                # smoke run: fewer repeats, smaller sizes
-    python -m simulations.bench.run --only comm,aggregation
-    python -m simulations.bench.run --out results/ --readme README.md   # also refresh the README table
+    python -m fedmira.simulations.bench.run                        # all, about 6-8 minutes on 2 shared cores
+    python -m fedmira.simulations.bench.run --quick                # smoke run: fewer repeats, smaller sizes
+    python -m fedmira.simulations.bench.run --only comm,aggregation
+    python -m fedmira.simulations.bench.run --out results/ --readme README.md   # also refresh the README table
 
 It writes ``OUT/bench-<date>-<time>.json`` (machine, versions, every row) and ``.md`` (the
 same as a table). Benchmarks never assert: a missed target is shown in the table and in the
@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from simulations.bench.common import BenchRow
+from fedmira.simulations.bench.common import BenchRow
 
 # The registry: module names under simulations/bench/, run in this order.
 BENCHMARKS: tuple[str, ...] = (
@@ -68,7 +68,7 @@ def load_benchmark(name: str) -> BenchFn:
     ValueError
         When the module has no ``run`` function.
     """
-    module = importlib.import_module(f"simulations.bench.{name}")
+    module = importlib.import_module(f"fedmira.simulations.bench.{name}")
     fn = getattr(module, "run", None)
     if not callable(fn):
         raise ValueError(f"simulations/bench/{name}.py has no run(quick: bool) -> list[BenchRow]")
@@ -120,7 +120,7 @@ def machine_info() -> dict[str, Any]:
     """Where the numbers were measured: CPU, threads, device, load, library versions."""
     import torch
 
-    from common.model import resolve_device
+    from fedmira.common.model import resolve_device
 
     device = resolve_device("auto")
     name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
@@ -231,7 +231,7 @@ def update_readme(readme: Path, md: str, source: Path) -> None:
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme} has no '{README_START}' ... '{README_END}' block to replace")
-    block = f"{README_START}\n<!-- written by python -m simulations.bench.run from {source} -->\n\n{md}\n{README_END}"
+    block = f"{README_START}\n<!-- written by python -m fedmira.simulations.bench.run from {source} -->\n\n{md}\n{README_END}"
     readme.write_text(pattern.sub(lambda _: block, text, count=1))
 
 
@@ -245,7 +245,7 @@ def _quiet_libraries() -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m simulations.bench.run", description=__doc__.split("\n\n")[0],
+        prog="python -m fedmira.simulations.bench.run", description=__doc__.split("\n\n")[0],
         epilog=f"Benchmarks, in order: {', '.join(BENCHMARKS)}. Each row: a value, the baseline measured "
                "beside it, their ratio and, for some, a target the ratio should meet.",
     )

@@ -16,8 +16,8 @@ Sites run one at a time (``mode.client_cpus`` = all CPUs), so the sum of their c
 lower bound of the round's wall time. Each site uses one torch thread: the tiny model gains
 nothing from more, and on a shared machine two threads make its step times erratic::
 
-    python -m simulations.bench.sim_overhead            # N = 8 and 42, 3 rounds each, ~2-3 minutes
-    python -m simulations.bench.sim_overhead --quick    # N = 3 and 8, 2 rounds
+    python -m fedmira.simulations.bench.sim_overhead            # N = 8 and 42, 3 rounds each, ~2-3 minutes
+    python -m fedmira.simulations.bench.sim_overhead --quick    # N = 3 and 8, 2 rounds
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from simulations.bench.common import BenchRow
+from fedmira.simulations.bench.common import BenchRow
 
 REPORTS_PER_SITE = 20
 
@@ -57,8 +57,8 @@ def simulate_once(n_sites: int, rounds: int, root: Path) -> Path:
     RuntimeError
         When the run does not complete (with the end of its output and Flower log).
     """
-    from common.compose import compose_config
-    from simulations.launch import simulate
+    from fedmira.common.compose import compose_config
+    from fedmira.simulations.launch import simulate
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # progress lines go to the captured output, not the table
@@ -139,11 +139,11 @@ def run(quick: bool) -> list[BenchRow]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the rows (the runner, ``python -m simulations.bench.run``, also writes them)."""
+    """Print the rows (the runner, ``python -m fedmira.simulations.bench.run``, also writes them)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 3 and 8, 2 rounds")
     args = parser.parse_args(argv)
-    from simulations.bench.run import format_table
+    from fedmira.simulations.bench.run import format_table
 
     print(format_table({"sim_overhead": run(args.quick)}, notes=True))
 

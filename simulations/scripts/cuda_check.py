@@ -27,25 +27,25 @@ import torch
 
 
 def _tiny(device: str, dtype: str) -> Any:
-    from common.config import ModelConfig
-    from common.model import load_base_model
+    from fedmira.common.config import ModelConfig
+    from fedmira.common.model import load_base_model
 
     return load_base_model(ModelConfig(name_or_path="tiny-random", device=device, dtype=dtype))
 
 
 def _reports(n: int) -> list[Any]:
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     return list(make_synthetic_corpus(num_sites=2, num_reports=max(n, 8), seed=5))[:n]
 
 
 def check_bf16_site_path() -> dict[str, Any]:
     """Auto device/dtype, plain + DP training and generation on the GPU."""
-    from common.adapters import get_adapter_state
-    from common.config import DataConfig, GenerateConfig, LoraConfig, TrainConfig
-    from common.engine import encode_reports, evaluate_loss, generate, train_steps
-    from common.model import apply_lora
-    from common.privacy import AccountantState, dp_train_steps
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.config import DataConfig, GenerateConfig, LoraConfig, TrainConfig
+    from fedmira.common.engine import encode_reports, evaluate_loss, generate, train_steps
+    from fedmira.common.model import apply_lora
+    from fedmira.common.privacy import AccountantState, dp_train_steps
 
     loaded = _tiny("auto", "auto")
     data = DataConfig(max_length=224, max_target_tokens=48)
@@ -74,10 +74,10 @@ def check_bf16_site_path() -> dict[str, Any]:
 
 def check_cpu_cuda_agree() -> dict[str, Any]:
     """fp32, dropout off: the adapter after 3 seeded steps on CUDA equals the CPU one."""
-    from common.adapters import get_adapter_state
-    from common.config import DataConfig, LoraConfig, TrainConfig
-    from common.engine import encode_reports, train_steps
-    from common.model import apply_lora
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.config import DataConfig, LoraConfig, TrainConfig
+    from fedmira.common.engine import encode_reports, train_steps
+    from fedmira.common.model import apply_lora
 
     states = {}
     for device in ("cpu", "cuda"):
@@ -104,11 +104,11 @@ def _smollm2_shaped(dtype: torch.dtype) -> Any:
 
 def time_dp_cost(dtype: torch.dtype, pairs: int = 5, batch: int = 8, length: int = 128) -> dict[str, Any]:
     """Median seconds per plain and DP-SGD step (3 steps per call) on a SmolLM2-shaped model."""
-    from common.config import LoraConfig, TrainConfig
-    from common.engine import train_steps
-    from common.model import apply_lora
-    from common.privacy import AccountantState, dp_train_steps
-    from common.prompts import IGNORE_INDEX, Example
+    from fedmira.common.config import LoraConfig, TrainConfig
+    from fedmira.common.engine import train_steps
+    from fedmira.common.model import apply_lora
+    from fedmira.common.privacy import AccountantState, dp_train_steps
+    from fedmira.common.prompts import IGNORE_INDEX, Example
 
     model = apply_lora(_smollm2_shaped(dtype), LoraConfig(), seed=0)
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ training hospitals of the first run's partition (capped with --limit, in manifes
 two runs that differ in one setting (e.g. data.template) are compared like with like. Each
 adapter is scored with its own run's prompt template.
 
-    python -m simulations.scripts.heldout_loss RUN_A RUN_B [--limit 200]
+    python -m fedmira.simulations.scripts.heldout_loss RUN_A RUN_B [--limit 200]
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-from common.adapters import load_adapter
-from common.config import ExperimentConfig
-from common.engine import encode_reports, evaluate_loss
-from common.model import apply_lora, load_base_model
-from common.reports import Report
-from common.site import load_site
+from fedmira.common.adapters import load_adapter
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.engine import encode_reports, evaluate_loss
+from fedmira.common.model import apply_lora, load_base_model
+from fedmira.common.reports import Report
+from fedmira.common.site import load_site
 
 
 def heldout_reports(run_dir: Path, limit: int) -> list[Report]:

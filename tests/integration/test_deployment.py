@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from common.rundir import RunDir
-from server.certs import make_node_key
-from simulations.loopback import Federation
+from fedmira.common.rundir import RunDir
+from fedmira.server.certs import make_node_key
+from fedmira.simulations.loopback import Federation
 
 pytestmark = pytest.mark.integration
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from common.rundir import RunDir
-from server.certs import make_node_key
-from simulations.loopback import Federation
+from fedmira.common.rundir import RunDir
+from fedmira.server.certs import make_node_key
+from fedmira.simulations.loopback import Federation
 from tests.integration.test_deployment import QUICK, TINY, _run_dir, fed  # noqa: F401
 
 pytestmark = pytest.mark.integration

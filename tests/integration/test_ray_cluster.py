@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from common.compose import compose_config
-from common.flower_runtime import free_port
-from common.rundir import RunDir
-from simulations.launch import simulate
-from simulations.loopback import MARKER, pids_with_marker
+from fedmira.common.compose import compose_config
+from fedmira.common.flower_runtime import free_port
+from fedmira.common.rundir import RunDir
+from fedmira.simulations.launch import simulate
+from fedmira.simulations.loopback import MARKER, pids_with_marker
 
 pytestmark = pytest.mark.integration
 

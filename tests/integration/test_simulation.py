@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from common.compose import compose_config
-from common.export import export_run
-from common.flower_runtime import marked_pids
-from common.rundir import RunDir
-from simulations.launch import new_run, simulate
+from fedmira.common.compose import compose_config
+from fedmira.common.export import export_run
+from fedmira.common.flower_runtime import marked_pids
+from fedmira.common.rundir import RunDir
+from fedmira.simulations.launch import new_run, simulate
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,7 @@ def test_dp_epsilon_grows_per_round_and_stops_at_the_budget(tmp_path: Path) -> N
     """privacy=dp through Flower's simulation: each site's epsilon (kept in the node's state and
     its ledger file) grows round by round, never passes privacy.max_epsilon, and once every site
     has spent its budget the global adapter stops changing."""
-    from common.adapters import load_adapter_state
+    from fedmira.common.adapters import load_adapter_state
 
     budget = 2.6
     code = simulate(_cfg(tmp_path, "privacy=dp", "privacy.target_epsilon=0", "privacy.noise_multiplier=1.0",

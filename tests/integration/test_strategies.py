@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from common.compose import compose_config
-from common.rundir import STRATEGY_STATE, RunDir
-from simulations.launch import simulate
+from fedmira.common.compose import compose_config
+from fedmira.common.rundir import STRATEGY_STATE, RunDir
+from fedmira.simulations.launch import simulate
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.adapters import get_adapter_state, load_adapter, save_adapter
-from common.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig
-from common.engine import encode_reports, evaluate_loss, generate, train_steps
-from common.model import apply_lora, count_trainable, load_base_model
-from common.synthetic import make_synthetic_corpus
+from fedmira.common.adapters import get_adapter_state, load_adapter, save_adapter
+from fedmira.common.config import DataConfig, GenerateConfig, LoraConfig, ModelConfig, TrainConfig
+from fedmira.common.engine import encode_reports, evaluate_loss, generate, train_steps
+from fedmira.common.model import apply_lora, count_trainable, load_base_model
+from fedmira.common.synthetic import make_synthetic_corpus
 
 pytestmark = pytest.mark.slow
 

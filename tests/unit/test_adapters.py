@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from common.adapters import (
+from fedmira.common.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     adapter_num_bytes,
@@ -22,9 +22,9 @@ from common.adapters import (
     save_adapter_state,
     set_adapter_state,
 )
-from common.config import LoraConfig
-from common.errors import ModelError
-from common.model import LoadedModel, count_trainable
+from fedmira.common.config import LoraConfig
+from fedmira.common.errors import ModelError
+from fedmira.common.model import LoadedModel, count_trainable
 
 Factory = Callable[..., Any]
 

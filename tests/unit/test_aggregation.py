@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.aggregation import (
+from fedmira.common.aggregation import (
     adapter_rank,
     combine,
     coordinate_median,
@@ -228,7 +228,7 @@ def test_equal_ranks_scale_and_weights() -> None:
 
 def test_the_aggregation_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """simulations/bench/aggregation.py end to end on 3 sites (the numbers are not checked)."""
-    from simulations.bench.aggregation import main
+    from fedmira.simulations.bench.aggregation import main
 
     main(["--sites", "3", "--repeats", "1"])
     out = capsys.readouterr().out

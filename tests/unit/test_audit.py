@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.audit import candidates, exposure, extracted, impression_for, make_canaries, plant
-from common.reports import Report
+from fedmira.common.audit import candidates, exposure, extracted, impression_for, make_canaries, plant
+from fedmira.common.reports import Report
 
 
 def test_exposure_is_log2_candidates_minus_log2_rank() -> None:
@@ -45,8 +45,8 @@ def test_extraction_ignores_spacing_but_needs_every_digit() -> None:
 
 
 def test_tiny_audit_end_to_end(tmp_path: Path) -> None:
-    from common.compose import compose_config
-    from simulations.audit_cli import AuditPlan, run_audit
+    from fedmira.common.compose import compose_config
+    from fedmira.simulations.audit_cli import AuditPlan, run_audit
 
     cfg = compose_config(["+debug=tiny", "strategy.rounds=1", "train.steps=2"])
     result = run_audit(cfg, AuditPlan(canaries=2, repeats=3, candidates=15, sites=2), tmp_path, out=open("/dev/null", "w"))
@@ -73,9 +73,9 @@ def test_sequence_nll_equals_the_summed_token_loss(tiny, reports: list[Report], 
     """Left padding + logits for the targets only gives each row's full-forward summed loss."""
     import torch
 
-    from common.audit import sequence_nll
-    from common.engine import encode_reports, token_loss
-    from common.prompts import collate
+    from fedmira.common.audit import sequence_nll
+    from fedmira.common.engine import encode_reports, token_loss
+    from fedmira.common.prompts import collate
 
     rows = reports[:5]  # different lengths, so padding is exercised
     got = sequence_nll(tiny.model, tiny.tokenizer, rows, data_cfg, tiny.device, batch_size=3)
@@ -90,7 +90,7 @@ def test_sequence_nll_equals_the_summed_token_loss(tiny, reports: list[Report], 
 def test_prefix_cached_candidates_equal_the_full_forward(tiny, reports: list[Report], data_cfg) -> None:  # type: ignore[no-untyped-def]
     import dataclasses
 
-    from common.audit import candidate_nll, sequence_nll
+    from fedmira.common.audit import candidate_nll, sequence_nll
 
     texts = [impression_for(s) for s in ("123456", "654321", "000000")] + ["No acute findings at all today."]
     cached = candidate_nll(tiny.model, tiny.tokenizer, reports[0], texts, data_cfg, tiny.device, batch_size=3)
@@ -100,7 +100,7 @@ def test_prefix_cached_candidates_equal_the_full_forward(tiny, reports: list[Rep
 
 
 def test_matched_digits_counts_positions_right() -> None:
-    from common.audit import matched_digits
+    from fedmira.common.audit import matched_digits
 
     assert matched_digits("Follow-up code 489221.", "489241") == 5
     assert matched_digits("Follow-up code 489241.", "489241") == 6

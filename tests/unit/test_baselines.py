@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from common.baselines import (
+from fedmira.common.baselines import (
     most_frequent_impression,
     normalize_impression,
     predict_most_frequent,
@@ -14,7 +14,7 @@ from common.baselines import (
     retrieve_indices,
     training_pool,
 )
-from common.reports import Report
+from fedmira.common.reports import Report
 
 
 def _report(i: int, findings: str, impression: str = "x") -> Report:
@@ -73,7 +73,7 @@ def test_training_pool_is_train_splits_of_internal_sites() -> None:
 
 
 def test_site_retrieval_stays_within_the_site_and_falls_back_for_unknown_sites() -> None:
-    from common.baselines import retrieve_site_impressions
+    from fedmira.common.baselines import retrieve_site_impressions
 
     def rep(rid: str, site: str, findings: str, impression: str) -> Report:
         return Report(rid, site, "DR", "chest", "x", findings, impression)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from common.config import LoraConfig
-from common.model import apply_lora, build_tiny_model, build_tiny_tokenizer, count_trainable
-from simulations.bench import comm
-from simulations.bench import run as runner
-from simulations.bench.aggregation import bench_rows
-from simulations.bench.client_overhead import QUICK, batch_order, rows_from
-from simulations.bench.common import BenchRow, median_ratio, parse_target
-from simulations.bench.sim_overhead import marginal_row, round_timings, rows_for
+from fedmira.common.config import LoraConfig
+from fedmira.common.model import apply_lora, build_tiny_model, build_tiny_tokenizer, count_trainable
+from fedmira.simulations.bench import comm
+from fedmira.simulations.bench import run as runner
+from fedmira.simulations.bench.aggregation import bench_rows
+from fedmira.simulations.bench.client_overhead import QUICK, batch_order, rows_from
+from fedmira.simulations.bench.common import BenchRow, median_ratio, parse_target
+from fedmira.simulations.bench.sim_overhead import marginal_row, round_timings, rows_for
 
 
 # ----------------------------------------------------------------------------- communication
@@ -159,19 +159,19 @@ def test_marginal_overhead_per_site(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the runner
 def _fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two fake modules under simulations.bench: one returns rows, one raises."""
-    good = types.ModuleType("simulations.bench.fake_good")
+    good = types.ModuleType("fedmira.simulations.bench.fake_good")
     good.run = lambda quick: [  # type: ignore[attr-defined]
         BenchRow("fast | thing", 2.0, "s", baseline=4.0, target=">= 0.95", note=f"quick={quick}"),
         BenchRow("bytes", 1234.5, "MB"),
     ]
-    bad = types.ModuleType("simulations.bench.fake_bad")
+    bad = types.ModuleType("fedmira.simulations.bench.fake_bad")
 
     def broken(quick: bool) -> list[BenchRow]:
         raise RuntimeError("boom")
 
     bad.run = broken  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "simulations.bench.fake_good", good)
-    monkeypatch.setitem(sys.modules, "simulations.bench.fake_bad", bad)
+    monkeypatch.setitem(sys.modules, "fedmira.simulations.bench.fake_good", good)
+    monkeypatch.setitem(sys.modules, "fedmira.simulations.bench.fake_bad", bad)
     monkeypatch.setattr(runner, "BENCHMARKS", ("fake_good", "fake_bad"))
 
 
@@ -205,7 +205,7 @@ def test_runner_only_and_unknown_names(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_a_module_without_run_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "simulations.bench.fake_empty", types.ModuleType("fake_empty"))
+    monkeypatch.setitem(sys.modules, "fedmira.simulations.bench.fake_empty", types.ModuleType("fake_empty"))
     with pytest.raises(ValueError, match="no run"):
         runner.load_benchmark("fake_empty")
 
@@ -214,7 +214,7 @@ def test_registry_names_real_modules_with_run() -> None:
     import importlib.util
 
     for name in runner.BENCHMARKS:
-        assert importlib.util.find_spec(f"simulations.bench.{name}") is not None, name
+        assert importlib.util.find_spec(f"fedmira.simulations.bench.{name}") is not None, name
 
 
 def test_readme_block_is_replaced_and_markers_are_required(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from common.errors import FedmiraError
-from common.synthetic import make_synthetic_corpus
-from simulations.bench.quality import (
+from fedmira.common.errors import FedmiraError
+from fedmira.common.synthetic import make_synthetic_corpus
+from fedmira.simulations.bench.quality import (
     Budget,
     checkpoint_steps,
     choose_local_sites,

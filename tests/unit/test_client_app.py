@@ -16,15 +16,15 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-import client.client_app as client_app
-from common.adapters import adapter_num_bytes, get_adapter_state
-from common.compose import compose_config
-from common.config import ExperimentConfig
-from common.engine import OPTIMIZER_KEY
-from common.model import apply_lora, load_base_model
-from common.reports import Report, write_jsonl
-from common.site import ModelCache
-from common.synthetic import make_synthetic_corpus
+import fedmira.client.client_app as client_app
+from fedmira.common.adapters import adapter_num_bytes, get_adapter_state
+from fedmira.common.compose import compose_config
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.engine import OPTIMIZER_KEY
+from fedmira.common.model import apply_lora, load_base_model
+from fedmira.common.reports import Report, write_jsonl
+from fedmira.common.site import ModelCache
+from fedmira.common.synthetic import make_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_epochs_set_the_steps_a_site_runs_and_reports(initial: Any, site_dir: Pa
 def test_optimizer_state_stays_at_the_site(initial: Any, site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With train.keep_optimizer_state the AdamW moments live in the node's state between rounds
     (restored in round 2) and appear in no reply: only the adapter and numbers leave."""
-    from common.engine import OPTIMIZER_KEY
+    from fedmira.common.engine import OPTIMIZER_KEY
 
     keep = compose_config(["+debug=tiny", "train.keep_optimizer_state=true"])
     monkeypatch.setattr(client_app, "_SITES", {})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.clinical import (
+from fedmira.common.clinical import (
     NO_FINDING,
     Observation,
     clinical_agreement,
@@ -15,7 +15,7 @@ from common.clinical import (
     sample_clinical_counts,
     split_sentences,
 )
-from common.metrics import rouge_l
+from fedmira.common.metrics import rouge_l
 
 P, N, U = 1, 0, -1
 

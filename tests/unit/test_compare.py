@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from common.adapters import save_adapter
-from common.compare import (
+from fedmira.common.adapters import save_adapter
+from fedmira.common.compare import (
     ADAPTER,
     COMPARISON_COLUMNS,
     MOST_FREQUENT,
@@ -29,12 +29,12 @@ from common.compare import (
     predict_system,
     retrieval_verdict,
 )
-from common.compose import compose_config
-from common.config import LoraConfig
-from common.errors import FedmiraError
-from common.model import LoadedModel, apply_lora
-from common.reports import Report
-from common.stats import holm_bonferroni
+from fedmira.common.compose import compose_config
+from fedmira.common.config import LoraConfig
+from fedmira.common.errors import FedmiraError
+from fedmira.common.model import LoadedModel, apply_lora
+from fedmira.common.reports import Report
+from fedmira.common.stats import holm_bonferroni
 
 SMALL = ["data.synthetic_sites=3", "data.synthetic_reports=60", "partition.min_site_reports=1"]
 TINY = ["model=tiny", *SMALL, "data.max_length=224", "data.max_target_tokens=48",
@@ -95,8 +95,8 @@ def test_default_systems_and_reference() -> None:
 
 # ----------------------------------------------------------------------------- held-out set
 def test_training_pool_never_holds_a_held_out_report(tmp_path: Path) -> None:
-    from common.evaluation import select_reports
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.evaluation import select_reports
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     cfg = compose_config([*SMALL, "data.synthetic_reports=90", "partition.external_sites=1",
                           f"run.out_dir={tmp_path}"])
@@ -138,7 +138,7 @@ def test_predictions_are_cached_by_adapter_template_and_reports(
 
 
 def test_base_model_mismatch_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
-    from common.compare import check_base_model
+    from fedmira.common.compare import check_base_model
 
     _adapter(tiny, tmp_path / "run", base="embedded:smollm2-135m")
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])
@@ -147,7 +147,7 @@ def test_base_model_mismatch_is_refused(tiny: LoadedModel, tmp_path: Path) -> No
 
 
 def test_an_adapter_trained_on_held_out_reports_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
-    from common.compare import run_compare
+    from fedmira.common.compare import run_compare
 
     _adapter(tiny, tmp_path / "run", extra=("partition.seed=7",))  # another split of the same data
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])
@@ -223,7 +223,7 @@ def test_verdict_picks_the_best_adapter(reports: list[Report]) -> None:
 # ----------------------------------------------------------------------------- end to end
 def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path) -> None:
     from fedmira.cli import main
-    from simulations.compare_cli import compare_command
+    from fedmira.simulations.compare_cli import compare_command
 
     _adapter(tiny, tmp_path / "run")
     overrides = [*TINY, f"run.out_dir={tmp_path}"]
@@ -262,8 +262,8 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
 # ----------------------------------------------------------------------------- a new hospital's file
 def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
-    from common.compare import run_compare
+    import fedmira.common.inference
+    from fedmira.common.compare import run_compare
     from tests.unit.test_evaluation import MARKER, _hospital_files
 
     path, prior_path, scored = _hospital_files(tmp_path)
@@ -274,7 +274,7 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
         priors_seen.append({r.report_id for r in prior})
         return ["No acute findings."] * len(reps)
 
-    monkeypatch.setattr(common.inference, "generate_impressions", fake)
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions", fake)
     cfg = compose_config([*SMALL, f"run.out_dir={tmp_path}"])
     out = io.StringIO()
     res = run_compare(cfg, default_systems([]), out_dir=tmp_path / "cmp", cache_dir=tmp_path / "cache",
@@ -287,7 +287,7 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
     meta = res["meta"]
     assert meta["input"] == str(path) and meta["prior"] == str(prior_path) and meta["training_pool"] == 12
     assert meta["external_sites"] == 2 and meta["retrieval_index"] == {"site_01": 12, "site_02": 0}
-    archive = {r.impression for r in common.inference.load_reports(str(prior_path)).reports} - {MARKER}
+    archive = {r.impression for r in fedmira.common.inference.load_reports(str(prior_path)).reports} - {MARKER}
     for name in (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT):  # the baselines learn from the archive only
         written = (tmp_path / "cmp" / "predictions" / f"{name}.jsonl").read_text()
         lines = [json.loads(x) for x in written.splitlines()]
@@ -303,13 +303,13 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
 
 def test_compare_on_a_file_without_prior_refuses_the_baselines(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
-    from common.compare import run_compare
-    from simulations.compare_cli import compare_command
+    import fedmira.common.inference
+    from fedmira.common.compare import run_compare
+    from fedmira.simulations.compare_cli import compare_command
     from tests.unit.test_evaluation import _hospital_files
 
     path, _, scored = _hospital_files(tmp_path, prior=False)
-    monkeypatch.setattr(common.inference, "generate_impressions",
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions",
                         lambda cfg, reps, adapter, progress=True, prior=(): ["Normal."] * len(reps))
     cfg = compose_config([*SMALL, f"run.out_dir={tmp_path}"])
     kw: dict[str, Any] = dict(out_dir=tmp_path / "cmp", cache_dir=tmp_path / "cache", use_encoder=False,
@@ -337,9 +337,9 @@ def test_compare_help_explains_input_and_prior(capsys: pytest.CaptureFixture[str
 
 
 def test_compare_on_a_file_refuses_an_adapter_trained_on_it(tiny: LoadedModel, tmp_path: Path) -> None:
-    from common.partition import load_pooled_reports, split_sites
-    from common.reports import write_jsonl
-    from simulations.compare_cli import compare_command
+    from fedmira.common.partition import load_pooled_reports, split_sites
+    from fedmira.common.reports import write_jsonl
+    from fedmira.simulations.compare_cli import compare_command
 
     _adapter(tiny, tmp_path / "run")
     cfg = compose_config([*TINY, f"run.out_dir={tmp_path}"])

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from common.compose import compose_config, conf_dir
-from common.config import (
+from fedmira.common.compose import compose_config, conf_dir
+from fedmira.common.config import (
     DataConfig,
     ExperimentConfig,
     LoraConfig,
     TrainConfig,
 )
-from common.errors import ConfigError
+from fedmira.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

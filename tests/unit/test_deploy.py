@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from client.hospital import (
+from fedmira.client.hospital import (
     FAILURES,
     Hospital,
     SuperNodeProcess,
@@ -28,11 +28,11 @@ from client.hospital import (
     stopped_text,
     supernode_command,
 )
-from client.warm_executor import CodeMismatch, check_code, fab_code, installed_code
-from common.compose import compose_config
-from common.errors import ConfigError, DataError, FedmiraError
-from server.certs import ALLOW_LIST, make_dev_pki, read_allow_list
-from server.coordinator import CoordinatorTls, deployment_config, parse_address, resolve_settings
+from fedmira.client.warm_executor import CodeMismatch, check_code, fab_code, installed_code
+from fedmira.common.compose import compose_config
+from fedmira.common.errors import ConfigError, DataError, FedmiraError
+from fedmira.server.certs import ALLOW_LIST, make_dev_pki, read_allow_list
+from fedmira.server.coordinator import CoordinatorTls, deployment_config, parse_address, resolve_settings
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,9 @@ def test_a_bare_ris_export_splits_and_trains_at_a_hospital(tmp_path: Path, tiny)
     the exam "unknown", and the site-aware prompt says so."""
     import json
 
-    from common.engine import encode_reports, train_steps
-    from common.prompts import render_prompt
-    from common.reports import read_jsonl
+    from fedmira.common.engine import encode_reports, train_steps
+    from fedmira.common.prompts import render_prompt
+    from fedmira.common.reports import read_jsonl
     from tests.unit.test_optim import _model
 
     src = Path(__file__).resolve().parent.parent / "assets" / "tiny_reports.jsonl"
@@ -215,7 +215,7 @@ def test_hospital_connection_errors_say_what_is_wrong(pki, tmp_path: Path) -> No
     with pytest.raises(FedmiraError, match="Nothing listens"):
         check_connection(_hospital(pki, tmp_path, superlink=f"127.0.0.1:{free}"), out)
     with pytest.raises(DataError):
-        from client.hospital import prepare_data
+        from fedmira.client.hospital import prepare_data
 
         prepare_data(_hospital(pki, tmp_path, data=tmp_path / "missing"), compose_config([]), out)
 

@@ -16,12 +16,17 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from common.errors import FedmiraError
-from common.flower_runtime import port_in_use
-from common.rundir import RunDir
-from server.certs import make_dev_pki, make_node_key, read_allow_list
-from server.coordinator import CoordinatorTls, DeploymentSuperLink, SecurityEcho, allow_listed_node_ids
-from server.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
+from fedmira.common.errors import FedmiraError
+from fedmira.common.flower_runtime import port_in_use
+from fedmira.common.rundir import RunDir
+from fedmira.server.certs import make_dev_pki, make_node_key, read_allow_list
+from fedmira.server.coordinator import (
+    CoordinatorTls,
+    DeploymentSuperLink,
+    SecurityEcho,
+    allow_listed_node_ids,
+)
+from fedmira.server.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
 
 
 def _call(app: Any, path: str, method: str = "POST", kind: str = "http") -> tuple[list[dict[str, Any]], list[str]]:
@@ -131,7 +136,7 @@ def test_the_operator_address_is_loopback_and_hospitals_get_the_fleet_address(tm
     pki = make_dev_pki(tmp_path / "pki", 1)
     link = DeploymentSuperLink(tmp_path / "run", CoordinatorTls.from_dir(pki.root), "0.0.0.0", 9092, 9093)
     cmd = link.command()
-    assert cmd[1:3] == ["-m", "server.superlink_gate"]
+    assert cmd[1:3] == ["-m", "fedmira.server.superlink_gate"]
     assert cmd[cmd.index("--fleet-host") + 1] == "0.0.0.0" and cmd[cmd.index("--fleet-port") + 1] == "9092"
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "9093"
     assert link.address == "127.0.0.1:9093" and 'address = "127.0.0.1:9093"' in link.connection_toml()

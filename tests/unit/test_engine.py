@@ -7,12 +7,12 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from common.adapters import get_adapter_state, set_adapter_state
-from common.config import DataConfig, GenerateConfig, TrainConfig
-from common.engine import TrainResult, encode_reports, evaluate_loss, generate, train_steps
-from common.model import LoadedModel
-from common.prompts import Example
-from common.reports import Report
+from fedmira.common.adapters import get_adapter_state, set_adapter_state
+from fedmira.common.config import DataConfig, GenerateConfig, TrainConfig
+from fedmira.common.engine import TrainResult, encode_reports, evaluate_loss, generate, train_steps
+from fedmira.common.model import LoadedModel
+from fedmira.common.prompts import Example
+from fedmira.common.reports import Report
 
 Factory = Callable[..., Any]
 TRAIN = TrainConfig(steps=15, batch_size=4, lr=5e-3)
@@ -175,11 +175,11 @@ def test_bf16_autocast_trains_like_fp32(tiny: LoadedModel) -> None:
     train_steps enters it per micro-batch; the result must track fp32 training."""
     import copy
 
-    from common.adapters import get_adapter_state
-    from common.config import LoraConfig, TrainConfig
-    from common.engine import evaluate_loss, train_steps
-    from common.model import apply_lora
-    from common.prompts import IGNORE_INDEX, Example
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.config import LoraConfig, TrainConfig
+    from fedmira.common.engine import evaluate_loss, train_steps
+    from fedmira.common.model import apply_lora
+    from fedmira.common.prompts import IGNORE_INDEX, Example
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100, (4, 20), generator=gen)
@@ -197,8 +197,8 @@ def test_bf16_autocast_trains_like_fp32(tiny: LoadedModel) -> None:
 
 
 def test_autocast_choice() -> None:
-    from common.config import ModelConfig
-    from common.model import cpu_has_fast_bf16, model_autocast, resolve_autocast
+    from fedmira.common.config import ModelConfig
+    from fedmira.common.model import cpu_has_fast_bf16, model_autocast, resolve_autocast
 
     cpu = torch.device("cpu")
     assert resolve_autocast("off", cpu, torch.float32) is None

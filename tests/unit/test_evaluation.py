@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from common.config import DataConfig, ExperimentConfig, PartitionConfig
-from common.evaluation import (
+from fedmira.common.config import DataConfig, ExperimentConfig, PartitionConfig
+from fedmira.common.evaluation import (
     PREDICTIONS,
     evaluate_predictions,
     report_markdown,
@@ -20,7 +20,7 @@ from common.evaluation import (
     select_reports,
     write_report,
 )
-from common.reports import Report
+from fedmira.common.reports import Report
 
 
 def _hyps(reports: list[Report]) -> list[str]:
@@ -97,7 +97,7 @@ def _cfg(tmp_path: Path, **partition: Any) -> ExperimentConfig:
 
 
 def test_select_reports_is_deterministic_and_capped(tmp_path: Path) -> None:
-    from common.partition import load_pooled_reports, split_sites
+    from fedmira.common.partition import load_pooled_reports, split_sites
 
     cfg = _cfg(tmp_path, external_sites=1)
     splits = split_sites(cfg, load_pooled_reports(cfg, io.StringIO()))
@@ -113,7 +113,7 @@ def test_select_reports_is_deterministic_and_capped(tmp_path: Path) -> None:
 
 
 def test_run_evaluate_with_a_stub_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
+    import fedmira.common.inference
 
     seen: dict[str, Any] = {}
 
@@ -122,7 +122,7 @@ def test_run_evaluate_with_a_stub_model(tmp_path: Path, monkeypatch: pytest.Monk
         seen["adapter"], seen["n"] = adapter, len(reports)
         return [r.impression for r in reports]
 
-    monkeypatch.setattr(common.inference, "generate_impressions", fake_generate)
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions", fake_generate)
     out = io.StringIO()
     res = run_evaluate(_cfg(tmp_path, external_sites=1), adapter=None, limit=12,
                        out_dir=tmp_path / "ev", use_encoder=False, n_resamples=50, out=out)
@@ -136,10 +136,10 @@ def test_run_evaluate_with_a_stub_model(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_evaluate_command_default_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
-    from simulations.evaluate_cli import evaluate_command
+    import fedmira.common.inference
+    from fedmira.simulations.evaluate_cli import evaluate_command
 
-    monkeypatch.setattr(common.inference, "generate_impressions",
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions",
                         lambda cfg, reports, adapter, progress=True, prior=(): ["Normal study."] * len(reports))
     out = io.StringIO()
     code = evaluate_command(["data.synthetic_sites=3", "data.synthetic_reports=60",
@@ -166,8 +166,8 @@ def _hospital_files(tmp_path: Path, *, prior: bool = True,
     """A new hospital's file (site_01 and site_02 reports plus one row without findings) and its
     archive of prior reports: more site_01 reports, plus a copy of the first scored report
     (same id and findings, a marker impression) that must never be retrieved for it."""
-    from common.reports import write_jsonl
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.reports import write_jsonl
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     corpus = make_synthetic_corpus(num_sites=3, num_reports=120, seed=5)
     a = [r for r in corpus if r.site_id == "site_01"]
@@ -199,8 +199,8 @@ def _texts(reports: list[Report]) -> set[str]:
 
 
 def test_evaluate_file_scores_every_report_as_external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
-    from common.evaluation import run_evaluate_file
+    import fedmira.common.inference
+    from fedmira.common.evaluation import run_evaluate_file
 
     path, prior_path, scored = _hospital_files(tmp_path)
     seen: dict[str, Any] = {}
@@ -210,7 +210,7 @@ def test_evaluate_file_scores_every_report_as_external(tmp_path: Path, monkeypat
         seen["ids"], seen["prior"] = [r.report_id for r in reports], list(prior)
         return [r.impression for r in reports]
 
-    monkeypatch.setattr(common.inference, "generate_impressions", fake_generate)
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions", fake_generate)
     out = io.StringIO()
     res = run_evaluate_file(_rag_cfg(tmp_path), input_path=str(path), prior_path=str(prior_path),
                             adapter=None, out_dir=tmp_path / "ev", use_encoder=False, n_resamples=50,
@@ -240,11 +240,11 @@ def test_evaluate_file_retrieves_within_the_site_and_never_the_report_itself(
     """End to end through generate_impressions and the SiteIndex (only the model is stubbed)."""
     import torch
 
-    import common.inference
-    from common.evaluation import run_evaluate_file
+    import fedmira.common.inference
+    from fedmira.common.evaluation import run_evaluate_file
 
     path, prior_path, scored = _hospital_files(tmp_path)
-    archive = common.inference.load_reports(str(prior_path)).reports
+    archive = fedmira.common.inference.load_reports(str(prior_path)).reports
     captured: dict[str, Any] = {}
 
     def fake_engine_generate(model: Any, tok: Any, reports: list[Report], data: Any, gen: Any, device: Any,
@@ -252,9 +252,9 @@ def test_evaluate_file_retrieves_within_the_site_and_never_the_report_itself(
         captured.update(ids=[r.report_id for r in reports], neighbors=neighbors)
         return ["Normal study."] * len(reports)
 
-    monkeypatch.setattr(common.inference, "load_model_with_adapter",
+    monkeypatch.setattr(fedmira.common.inference, "load_model_with_adapter",
                         lambda cfg, adapter: (torch.nn.Linear(1, 1), None, torch.device("cpu")))
-    monkeypatch.setattr(common.inference, "generate", fake_engine_generate)
+    monkeypatch.setattr(fedmira.common.inference, "generate", fake_engine_generate)
     run_evaluate_file(_rag_cfg(tmp_path), input_path=str(path), prior_path=str(prior_path), adapter=None,
                       out_dir=tmp_path / "ev", use_encoder=False, n_resamples=20, out=io.StringIO())
     near = dict(zip(captured["ids"], captured["neighbors"]))
@@ -267,16 +267,16 @@ def test_evaluate_file_retrieves_within_the_site_and_never_the_report_itself(
             assert near[r.report_id] == ()  # no prior reports of site_02: the prompt says none
     assert MARKER not in {n.impression for ns in near.values() for n in ns}
     # The same holds when the prior list is handed over unfiltered: the index leaves the report out.
-    common.inference.generate_impressions(_rag_cfg(tmp_path), [scored[0]], None, progress=False, prior=archive)
+    fedmira.common.inference.generate_impressions(_rag_cfg(tmp_path), [scored[0]], None, progress=False, prior=archive)
     assert MARKER not in {n.impression for n in captured["neighbors"][0]}
 
 
 def test_evaluate_file_without_prior_says_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.inference
-    from common.evaluation import run_evaluate_file
+    import fedmira.common.inference
+    from fedmira.common.evaluation import run_evaluate_file
 
     path, _, scored = _hospital_files(tmp_path, prior=False)
-    monkeypatch.setattr(common.inference, "generate_impressions",
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions",
                         lambda cfg, reports, adapter, progress=True, prior=(): ["Normal."] * len(reports))
     out = io.StringIO()
     res = run_evaluate_file(_rag_cfg(tmp_path), input_path=str(path), prior_path=None, adapter=None,
@@ -287,8 +287,8 @@ def test_evaluate_file_without_prior_says_none(tmp_path: Path, monkeypatch: pyte
 
 
 def test_evaluate_file_refuses_priors_of_other_sites(tmp_path: Path) -> None:
-    from common.errors import DataError
-    from common.evaluation import run_evaluate_file
+    from fedmira.common.errors import DataError
+    from fedmira.common.evaluation import run_evaluate_file
 
     path, prior_path, _ = _hospital_files(tmp_path, foreign=True)
     with pytest.raises(DataError) as err:
@@ -299,8 +299,8 @@ def test_evaluate_file_refuses_priors_of_other_sites(tmp_path: Path) -> None:
 
 
 def test_evaluate_file_bad_input_is_a_clear_error(tmp_path: Path) -> None:
-    from common.errors import DataError
-    from common.evaluation import run_evaluate_file
+    from fedmira.common.errors import DataError
+    from fedmira.common.evaluation import run_evaluate_file
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"report_id": "x1", "site_id": "s", "findings": "Secret findings text."}\nnot json\n')
@@ -313,13 +313,13 @@ def test_evaluate_file_bad_input_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_evaluate_command_input_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import common.inference
-    from common.errors import FedmiraError
+    import fedmira.common.inference
     from fedmira.cli import main
-    from simulations.evaluate_cli import evaluate_command
+    from fedmira.common.errors import FedmiraError
+    from fedmira.simulations.evaluate_cli import evaluate_command
 
     path, prior_path, scored = _hospital_files(tmp_path)
-    monkeypatch.setattr(common.inference, "generate_impressions",
+    monkeypatch.setattr(fedmira.common.inference, "generate_impressions",
                         lambda cfg, reports, adapter, progress=True, prior=(): ["Normal."] * len(reports))
     out = io.StringIO()
     assert evaluate_command([f"run.out_dir={tmp_path}"], adapter=None, out=str(tmp_path / "ev"), limit=None,

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from common.compose import compose_config
-from common.config import ExperimentConfig
-from common.errors import ConfigError
-from common.partition import split_sites
-from common.reports import Report
-from common.rundir import RunDir
-from common.runs import check_lock, write_run_config
+from fedmira.common.compose import compose_config
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.errors import ConfigError
+from fedmira.common.partition import split_sites
+from fedmira.common.reports import Report
+from fedmira.common.rundir import RunDir
+from fedmira.common.runs import check_lock, write_run_config
 
 
 def _cfg(tmp_path: Path, *extra: str) -> ExperimentConfig:
@@ -70,7 +70,7 @@ def test_a_deployment_locks_only_what_the_coordinator_sends(tmp_path: Path) -> N
 def test_a_resume_compares_only_the_keys_the_user_gave(tmp_path: Path) -> None:
     """Issue 14: resuming with an override listed every default the recorded run had changed, and
     the coordinator's address fell back to the default port."""
-    from common.compose import resume_config
+    from fedmira.common.compose import resume_config
 
     base = ["mode=deployment"]
     recorded = compose_config([*base, "+debug=tiny", "mode.superlink=127.0.0.1:19092", "strategy.rounds=3"])
@@ -87,7 +87,7 @@ def test_a_resume_compares_only_the_keys_the_user_gave(tmp_path: Path) -> None:
 
 def test_progress_comes_from_the_run_folder_not_from_flowers_output(tmp_path: Path) -> None:
     """Issue 15: the launchers grepped Flower's stdout for "[fedmira]"; they follow the run folder."""
-    from common.runs import RunFollower, round_line, shown
+    from fedmira.common.runs import RunFollower, round_line, shown
 
     run = RunDir(tmp_path / "run")
     run.mark(status="running")
@@ -123,7 +123,7 @@ def test_a_runs_processes_are_found_by_their_marker_and_ended(tmp_path: Path) ->
     import subprocess
     import sys
 
-    from common.flower_runtime import RUN_MARKER, kill_marked, marked_pids
+    from fedmira.common.flower_runtime import RUN_MARKER, kill_marked, marked_pids
 
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     ours = subprocess.Popen(sleep, env={**os.environ, RUN_MARKER: str(tmp_path)})

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from common.metrics import (
+from fedmira.common.metrics import (
     SAMPLE_METRICS,
     bleu4,
     corpus_bleu4,
@@ -79,7 +79,7 @@ def test_summarize_scores_records_missing_and_pools_clinical_counts() -> None:
 @pytest.mark.slow
 def test_encoder_metrics_with_minilm() -> None:
     """The real all-MiniLM-L6-v2: identical texts ~1; a negation flip still scores high."""
-    from common.metrics import bertscore_f1, sentence_similarity
+    from fedmira.common.metrics import bertscore_f1, sentence_similarity
 
     refs = ["No pleural effusion.", "Small left pleural effusion.", "Cardiomegaly.", "x"]
     hyps = ["Pleural effusion.", "Small left pleural effusion.", "Fracture of the left humerus.", ""]

@@ -10,14 +10,21 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from common.adapters import get_adapter_state
-from common.config import LoraConfig, TrainConfig
-from common.engine import _batches, train_steps
-from common.errors import ConfigError
-from common.model import LoadedModel, apply_lora
-from common.optim import Schedule, lr_factor, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
-from common.prompts import IGNORE_INDEX, Example, collate
-from common.site import round_schedule
+from fedmira.common.adapters import get_adapter_state
+from fedmira.common.config import LoraConfig, TrainConfig
+from fedmira.common.engine import _batches, train_steps
+from fedmira.common.errors import ConfigError
+from fedmira.common.model import LoadedModel, apply_lora
+from fedmira.common.optim import (
+    Schedule,
+    lr_factor,
+    make_optimizer,
+    optimizer_arrays,
+    restore_optimizer,
+    round_steps,
+)
+from fedmira.common.prompts import IGNORE_INDEX, Example, collate
+from fedmira.common.site import round_schedule
 
 
 def _examples(n: int = 1, width: int = 20) -> list[Example]:

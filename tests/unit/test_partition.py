@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError, DataError
-from common.partition import (
+from fedmira.common.errors import ConfigError, DataError
+from fedmira.common.partition import (
     TEMPLATE_OTHER,
     SiteSplit,
     is_normal,
@@ -28,8 +28,8 @@ from common.partition import (
     write_manifest,
     write_site_folders,
 )
-from common.reports import Report, load_reports, read_jsonl
-from common.synthetic import make_synthetic_corpus
+from fedmira.common.reports import Report, load_reports, read_jsonl
+from fedmira.common.synthetic import make_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -381,8 +381,8 @@ def test_plot_sites_writes_png(corpus: list[Report], tmp_path: Path) -> None:
 
 
 def test_run_partition_writes_everything(tmp_path: Path) -> None:
-    from common.compose import compose_config
-    from simulations.partition_cli import run_partition
+    from fedmira.common.compose import compose_config
+    from fedmira.simulations.partition_cli import run_partition
 
     cfg = compose_config(["+debug=tiny", "partition.method=iid", "partition.num_sites=3"])
     printed = io.StringIO()
@@ -403,7 +403,7 @@ def test_run_partition_writes_everything(tmp_path: Path) -> None:
 
 
 def test_write_partition_adds_template_column(tmp_path: Path) -> None:
-    from simulations.partition_cli import write_partition
+    from fedmira.simulations.partition_cli import write_partition
 
     reports = load_reports(_write_iu_csv(tmp_path / "iu.csv"), fmt="iu").reports
     splits = partition_reports(reports, method="template", min_site_reports=4)

@@ -16,12 +16,12 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 
-from common.adapters import get_adapter_state
-from common.config import DataConfig, LoraConfig, PrivacyConfig, TrainConfig
-from common.engine import encode_reports, train_steps
-from common.errors import DataError
-from common.model import LoadedModel
-from common.privacy import (
+from fedmira.common.adapters import get_adapter_state
+from fedmira.common.config import DataConfig, LoraConfig, PrivacyConfig, TrainConfig
+from fedmira.common.engine import encode_reports, train_steps
+from fedmira.common.errors import DataError
+from fedmira.common.model import LoadedModel
+from fedmira.common.privacy import (
     AccountantState,
     SiteLevelLedger,
     affordable_steps,
@@ -38,8 +38,8 @@ from common.privacy import (
     site_level_aggregate,
     unit_ids,
 )
-from common.prompts import IGNORE_INDEX, Example
-from common.reports import Report
+from fedmira.common.prompts import IGNORE_INDEX, Example
+from fedmira.common.reports import Report
 
 Factory = Callable[..., Any]
 
@@ -304,7 +304,7 @@ def test_site_level_ledger_accounts_each_round() -> None:
 
 
 def test_secagg_quantization_check_counts_silent_clipping() -> None:
-    from common.privacy import secagg_quantization_check
+    from fedmira.common.privacy import secagg_quantization_check
 
     state = {"a": np.array([0.5, -9.0, 0.01], np.float32), "b": np.array([0.0, 20.0], np.float32)}
     report = secagg_quantization_check(state, clipping_range=8.0, quantization_range=1 << 22)

@@ -23,15 +23,15 @@ from flwr.app import (
     RecordDict,
 )
 
-from client import client_app
-from common.adapters import get_adapter_state
-from common.compose import compose_config
-from common.config import ExperimentConfig
-from common.model import apply_lora, load_base_model
-from common.privacy import SiteLevelLedger, epsilon_for, site_level_aggregate
-from common.reports import write_jsonl
-from common.site import ModelCache
-from server.strategy import FedmiraFedAvg
+from fedmira.client import client_app
+from fedmira.common.adapters import get_adapter_state
+from fedmira.common.compose import compose_config
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.model import apply_lora, load_base_model
+from fedmira.common.privacy import SiteLevelLedger, epsilon_for, site_level_aggregate
+from fedmira.common.reports import write_jsonl
+from fedmira.common.site import ModelCache
+from fedmira.server.strategy import FedmiraFedAvg
 
 SHAPES = {"layers.0.q_proj.lora_A.weight": (2, 4), "layers.0.q_proj.lora_B.weight": (4, 2)}
 
@@ -110,7 +110,7 @@ def test_site_level_dp_in_the_strategy_clips_and_accounts() -> None:
 # --------------------------------------------------------------------------- the ClientApp
 @pytest.fixture
 def site_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     monkeypatch.setattr(client_app, "_MODELS", ModelCache())
     monkeypatch.setattr(client_app, "_SITES", {})
@@ -166,7 +166,7 @@ def test_the_site_ledger_grows_per_round_stops_at_the_budget_and_survives_a_rest
 
 
 def test_model_card_states_privacy_and_epsilon_per_site() -> None:
-    from common.export import _privacy_section, privacy_line
+    from fedmira.common.export import _privacy_section, privacy_line
 
     cfg = compose_config(["privacy=dp", "privacy.target_epsilon=3"])
     assert privacy_line(cfg).startswith("DP-SGD per record (target epsilon 3, delta 1e-05")

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from common.config import DataConfig
-from common.errors import ConfigError
-from common.model import LoadedModel
-from common.prompts import (
+from fedmira.common.config import DataConfig
+from fedmira.common.errors import ConfigError
+from fedmira.common.model import LoadedModel
+from fedmira.common.prompts import (
     IGNORE_INDEX,
     Example,
     collate,
@@ -19,7 +19,7 @@ from common.prompts import (
     render_prompt,
     target_ids,
 )
-from common.reports import MODALITY_NAMES, Report
+from fedmira.common.reports import MODALITY_NAMES, Report
 
 
 def _encode(report: Report, tiny: LoadedModel, data: DataConfig, template: str | None = None) -> Example:

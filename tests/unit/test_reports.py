@@ -15,8 +15,8 @@ from typing import Callable
 
 import pytest
 
-from common.errors import ConfigError, DataError
-from common.reports import (
+from fedmira.common.errors import ConfigError, DataError
+from fedmira.common.reports import (
     MODALITIES,
     LoadResult,
     Problem,
@@ -526,7 +526,7 @@ def test_a_bare_csv_export_loads(tmp_path: Path) -> None:
 
 
 def test_unknown_modality_reads_in_the_site_aware_prompt() -> None:
-    from common.reports import MODALITY_NAMES, normalize_modality
+    from fedmira.common.reports import MODALITY_NAMES, normalize_modality
 
     assert normalize_modality("unknown") == "UN" and MODALITY_NAMES["UN"] == "unknown modality"
 

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 
-from common.config import DataConfig
-from common.engine import encode_reports
-from common.model import LoadedModel
-from common.prompts import IGNORE_INDEX, prompt_ids, render_prompt
-from common.reports import Report
-from common.retrieval import Neighbor, SiteIndex, index_sizes, neighbors_for, site_neighbors
+from fedmira.common.config import DataConfig
+from fedmira.common.engine import encode_reports
+from fedmira.common.model import LoadedModel
+from fedmira.common.prompts import IGNORE_INDEX, prompt_ids, render_prompt
+from fedmira.common.reports import Report
+from fedmira.common.retrieval import Neighbor, SiteIndex, index_sizes, neighbors_for, site_neighbors
 
 
 def _r(rid: str, findings: str, impression: str, site: str = "s1", patient: str | None = None) -> Report:
@@ -83,7 +83,7 @@ def test_no_retrieval_without_k_or_index() -> None:
 def test_large_archive_search_matches_a_full_sort() -> None:
     import numpy as np
 
-    from common.retrieval import _ranked
+    from fedmira.common.retrieval import _ranked
 
     rng = np.random.default_rng(0)
     row = rng.integers(0, 5, size=300).astype(np.float32)  # many ties
@@ -142,7 +142,7 @@ def test_short_preamble_saves_tokens(tiny: LoadedModel) -> None:
 
 
 def test_data_config_checks_retrieval_fields() -> None:
-    from common.errors import ConfigError
+    from fedmira.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.retriever"):
         DataConfig(retriever="bm25")

@@ -10,9 +10,9 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from common.adapters import ADAPTER_WEIGHTS, get_adapter_state, load_adapter_state, save_adapter_state
-from common.errors import FedmiraError
-from common.rundir import METRICS_CSV, METRICS_JSONL, STATE_FILE, RunDir, plot_losses
+from fedmira.common.adapters import ADAPTER_WEIGHTS, get_adapter_state, load_adapter_state, save_adapter_state
+from fedmira.common.errors import FedmiraError
+from fedmira.common.rundir import METRICS_CSV, METRICS_JSONL, STATE_FILE, RunDir, plot_losses
 
 Factory = Callable[..., Any]
 
@@ -145,14 +145,14 @@ def test_a_second_launcher_of_a_run_is_refused_and_the_first_keeps_it(tmp_path: 
     import subprocess
     import sys
 
-    from common.errors import FedmiraError
-    from common.rundir import RunLock
+    from fedmira.common.errors import FedmiraError
+    from fedmira.common.rundir import RunLock
 
     with RunLock(tmp_path, "coordinator"):
         with pytest.raises(FedmiraError, match=r"in use by `fedmira coordinator` \(pid \d+, started .*nothing was changed"):
             RunLock(tmp_path, "coordinator").acquire()
         # another process is refused too (flock is per open file, so this holds across processes)
-        probe = ("import sys; from common.rundir import RunLock\n"
+        probe = ("import sys; from fedmira.common.rundir import RunLock\n"
                  "try:\n    RunLock(sys.argv[1], 'simulate').acquire()\nexcept Exception as e:\n"
                  "    print(e); sys.exit(2)\n")
         other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True)
@@ -166,9 +166,9 @@ def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
     import sys
     import time
 
-    from common.rundir import RunLock
+    from fedmira.common.rundir import RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.rundir import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedmira.common.rundir import RunLock\n"
                                "RunLock(sys.argv[1], 'coordinator').acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

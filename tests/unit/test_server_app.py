@@ -12,11 +12,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from common.compose import compose_config
-from common.config import ExperimentConfig
-from common.rundir import STRATEGY_STATE, RunDir
-from server.server_app import BudgetExhausted, _committer, restore_strategy, write_round
-from server.strategies import build_strategy
+from fedmira.common.compose import compose_config
+from fedmira.common.config import ExperimentConfig
+from fedmira.common.rundir import STRATEGY_STATE, RunDir
+from fedmira.server.server_app import BudgetExhausted, _committer, restore_strategy, write_round
+from fedmira.server.strategies import build_strategy
 
 STATE = {"base_model.model.l.q_proj.lora_A.weight": torch.ones(2, 3),
          "base_model.model.l.q_proj.lora_B.weight": torch.zeros(3, 2)}
@@ -116,10 +116,10 @@ def test_a_failed_round_is_recorded_with_its_kind_and_reason_for_the_launcher(
     import io
     from types import SimpleNamespace
 
-    import server.server_app as server_app
-    from common import exit_codes
-    from common.runs import finish_run, shown
-    from server.strategy import RoundFailed
+    import fedmira.server.server_app as server_app
+    from fedmira.common import exit_codes
+    from fedmira.common.runs import finish_run, shown
+    from fedmira.server.strategy import RoundFailed
 
     cfg = _cfg(tmp_path)
     run = RunDir(tmp_path)

@@ -14,19 +14,19 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-import client.client_app as client_app
-from common.adapters import get_adapter_state
-from common.aggregation import adapter_rank, hetero_aggregate, truncate_adapter
-from common.compose import compose_config
-from common.config import DataConfig, ExperimentConfig, TrainConfig
-from common.engine import encode_reports, train_steps
-from common.errors import ConfigError
-from common.model import LoadedModel, apply_lora, load_base_model
-from common.reports import Report, write_jsonl
-from common.site import ModelCache, fit_rank, site_rank
-from common.transport import decode_array
-from server.ffa_lora import FedmiraFFALoRA
-from server.hetero_svd import FedmiraHeteroSVD
+import fedmira.client.client_app as client_app
+from fedmira.common.adapters import get_adapter_state
+from fedmira.common.aggregation import adapter_rank, hetero_aggregate, truncate_adapter
+from fedmira.common.compose import compose_config
+from fedmira.common.config import DataConfig, ExperimentConfig, TrainConfig
+from fedmira.common.engine import encode_reports, train_steps
+from fedmira.common.errors import ConfigError
+from fedmira.common.model import LoadedModel, apply_lora, load_base_model
+from fedmira.common.reports import Report, write_jsonl
+from fedmira.common.site import ModelCache, fit_rank, site_rank
+from fedmira.common.transport import decode_array
+from fedmira.server.ffa_lora import FedmiraFFALoRA
+from fedmira.server.hetero_svd import FedmiraHeteroSVD
 
 Factory = Callable[..., Any]
 
@@ -112,7 +112,7 @@ def test_fit_rank_cuts_only_larger_adapters() -> None:
 # --------------------------------------------------------------------------- the ClientApp per strategy
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from common.synthetic import make_synthetic_corpus
+    from fedmira.common.synthetic import make_synthetic_corpus
 
     reports = list(make_synthetic_corpus(num_sites=2, num_reports=30, seed=3))[:10]
     folder = tmp_path_factory.mktemp("hospital") / "site_x"

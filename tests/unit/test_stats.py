@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from common.stats import (
+from fedmira.common.stats import (
     bootstrap_ci,
     compare_paired,
     holm_bonferroni,

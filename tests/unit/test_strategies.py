@@ -19,17 +19,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi
 
-from common.aggregation import dense_update, hetero_aggregate, truncate_adapter
-from common.config import STRATEGY_NAMES, ExperimentConfig
-from common.rundir import excluded_count, load_strategy_state, save_strategy_state
-from common.transport import encode_tensor
-from server.fedadagrad import FedmiraFedAdagrad
-from server.fedadam import FedmiraFedAdam
-from server.fedyogi import FedmiraFedYogi
-from server.ffa_lora import FedmiraFFALoRA
-from server.hetero_svd import FedmiraHeteroSVD
-from server.strategies import STRATEGIES, build_strategy
-from server.strategy import AdapterAggregation, FedmiraBase, FedmiraFedAvg, RoundFailed
+from fedmira.common.aggregation import dense_update, hetero_aggregate, truncate_adapter
+from fedmira.common.config import STRATEGY_NAMES, ExperimentConfig
+from fedmira.common.rundir import excluded_count, load_strategy_state, save_strategy_state
+from fedmira.common.transport import encode_tensor
+from fedmira.server.fedadagrad import FedmiraFedAdagrad
+from fedmira.server.fedadam import FedmiraFedAdam
+from fedmira.server.fedyogi import FedmiraFedYogi
+from fedmira.server.ffa_lora import FedmiraFFALoRA
+from fedmira.server.hetero_svd import FedmiraHeteroSVD
+from fedmira.server.strategies import STRATEGIES, build_strategy
+from fedmira.server.strategy import AdapterAggregation, FedmiraBase, FedmiraFedAvg, RoundFailed
 from tests.unit.test_strategy import SHAPES, _arrays, _error_reply, _grid, _numpy, _reply, task_identity  # noqa: F401
 
 KEY_A, KEY_B = sorted(SHAPES)  # "...lora_A.weight" (2, 4), "...lora_B.weight" (4, 2)

@@ -28,7 +28,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from server.strategy import FedmiraFedAvg, RoundFailed, weighted_metrics
+from fedmira.server.strategy import FedmiraFedAvg, RoundFailed, weighted_metrics
 
 SHAPES = {"layers.0.q_proj.lora_A.weight": (2, 4), "layers.0.q_proj.lora_B.weight": (4, 2)}
 NBYTES = sum(int(np.prod(s)) * 4 for s in SHAPES.values())

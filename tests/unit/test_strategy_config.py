@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from common.compose import compose_config
-from common.config import STRATEGY_NAMES, ExperimentConfig, StrategyConfig
-from common.errors import ConfigError
+from fedmira.common.compose import compose_config
+from fedmira.common.config import STRATEGY_NAMES, ExperimentConfig, StrategyConfig
+from fedmira.common.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)

@@ -9,9 +9,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from common.errors import ConfigError
-from common.reports import MODALITIES, Report
-from common.synthetic import make_synthetic_corpus
+from fedmira.common.errors import ConfigError
+from fedmira.common.reports import MODALITIES, Report
+from fedmira.common.synthetic import make_synthetic_corpus
 
 HEDGE_WORDS = ("Possible ", "Questionable ", "Cannot exclude ", "Findings may represent ")
 

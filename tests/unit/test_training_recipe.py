@@ -17,15 +17,15 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from common.adapters import get_adapter_state
-from common.compose import compose_config
-from common.config import DataConfig, LoraConfig, TrainConfig
-from common.engine import TrainResult, _batches, encode_reports, lr_at, round_steps, train_steps
-from common.errors import ConfigError
-from common.model import LoadedModel
-from common.privacy import AccountantState, dp_train_steps
-from common.prompts import Example
-from common.reports import Report
+from fedmira.common.adapters import get_adapter_state
+from fedmira.common.compose import compose_config
+from fedmira.common.config import DataConfig, LoraConfig, TrainConfig
+from fedmira.common.engine import TrainResult, _batches, encode_reports, lr_at, round_steps, train_steps
+from fedmira.common.errors import ConfigError
+from fedmira.common.model import LoadedModel
+from fedmira.common.privacy import AccountantState, dp_train_steps
+from fedmira.common.prompts import Example
+from fedmira.common.reports import Report
 
 Factory = Callable[..., Any]
 NO_DROPOUT = LoraConfig(dropout=0.0)  # dropout masks would differ between one run and two rounds
@@ -316,7 +316,7 @@ def test_training_with_grouped_batches_pads_less(tiny: LoadedModel, new_lora: Fa
 
 
 def test_model_card_states_the_recipe() -> None:
-    from common.export import training_line
+    from fedmira.common.export import training_line
 
     assert training_line(compose_config([])) == "4 steps per round x batch 4 x accum 1, lr 0.0005 (constant)"
     line = training_line(compose_config(["train.epochs=0.5", "train.schedule=cosine", "train.warmup_steps=10",
@@ -329,7 +329,7 @@ def test_the_model_card_is_a_hugging_face_card_with_metadata(tmp_path: Path) -> 
     """Issue 15: the card is written with huggingface_hub.ModelCard (YAML metadata + Markdown)."""
     from huggingface_hub import ModelCard
 
-    from common.export import hub_card
+    from fedmira.common.export import hub_card
 
     cfg = compose_config(["+debug=tiny", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"])
     hub_card(cfg, "# fedmira adapter\n\nbody\n").save(tmp_path / "README.md")

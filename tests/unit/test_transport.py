@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import Array
 
-from common.transport import (
+from fedmira.common.transport import (
     budget_status,
     decode_array,
     encode_state,
