@@ -77,7 +77,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def make_ca(days: int = CERT_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed CA certificate and its key."""
+    """Return a self-signed CA certificate and its key."""
     key = ec.generate_private_key(CURVE())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -109,7 +109,7 @@ def make_server_cert(
     ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, hosts: tuple[str, ...],
     days: int = CERT_DAYS,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A TLS server certificate for the SuperLink, valid for ``hosts`` (IP addresses or names)."""
+    """Return a TLS server certificate for the SuperLink, valid for ``hosts`` (IP addresses or names)."""
     key = ec.generate_private_key(CURVE())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -127,7 +127,7 @@ def make_server_cert(
 
 
 def make_node_key(comment: str) -> tuple[bytes, bytes]:
-    """A SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line)."""
+    """Return a SuperNode authentication key pair: (OpenSSH private key, OpenSSH public key line)."""
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())

@@ -10,9 +10,9 @@ the hospitals of the allow-list: reports never reach the coordinator.
 
 Resume after a crash or restart: ``fedmira coordinator run.resume=RUN_DIR``. The SuperLink's
 state database (``mode.state_db``, by default ``OUT_DIR/coordinator/superlink.db``, shared by
-all runs so a hospital stays registered from one run to the next) keeps the registered keys, the hospitals' SuperNodes
-reconnect by themselves (they retry), the interrupted Flower run is stopped and a new one
-continues after the last committed round (``server/server_app.py`` reads the run folder).
+all runs so a hospital stays registered from one run to the next) keeps the registered keys, the
+hospitals' SuperNodes reconnect by themselves (they retry), the interrupted Flower run is stopped
+and a new one continues after the last committed round (``server/server_app.py`` reads the run folder).
 
 Flower 1.42 specifics this module works with:
 
@@ -81,14 +81,18 @@ class CoordinatorTls:
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> CoordinatorTls:
-        """``folder/{ca.crt,server.crt,server.key}`` (``fedmira certs``' ``superlink/``), or a
-        ``fedmira certs`` output folder itself."""
+        """Read the TLS files from a folder.
+
+        ``folder/{ca.crt,server.crt,server.key}`` (``fedmira certs``' ``superlink/``), or a
+        ``fedmira certs`` output folder itself.
+        """
         root = Path(folder).expanduser().resolve()
         if (root / "superlink" / "server.crt").is_file():
             root = root / "superlink"
         return cls(root / "ca.crt", root / "server.crt", root / "server.key")
 
     def to_dict(self) -> dict[str, str]:
+        """Return the paths as strings (for the run folder's coordinator.json)."""
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}
 
     def check(self) -> list[str]:
@@ -170,10 +174,12 @@ class DeploymentSuperLink(SimulationSuperLink):
                                    f"{who} port. Stop that program or choose another port.")
 
     def connection_toml(self) -> str:
+        """Return the ``flwr`` CLI's connection config for this SuperLink (TLS, its CA)."""
         return ('[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
                 f'address = "{self.address}"\nroot-certificates = "{self.tls.ca_cert}"\n')
 
     def command(self) -> list[str]:
+        """Return the SuperLink's command line, behind fedmira's fleet-only gate."""
         return [
             sys.executable, "-m", "fedmira.server.superlink_gate",
             "--fleet-host", self.fleet_host, "--fleet-port", str(self.fleet_port), "--",
@@ -185,6 +191,7 @@ class DeploymentSuperLink(SimulationSuperLink):
         ]
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink once its ports are known to be free."""
         self.check_ports()
         try:
             super().start(timeout)
@@ -229,9 +236,11 @@ def register_keys(link: DeploymentSuperLink, entries: list[tuple[str, str]]) -> 
 
 
 def allow_listed_node_ids(database: Path, entries: list[tuple[str, str]]) -> dict[str, int]:
-    """Hospital name -> node id of every allow-listed key registered in the SuperLink's state
-    database (read-only). The ``flwr`` CLI lists node ids but not their keys, and an already
-    registered key's id is not returned again, so the database is the one place that maps them.
+    """Map each allow-listed hospital to the node id its key registered under.
+
+    Read-only, from the SuperLink's state database. The ``flwr`` CLI lists node ids but not
+    their keys, and an already registered key's id is not returned again, so the database is
+    the one place that maps them.
     """
     import sqlite3
 
@@ -259,8 +268,10 @@ def allow_listed_node_ids(database: Path, entries: list[tuple[str, str]]) -> dic
 
 
 def online_nodes(link: DeploymentSuperLink, allowed: frozenset[int] | None = None) -> int:
-    """How many registered SuperNodes are online now (only allow-listed ones when given: a key
-    registered by anyone else is not a hospital)."""
+    """Count the registered SuperNodes online now.
+
+    Only allow-listed ones when given: a key registered by anyone else is not a hospital.
+    """
     doc = _json_out(link.flwr("supernode", "ls", "fedmira", "--format", "json"))
     return sum(1 for n in doc.get("nodes", []) if n.get("status") == "online"
                and (allowed is None or int(n.get("node-id", -1)) in allowed))
@@ -288,7 +299,7 @@ def stop_flower_run(link: DeploymentSuperLink, run_id: int | None) -> None:
 
 # ------------------------------------------------------------------------------ run folder
 def deployment_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The config forced to ``mode.name=deployment`` and, unnamed, run name ``deployment``."""
+    """Return the config checked for ``mode.name=deployment`` and, unnamed, named ``deployment``."""
     if cfg.mode.name != "deployment":
         raise ConfigError("fedmira coordinator needs mode=deployment (it is added for you unless another "
                           "mode=... override is given).")
@@ -413,23 +424,27 @@ def _coordinate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, certs: str
 
 
 def state_database(cfg: ExperimentConfig, run: RunDir, saved: dict[str, Any]) -> Path:
-    """The SuperLink's state database: the one a resumed run used (runs from before the shared
-    database kept theirs in the run folder), else ``mode.state_db`` or
-    ``run.out_dir/coordinator/superlink.db``, shared by the coordinator's runs so that the
-    hospitals' node registrations outlive a run."""
+    """Return the SuperLink's state database.
+
+    That is the one a resumed run used (runs from before the shared database kept theirs in the
+    run folder), else ``mode.state_db`` or ``run.out_dir/coordinator/superlink.db``, shared by
+    the coordinator's runs so that the hospitals' node registrations outlive a run.
+    """
     if saved.get("state_db"):
         return Path(saved["state_db"])
     if (run.path / "superlink.db").is_file():
         return run.path / "superlink.db"
-    path = Path(cfg.mode.state_db or Path(cfg.run.out_dir) / "coordinator" / "superlink.db").expanduser().resolve()
+    default = Path(cfg.run.out_dir) / "coordinator" / "superlink.db"
+    path = Path(cfg.mode.state_db or default).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _check_loopback_san(sans: list[str], tls: CoordinatorTls) -> None:
-    """The operator address is 127.0.0.1: the ServerApp and the flwr CLI verify it there."""
+    """Check the certificate holds 127.0.0.1: the ServerApp and the flwr CLI verify it there."""
     if LOOPBACK not in sans:
-        raise FedmiraError(f"{tls.server_cert} is not valid for {LOOPBACK} (SANs: {', '.join(sans) or 'none'}); "
+        raise FedmiraError(f"{tls.server_cert} is not valid for {LOOPBACK} "
+                           f"(SANs: {', '.join(sans) or 'none'}); "
                            "the ServerApp and the flwr CLI reach the SuperLink's operator address on "
                            f"{LOOPBACK}. Add IP:{LOOPBACK} to the certificate's subjectAltName "
                            "(`fedmira certs` does).")
@@ -464,8 +479,11 @@ def _serve(link: DeploymentSuperLink, run: RunDir, cfg: ExperimentConfig, entrie
 
 
 class SecurityEcho:
-    """Follows the SuperLink's log while the run lives; every ``[fedmira-security]`` line (a
-    request refused on the fleet address) goes to the console and to ``RUN_DIR/security.log``."""
+    """Follow the SuperLink's log while the run lives.
+
+    Every ``[fedmira-security]`` line (a request refused on the fleet address) goes to the
+    console and to ``RUN_DIR/security.log``.
+    """
 
     def __init__(self, source: Path, sink: Path, out: TextIO, poll_s: float = 0.5) -> None:
         self.source, self.sink, self.out, self.poll_s = source, sink, out, poll_s

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedProx
 
-from fedmira.server.strategy import AdapterAggregation, FedmiraBase
+from fedmira.server.strategy import FedmiraStrategy
 
 
-class FedmiraFedProx(FedmiraBase, FedProx, AdapterAggregation):
-    """FedProx with fedmira's checks; ``proximal_mu`` is Flower's FedProx argument."""
+class FedmiraFedProx(FedmiraStrategy):
+    """FedProx with fedmira's checks; ``proximal_mu`` goes to Flower's FedProx."""
+
+    algorithm_cls = FedProx

@@ -1,16 +1,17 @@
 """FedYogi over adapters: like FedAdam, with an additive, sign-controlled second moment.
 
-Flower's :class:`~flwr.serverapp.strategy.FedYogi` does the step; fedmira adds the checks,
-robust aggregation and checkpointing of (m, v) with every round (server/fedopt.py).
+Flower's :class:`~flwr.serverapp.strategy.FedYogi` does the step on the checked replies' robust
+mean; its (m, v) are checkpointed with every round (server/fedopt.py).
 """
 
 from __future__ import annotations
 
 from flwr.serverapp.strategy import FedYogi
 
-from fedmira.server.fedopt import ServerOptimizerState
-from fedmira.server.strategy import AdapterAggregation, FedmiraBase
+from fedmira.server.strategy import FedmiraStrategy
 
 
-class FedmiraFedYogi(ServerOptimizerState, FedmiraBase, FedYogi, AdapterAggregation):
-    """FedYogi with fedmira's checks; ``eta``, ``beta_1``, ``beta_2``, ``tau`` are Flower's."""
+class FedmiraFedYogi(FedmiraStrategy):
+    """FedYogi with fedmira's checks; ``eta``, ``beta_1``, ``beta_2``, ``tau`` go to Flower's FedYogi."""
+
+    algorithm_cls = FedYogi

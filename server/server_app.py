@@ -41,7 +41,7 @@ from fedmira.common.rundir import (
 from fedmira.common.runs import round_line
 from fedmira.common.transport import BYTES_PER_MB, budget_status
 from fedmira.server.strategies import build_strategy
-from fedmira.server.strategy import FedmiraBase, RoundFailed
+from fedmira.server.strategy import FedmiraStrategy, RoundFailed
 
 app = ServerApp()
 
@@ -63,7 +63,7 @@ def initial_adapter(cfg: ExperimentConfig, run: RunDir) -> tuple[dict[str, Any],
     return get_adapter_state(model), peft_config, 0
 
 
-def restore_strategy(strategy: FedmiraBase, run: RunDir, done: int) -> None:
+def restore_strategy(strategy: FedmiraStrategy, run: RunDir, done: int) -> None:
     """Load the server-optimizer state committed with round ``done`` (nothing for stateless ones)."""
     saved = load_strategy_state(run.round_dir(done)) if done else None
     if saved is not None:
@@ -71,8 +71,8 @@ def restore_strategy(strategy: FedmiraBase, run: RunDir, done: int) -> None:
         log(INFO, "Restored %s state of round %d", type(strategy).__name__, done)
 
 
-def write_round(strategy: FedmiraBase, adapter: dict[str, Any], peft_config: Any, folder: Path) -> None:
-    """A round folder's content: the adapter (PEFT format) and the strategy's state, if any."""
+def write_round(strategy: FedmiraStrategy, adapter: dict[str, Any], peft_config: Any, folder: Path) -> None:
+    """Write a round folder's content: the adapter (PEFT format) and the strategy's state, if any."""
     save_adapter_state(adapter, peft_config, folder)
     state = strategy.strategy_state()
     if state is not None:
@@ -81,8 +81,11 @@ def write_round(strategy: FedmiraBase, adapter: dict[str, Any], peft_config: Any
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``strategy.rounds`` federated rounds (fewer when resuming); a failure is recorded in
-    the run folder with its kind and reason before Flower sees the exception."""
+    """Run ``strategy.rounds`` federated rounds (fewer when resuming).
+
+    A failure is recorded in the run folder with its kind and reason before Flower sees the
+    exception.
+    """
     cfg = ExperimentConfig.from_run_config(context.run_config)
     run = RunDir(cfg.run.dir)
     run.mark(serverapp_started_at=time.time(), failure=None, budget_warning=None)
@@ -97,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir) -> None:
-    """Initial adapter, strategy, restored state, then the rounds, each committed."""
+    """Build the initial adapter, strategy and restored state, then run the rounds, each committed."""
     state, peft_config, done = initial_adapter(cfg, run)
     total = cfg.strategy.rounds
     if done >= total:
@@ -117,7 +120,7 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir) -> None:
     if cfg.mode.name == "deployment":  # only the hospitals `fedmira coordinator` allow-listed
         run.allowed_nodes()  # fail fast when the coordinator wrote none
         strategy.allowed_nodes = run.allowed_nodes
-        strategy.node_names = run.allowed_node_names()
+        strategy.ledger.node_names = run.allowed_node_names()
     restore_strategy(strategy, run, done)
     rows = run.metrics()
     if rows:
@@ -141,7 +144,7 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run: RunDir) -> None:
 
 
 def _committer(
-    cfg: ExperimentConfig, run: RunDir, strategy: FedmiraBase, peft_config: Any, done: int,
+    cfg: ExperimentConfig, run: RunDir, strategy: FedmiraStrategy, peft_config: Any, done: int,
 ) -> Any:
     """Flower's ``evaluate_fn``: commit each finished round, then enforce the byte budget."""
     clock = {"t": time.perf_counter(), "warned": False}
@@ -179,9 +182,11 @@ def _committer(
 
 
 def _fail(run: RunDir, kind: str, reason: str) -> None:
-    """Record why the run failed (``state.json`` ``failure``) and log it as one ``[fedmira]``
-    line, which the launchers show on the console; the traceback stays in flower.log. The
-    ServerApp holds no report text, so the reason cannot carry any."""
+    """Record why the run failed (``state.json`` ``failure``) and log it as one ``[fedmira]`` line.
+
+    The launchers show that line on the console; the traceback stays in flower.log. The
+    ServerApp holds no report text, so the reason cannot carry any.
+    """
     line = " ".join(reason.split())[:600]
     run.mark(status="failed", failure={"kind": kind, "reason": line, "round": run.last_round + 1})
     log(ERROR, "[fedmira] FAILED (%s): %s", kind, line)

@@ -12,11 +12,12 @@ from fedmira.common.config import ExperimentConfig
 from fedmira.common.privacy import SiteLevelLedger
 from fedmira.server.fedadagrad import FedmiraFedAdagrad
 from fedmira.server.fedadam import FedmiraFedAdam
+from fedmira.server.fedavg import FedmiraFedAvg
 from fedmira.server.fedprox import FedmiraFedProx
 from fedmira.server.fedyogi import FedmiraFedYogi
 from fedmira.server.ffa_lora import FedmiraFFALoRA
 from fedmira.server.hetero_svd import FedmiraHeteroSVD
-from fedmira.server.strategy import FedmiraBase, FedmiraFedAvg
+from fedmira.server.strategy import FedmiraStrategy
 
 
 def _server_opt(cfg: ExperimentConfig, betas: bool = True) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def _server_opt(cfg: ExperimentConfig, betas: bool = True) -> dict[str, Any]:
 
 
 # name -> (class, extra constructor arguments from the config)
-STRATEGIES: dict[str, tuple[type[FedmiraBase], Callable[[ExperimentConfig], dict[str, Any]]]] = {
+STRATEGIES: dict[str, tuple[type[FedmiraStrategy], Callable[[ExperimentConfig], dict[str, Any]]]] = {
     "fedavg": (FedmiraFedAvg, lambda cfg: {}),
     "fedprox": (FedmiraFedProx, lambda cfg: {"proximal_mu": cfg.strategy.proximal_mu}),
     "fedadam": (FedmiraFedAdam, _server_opt),
@@ -38,14 +39,14 @@ STRATEGIES: dict[str, tuple[type[FedmiraBase], Callable[[ExperimentConfig], dict
 
 
 def round_settings(cfg: ExperimentConfig) -> Callable[[int], dict[str, Any]]:
-    """What every training message carries besides the adapter (fedprox adds proximal-mu)."""
+    """Return what every training message carries besides the adapter (fedprox adds proximal-mu)."""
     return lambda g: {"lr": cfg.train.lr, "local-steps": cfg.train.steps}
 
 
 def build_strategy(
     cfg: ExperimentConfig, *, round_offset: int = 0, comm_offset: tuple[int, int] = (0, 0),
-) -> FedmiraBase:
-    """The configured strategy, resuming after ``round_offset`` committed rounds.
+) -> FedmiraStrategy:
+    """Build the configured strategy, resuming after ``round_offset`` committed rounds.
 
     Parameters
     ----------

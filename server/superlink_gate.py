@@ -1,4 +1,4 @@
-"""Flower's SuperLink with its Fleet API alone on the hospitals' address.
+r"""Flower's SuperLink with its Fleet API alone on the hospitals' address.
 
 Flower 1.42 serves the Fleet API (SuperNodes), the Control API (``flwr`` CLI: register node
 keys, start and stop runs) and the Runtime API (the ServerApp) on one HTTPS port, and the
@@ -21,7 +21,7 @@ files are Flower's, only the routing is ours. ``uvicorn.run`` is replaced for th
 
 Usage (``fedmira coordinator`` builds the command)::
 
-    python -m fedmira.server.superlink_gate --fleet-host 0.0.0.0 --fleet-port 9092 -- \\
+    python -m fedmira.server.superlink_gate --fleet-host 0.0.0.0 --fleet-port 9092 -- \
         --host 127.0.0.1 --port 9093 --ssl-certfile ... --enable-supernode-auth ...
 """
 
@@ -45,8 +45,11 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def fleet_path(path: str) -> bool:
-    """Whether the fleet address serves ``path`` (exact prefixes; no ``..`` tricks: ASGI paths
-    arrive decoded and are matched as they are routed)."""
+    """Tell whether the fleet address serves ``path``.
+
+    Exact prefixes; no ``..`` tricks: ASGI paths arrive decoded and are matched as they are
+    routed.
+    """
     return path == "/health" or (path.startswith("/v1/fleet/") and ".." not in path)
 
 
@@ -65,8 +68,11 @@ REFUSAL_QUIET_S = 60.0  # one line per client and kind per minute: heartbeats re
 
 
 class FleetOnly:
-    """ASGI wrapper: passes fleet paths to ``app``, answers everything else 403, and logs the
-    fleet requests Flower refused (unknown key, failed authentication) as security lines."""
+    """ASGI wrapper: pass fleet paths to ``app``, answer everything else 403.
+
+    It also logs the fleet requests Flower refused (unknown key, failed authentication) as
+    security lines.
+    """
 
     def __init__(self, app: Callable[..., Awaitable[None]], log: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -74,6 +80,7 @@ class FleetOnly:
         self._last: dict[tuple[str, int], float] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection: a fleet path goes through, anything else gets 403."""
         if scope["type"] == "lifespan":  # the operator server owns the lifespan
             return
         path = str(scope.get("path", ""))
@@ -93,7 +100,8 @@ class FleetOnly:
             return
         body = b"Not served on the fleet address.\n"
         await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"text/plain"),
+                                (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     def _refused(self, status: int, path: str, client: str) -> None:
@@ -112,8 +120,11 @@ def _stderr(line: str) -> None:
 
 
 def two_servers(fleet_host: str, fleet_port: int) -> Callable[..., None]:
-    """A drop-in for ``uvicorn.run`` that serves the app on its address and, fleet-only, on
-    ``fleet_host:fleet_port``."""
+    """Return a drop-in for ``uvicorn.run`` that also serves the app fleet-only on a second address.
+
+    The app is served on its own address and, behind :class:`FleetOnly`, on
+    ``fleet_host:fleet_port``.
+    """
     import uvicorn
 
     def run(app: Any, *, host: str, port: int, ssl_keyfile: str | None = None,
@@ -129,8 +140,10 @@ def two_servers(fleet_host: str, fleet_port: int) -> Callable[..., None]:
 
 
 async def _serve(operator: Any, fleet: Any) -> None:
-    """Operator first (it runs Flower's lifespan: state, SuperExec), then the fleet address; when
-    either stops, both stop."""
+    """Serve the operator address first, then the fleet address; when either stops, both stop.
+
+    The operator server goes first because it runs Flower's lifespan (state, SuperExec).
+    """
     main = asyncio.create_task(operator.serve())  # captures SIGTERM/SIGINT
     while not operator.started:
         if main.done():
@@ -153,6 +166,7 @@ async def _serve(operator: Any, fleet: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run Flower's SuperLink with its Fleet API alone on the hospitals' address."""
     parser = argparse.ArgumentParser(
         prog="python -m fedmira.server.superlink_gate",
         description="Flower SuperLink serving only its Fleet API on the hospitals' address; the "

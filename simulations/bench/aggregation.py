@@ -114,8 +114,8 @@ def strategy_rows(
 ) -> list[tuple[str, tuple[float, float]]]:
     """Timings of the Flower strategies' aggregate_train on reply Messages (checks included)."""
     from fedmira.server.fedadam import FedmiraFedAdam
+    from fedmira.server.fedavg import FedmiraFedAvg
     from fedmira.server.hetero_svd import FedmiraHeteroSVD
-    from fedmira.server.strategy import FedmiraFedAvg
 
     glob = agg.hetero_aggregate([adapter(8, rng)], [1.0], alpha=16, rank=8)
     states = [near(glob, 8, rng) for _ in range(sites)]
@@ -129,7 +129,7 @@ def strategy_rows(
         strategy.expected = {k: v.shape for k, v in glob.items()}
         strategy.global_arrays = glob
         if isinstance(strategy, FedmiraFedAdam):
-            strategy.current_arrays = glob
+            strategy.algorithm.current_arrays = glob
         rows.append((label, timed_ms(lambda s=strategy: s.aggregate_train(1, replies), repeats)))
     return rows
 

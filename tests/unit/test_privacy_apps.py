@@ -31,7 +31,7 @@ from fedmira.common.model import apply_lora, load_base_model
 from fedmira.common.privacy import SiteLevelLedger, epsilon_for, site_level_aggregate
 from fedmira.common.reports import write_jsonl
 from fedmira.common.site import ModelCache
-from fedmira.server.strategy import FedmiraFedAvg
+from fedmira.server.fedavg import FedmiraFedAvg
 
 SHAPES = {"layers.0.q_proj.lora_A.weight": (2, 4), "layers.0.q_proj.lora_B.weight": (4, 2)}
 
@@ -96,7 +96,7 @@ def test_site_level_dp_in_the_strategy_clips_and_accounts() -> None:
     assert arrays is not None
     strategy.current_round = 1  # the same seeded noise as the strategy drew
     expected, _ = site_level_aggregate(strategy.global_arrays, [_arrays(1), _arrays(2)], clip=0.5,
-                                       noise_multiplier=1.0, rng=strategy.dp_rng())
+                                       noise_multiplier=1.0, rng=strategy.rule.combiner.rng(1))  # type: ignore[attr-defined]
     for key, value in arrays.items():
         np.testing.assert_allclose(value.numpy(), expected[key], rtol=1e-6)
     assert ledger.history == [[1.0, 2 / 4, 1]]

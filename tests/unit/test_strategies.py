@@ -25,11 +25,12 @@ from fedmira.common.rundir import excluded_count, load_strategy_state, save_stra
 from fedmira.common.transport import encode_tensor
 from fedmira.server.fedadagrad import FedmiraFedAdagrad
 from fedmira.server.fedadam import FedmiraFedAdam
+from fedmira.server.fedavg import FedmiraFedAvg
 from fedmira.server.fedyogi import FedmiraFedYogi
 from fedmira.server.ffa_lora import FedmiraFFALoRA
 from fedmira.server.hetero_svd import FedmiraHeteroSVD
 from fedmira.server.strategies import STRATEGIES, build_strategy
-from fedmira.server.strategy import AdapterAggregation, FedmiraBase, FedmiraFedAvg, RoundFailed
+from fedmira.server.strategy import FedmiraStrategy, RoundFailed
 from tests.unit.test_strategy import SHAPES, _arrays, _error_reply, _grid, _numpy, _reply, task_identity  # noqa: F401
 
 KEY_A, KEY_B = sorted(SHAPES)  # "...lora_A.weight" (2, 4), "...lora_B.weight" (4, 2)
@@ -56,23 +57,28 @@ def _mean(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str
 
 # --------------------------------------------------------------------------- the factory
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
-def test_every_strategy_builds_with_flowers_class_between_fedmiras_layers(name: str) -> None:
+def test_every_strategy_builds_on_one_fedmira_class_around_flowers_algorithm(name: str) -> None:
+    """Issue 15: composition, not a multiple-inheritance sandwich. Each strategy class inherits
+    from FedmiraStrategy only (no second fedmira class anywhere in its MRO) and *has* Flower's
+    algorithm, which samples, sets the messages and takes the server step."""
     strategy = build_strategy(_cfg(name), round_offset=2, comm_offset=(5, 7))
-    mro = type(strategy).__mro__
-    assert mro.index(FedmiraBase) < mro.index(AdapterAggregation) < mro.index(FedAvg)
+    cls = type(strategy)
+    assert cls.__bases__ == (FedmiraStrategy,)
+    fedmira_classes = [c for c in cls.__mro__ if c.__module__.startswith("fedmira.")]
+    assert fedmira_classes == [cls, FedmiraStrategy]
     flower = {"fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
-    if name in flower:  # Flower's algorithm runs on the checked replies, before fedmira's mean
-        assert mro.index(FedmiraBase) < mro.index(flower[name]) < mro.index(AdapterAggregation)
-    assert strategy.round_offset == 2 and strategy.comm_offset == (5, 7)
+    assert type(strategy.algorithm) is flower.get(name, FedAvg)
+    assert not isinstance(strategy, FedAvg)  # Flower's class is a part, not a parent
+    assert strategy.round_offset == 2 and strategy.ledger.comm_offset == (5, 7)
     assert strategy.min_train_nodes == ExperimentConfig().strategy.min_train_sites
     assert set(STRATEGIES) == set(STRATEGY_NAMES)
 
 
 def test_factory_passes_algorithm_settings() -> None:
     prox = build_strategy(_cfg("fedprox", proximal_mu=0.3))
-    assert prox.proximal_mu == 0.3  # type: ignore[attr-defined]
+    assert prox.algorithm.proximal_mu == 0.3  # type: ignore[attr-defined]
     adam = build_strategy(_cfg("fedadam", server_lr=0.2, beta_1=0.5, beta_2=0.6, tau=0.01))
-    settings = (adam.eta, adam.beta_1, adam.beta_2, adam.tau)  # type: ignore[attr-defined]
+    settings = (adam.algorithm.eta, adam.algorithm.beta_1, adam.algorithm.beta_2, adam.algorithm.tau)  # type: ignore[attr-defined]
     assert settings == (0.2, 0.5, 0.6, 0.01)
     hetero = build_strategy(_cfg("hetero_svd", site_ranks=[2, 4]))
     assert isinstance(hetero, FedmiraHeteroSVD) and hetero.max_rank == 8 and hetero.alpha == 16
@@ -100,7 +106,7 @@ def test_an_update_far_beyond_the_others_is_rejected_and_the_rest_averaged(task_
     assert metrics is not None and metrics["num-sites"] == 3
     for key, value in _numpy(arrays).items():  # type: ignore[arg-type]
         np.testing.assert_allclose(value, _mean(states, [1, 2, 3])[key], rtol=1e-6)
-    (rejected,) = strategy.rejected[1]
+    (rejected,) = strategy.ledger.rejected[1]
     assert rejected["site"] == "site_big" and "strategy.norm_factor=10" in rejected["reason"]
     norms = {s: m["update-norm"] for s, m in strategy.round_record(1)["train_sites"].items()}
     assert set(norms) == {"site_01", "site_02", "site_03"} and all(0 < n < 1 for n in norms.values())
@@ -120,14 +126,14 @@ def test_norms_are_compared_per_unit_of_learning_rate(task_identity: None) -> No
         reply.content["metrics"]["lr-sum"] = lr_sum
         replies.append(reply)
     _, metrics = strategy.aggregate_train(1, replies)
-    assert metrics is not None and metrics["num-sites"] == 3 and not strategy.rejected.get(1)
+    assert metrics is not None and metrics["num-sites"] == 3 and not strategy.ledger.rejected.get(1)
     # a reply that moved 50x more per unit of lr than the others is still caught
     strategy.configure_train(2, _record(glob), ConfigRecord(), _grid([1, 2, 3]))
     replies[0] = _reply(1, {k: glob[k] + 0.06 * 30 * 50 * v for k, v in _arrays(1).items()}, 10, 1.0)
     replies[0].content["metrics"]["lr-sum"] = 0.06
     _, metrics = strategy.aggregate_train(2, replies)
     assert metrics is not None and metrics["num-sites"] == 2
-    assert "per unit of learning rate" in strategy.rejected[2][0]["reason"]
+    assert "per unit of learning rate" in strategy.ledger.rejected[2][0]["reason"]
 
 
 def test_a_nan_site_is_excluded_and_the_round_completes(task_identity: None) -> None:
@@ -141,7 +147,7 @@ def test_a_nan_site_is_excluded_and_the_round_completes(task_identity: None) -> 
     assert arrays is not None and metrics is not None and metrics["num-sites"] == 2
     for key, value in _numpy(arrays).items():
         np.testing.assert_allclose(value, _mean([_arrays(1), _arrays(2)], [1, 3])[key], rtol=1e-6)
-    assert strategy.rejected[1][0]["site"] == "site_nan"
+    assert strategy.ledger.rejected[1][0]["site"] == "site_nan"
 
 
 @pytest.mark.parametrize(("method", "expected"), [
@@ -178,7 +184,7 @@ def test_an_integer_payload_is_rejected_naming_the_dtype() -> None:
     replies = [_reply(1, _arrays(1), 1, 1.0), _reply(2, ints, 1, 1.0, site="x")]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and metrics["num-sites"] == 1
-    assert "int32" in strategy.rejected[1][0]["reason"]
+    assert "int32" in strategy.ledger.rejected[1][0]["reason"]
 
 
 def test_sites_that_miss_the_timeout_are_logged(
@@ -190,8 +196,8 @@ def test_sites_that_miss_the_timeout_are_logged(
         replies = [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 1, 1.0)]
         _, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and metrics["num-sites"] == 2
-    assert strategy.rejected[1] == [{"site": "node-3", "node": 3, "reason": "no reply before the round "
-                                                                            "timeout (strategy.round_timeout_s)"}]
+    why = "no reply before the round timeout (strategy.round_timeout_s)"
+    assert strategy.ledger.rejected[1] == [{"site": "node-3", "node": 3, "reason": why}]
     with pytest.raises(RoundFailed):  # and a round with nobody back still fails loudly
         strategy.configure_train(2, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 3]))
         strategy.aggregate_train(2, [])
@@ -204,7 +210,7 @@ def test_a_site_lost_in_training_and_evaluation_counts_once_by_its_allow_list_na
     from the allow-list before it ever replied (round 1 of a resumed run), counted by node."""
     strategy = FedmiraFedAvg(round_config_fn=_settings, min_train_nodes=1, evaluate_every=1,
                              total_rounds=1)
-    strategy.node_names = {3: "hospital_03"}
+    strategy.ledger.node_names = {3: "hospital_03"}
     strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 3]))
     strategy.aggregate_train(1, [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 1, 1.0)])
     strategy.aggregate_evaluate(1, [_error_reply(3, "TimeoutError: node offline")])
@@ -237,21 +243,22 @@ def test_the_superlinks_node_unavailable_reply_excludes_that_node_once_not_node_
     excluded a second time for its timeout: "2 site(s) excluded" for one lost site."""
     strategy = FedmiraFedAvg(round_config_fn=_settings, min_train_nodes=1, norm_factor=0)
     strategy.allowed_nodes = lambda: frozenset({2, 3, 4})
-    strategy.node_names = {4: "hospital_04"}
+    strategy.ledger.node_names = {4: "hospital_04"}
     messages = strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([2, 3, 4]))
     for m in messages:  # what the grid does when it pushes them
         m.metadata.__dict__["_message_id"] = f"ins-{m.metadata.dst_node_id}" if ids_known else ""
     replies = [_reply(2, _arrays(1), 1, 1.0), _reply(3, _arrays(2), 1, 1.0), _superlink_error("ins-4")]
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and metrics["num-sites"] == 2
-    (entry,) = strategy.rejected[1]
+    (entry,) = strategy.ledger.rejected[1]
     assert (entry["site"], entry["node"]) == ("hospital_04", 4)
     assert ("Node Unavailable" in entry["reason"]) is ids_known and "allow-list" not in entry["reason"]
 
 
 def test_messages_carry_the_flags_of_their_algorithm(task_identity: None) -> None:
     """The client obeys these flags (issue 15: it no longer compares strategy names)."""
-    for name, flags in (("fedavg", {}), ("ffa_lora", {"freeze-lora-a": True}), ("hetero_svd", {"own-rank": True})):
+    expected = (("fedavg", {}), ("ffa_lora", {"freeze-lora-a": True}), ("hetero_svd", {"own-rank": True}))
+    for name, flags in expected:
         strategy = build_strategy(_cfg(name, **({"site_ranks": [2, 4]} if name == "hetero_svd" else {})))
         train = strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2]))
         for m in train:
@@ -360,7 +367,8 @@ def test_ffa_lora_averages_b_and_keeps_a_bit_for_bit(task_identity: None) -> Non
     assert np.array_equal(got[KEY_A], glob[KEY_A])
     np.testing.assert_allclose(got[KEY_B], _mean([b1, b2], [1, 3])[KEY_B], rtol=1e-6)
     assert metrics is not None and metrics["num-sites"] == 2
-    assert strategy.rejected[1][0]["site"] == "site_a" and KEY_A in strategy.rejected[1][0]["reason"]
+    (rejected,) = strategy.ledger.rejected[1]
+    assert rejected["site"] == "site_a" and KEY_A in rejected["reason"]
     # the update the global adapter applies is exactly the mean of the sites' updates
     dense = [b[KEY_B].astype(np.float64) @ glob[KEY_A] for b in (b1, b2)]
     np.testing.assert_allclose(got[KEY_B] @ got[KEY_A], (dense[0] + 3 * dense[1]) / 4, rtol=1e-5)
@@ -395,7 +403,7 @@ def test_hetero_svd_sums_mixed_rank_updates_and_sends_each_site_its_rank(task_id
         _reply(4, too_big, 9, 1.0, site="site_r16")])
 
     assert metrics is not None and metrics["num-sites"] == 2
-    reasons = {r["site"]: r["reason"] for r in strategy.rejected[1]}
+    reasons = {r["site"]: r["reason"] for r in strategy.ledger.rejected[1]}
     assert set(reasons) == {"site_nan", "site_r16"} and "lora.r=8" in reasons["site_r16"]
     got = dense_update(_numpy(arrays), ALPHA)  # type: ignore[arg-type]
     want = {m: 0.25 * dense_update(s4, ALPHA)[m] + 0.75 * dense_update(s8, ALPHA)[m] for m in LAYERS}
@@ -403,7 +411,7 @@ def test_hetero_svd_sums_mixed_rank_updates_and_sends_each_site_its_rank(task_id
         u, s, vt = np.linalg.svd(want[m], full_matrices=False)
         best = (u[:, :8] * s[:8]) @ vt[:8]
         assert np.linalg.norm(got[m] - best) / np.linalg.norm(best) < 1e-5
-    assert strategy.node_ranks == {1: 4, 2: 8}
+    assert strategy.rule.node_ranks == {1: 4, 2: 8}
 
     # Round 2: node 1 gets the rank-4 cut (what it would have cut itself), node 2 full rank
     new = _numpy(arrays)  # type: ignore[arg-type]
@@ -436,7 +444,7 @@ def test_a_node_off_the_allow_list_is_never_sampled_and_its_reply_is_refused(
     assert metrics is not None and metrics["num-sites"] == 2
     for key, value in _numpy(arrays).items():  # type: ignore[arg-type]
         np.testing.assert_allclose(value, _mean([_arrays(1), _arrays(2)], [1, 1])[key], rtol=1e-6)
-    refused = [r for r in strategy.rejected[1] if "allow-list" in r["reason"]]
+    refused = [r for r in strategy.ledger.rejected[1] if "allow-list" in r["reason"]]
     assert [r["site"] for r in refused] == ["node-9"]  # once, by node id: its site id is not trusted
     evaluate = list(strategy.configure_evaluate(4, _record(glob), ConfigRecord(), _grid([1, 2, 9])))
     assert 9 not in {m.metadata.dst_node_id for m in evaluate}
@@ -446,3 +454,27 @@ def test_without_an_allow_list_every_node_takes_part(task_identity: None) -> Non
     strategy = FedmiraFedAvg(round_config_fn=_settings)
     messages = list(strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2, 9])))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 9]
+
+
+# --------------------------------------------------------------------------- composition
+def test_hetero_svd_refuses_a_same_shape_combiner_such_as_site_level_dp() -> None:
+    from fedmira.common.privacy import SiteLevelLedger
+
+    with pytest.raises(ValueError, match="privacy.site_level does not work with strategy=hetero_svd"):
+        FedmiraHeteroSVD(round_config_fn=_settings, alpha=ALPHA, max_rank=8,
+                         site_dp=SiteLevelLedger(noise_multiplier=1.0, clip=0.5, delta=1e-3))
+
+
+def test_the_server_step_does_not_log_its_combined_reply_as_a_site(
+    task_identity: None, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Flower's algorithm gets the round's combined adapter as one reply; its "Received 1
+    results" line would tell an operator that one site answered when two did."""
+    strategy = FedmiraFedAdam(round_config_fn=_settings, eta=0.1, eta_l=0.01)
+    strategy.configure_train(1, _record(_arrays(0)), ConfigRecord(), _grid([1, 2]))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        replies = [_reply(1, _arrays(1), 1, 1.0), _reply(2, _arrays(2), 3, 1.0)]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None and metrics["num-sites"] == 2
+    assert not any("Received" in r.getMessage() for r in caplog.records)
+    assert strategy.algorithm.m_t is not None  # the step ran: Flower's FedAdam keeps its moments

@@ -28,7 +28,8 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmira.server.strategy import FedmiraFedAvg, RoundFailed, weighted_metrics
+from fedmira.server.fedavg import FedmiraFedAvg
+from fedmira.server.strategy import RoundFailed, weighted_metrics
 
 SHAPES = {"layers.0.q_proj.lora_A.weight": (2, 4), "layers.0.q_proj.lora_B.weight": (4, 2)}
 NBYTES = sum(int(np.prod(s)) * 4 for s in SHAPES.values())
@@ -124,7 +125,7 @@ def test_weighted_fedavg_of_three_replies_is_exact() -> None:
     assert metrics["cold-start"] == 0
     assert metrics["num-sites"] == 3
     assert "site-index" not in metrics
-    assert strategy.rejected == {}
+    assert strategy.ledger.rejected == {}
 
 
 def test_error_reply_is_excluded_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -139,7 +140,7 @@ def test_error_reply_is_excluded_and_logged(caplog: pytest.LogCaptureFixture) ->
     for key, value in _numpy(arrays).items():
         np.testing.assert_allclose(value, (1 * states[0][key] + 2 * states[1][key]) / 3, rtol=1e-6)
     assert metrics["num-sites"] == 2 and metrics["num-examples"] == 3
-    assert strategy.rejected[1] == [
+    assert strategy.ledger.rejected[1] == [
         {"site": "node-7", "node": 7, "reason": "site raised: ValueError: CUDA out of memory"}
     ]
     assert any("node-7" in r.getMessage() and "CUDA out of memory" in r.getMessage() for r in caplog.records)
@@ -152,7 +153,7 @@ def test_error_reply_without_reason_is_excluded() -> None:
     _, metrics = strategy.aggregate_train(1, [replies[0], replies[1], _error_reply(9, reason=None)])
 
     assert metrics is not None and metrics["num-sites"] == 2
-    assert strategy.rejected[1][0]["site"] == "node-9"
+    assert strategy.ledger.rejected[1][0]["site"] == "node-9"
 
 
 def test_bad_adapters_are_excluded_with_a_reason_naming_them() -> None:
@@ -180,13 +181,13 @@ def test_bad_adapters_are_excluded_with_a_reason_naming_them() -> None:
         expected = (1 * states[0][key] + 2 * states[1][key] + 3 * states[2][key]) / 6
         np.testing.assert_allclose(value, expected, rtol=1e-6)
     assert metrics["num-sites"] == 3 and metrics["num-examples"] == 6
-    reasons = {r["site"]: r["reason"] for r in strategy.rejected[1]}
+    reasons = {r["site"]: r["reason"] for r in strategy.ledger.rejected[1]}
     assert set(reasons) == {"site_nan", "site_extra", "site_missing", "site_shape"}
     assert key_b in reasons["site_nan"] and "NaN" in reasons["site_nan"]
     assert "layers.0.v_proj.lora_A.weight" in reasons["site_extra"]
     assert key_b in reasons["site_missing"]
     assert key_b in reasons["site_shape"]
-    assert set(strategy.site_metrics["train"][1]) == {"site_01", "site_02", "site_03"}
+    assert set(strategy.ledger.site_metrics["train"][1]) == {"site_01", "site_02", "site_03"}
 
 
 def test_inf_and_two_array_records_are_excluded() -> None:
@@ -200,7 +201,7 @@ def test_inf_and_two_array_records_are_excluded() -> None:
     _, metrics = strategy.aggregate_train(1, [*replies, _reply(4, inf_state, 4, 1.0, site="site_inf"), two])
 
     assert metrics is not None and metrics["num-sites"] == 3
-    reasons = {r["site"]: r["reason"] for r in strategy.rejected[1]}
+    reasons = {r["site"]: r["reason"] for r in strategy.ledger.rejected[1]}
     assert "Inf" in reasons["site_inf"]
     assert "one ArrayRecord" in reasons["site_two"]
 
@@ -214,7 +215,7 @@ def test_too_few_valid_replies_raise_round_failed() -> None:
     with pytest.raises(RoundFailed, match=r"strategy\.min_train_sites=2") as info:
         strategy.aggregate_train(1, [replies[0], _error_reply(5), _reply(6, nan_state, 5, 1.0)])
     assert "only 1 of 3" in str(info.value)
-    assert len(strategy.rejected[1]) == 2
+    assert len(strategy.ledger.rejected[1]) == 2
 
 
 def test_round_record_and_round_offset() -> None:
@@ -223,7 +224,7 @@ def test_round_record_and_round_offset() -> None:
 
     _, metrics = strategy.aggregate_train(1, [*replies, _error_reply(9)])
 
-    assert set(strategy.rejected) == {3} and set(strategy.site_metrics["train"]) == {3}
+    assert set(strategy.ledger.rejected) == {3} and set(strategy.ledger.site_metrics["train"]) == {3}
     record = strategy.round_record(3)
     json.dumps(record)  # goes to the run folder as JSON
     assert record["train"]["num-sites"] == 3
@@ -231,7 +232,8 @@ def test_round_record_and_round_offset() -> None:
     assert set(record["train_sites"]) == {"site_01", "site_02", "site_03"}
     assert record["train_sites"]["site_02"]["num-examples"] == 2
     assert record["train_sites"]["site_02"]["train-loss"] == 4.0
-    assert record["rejected"] == [{"site": "node-9", "node": 9, "reason": "site raised: ValueError: CUDA out of memory"}]
+    why = "site raised: ValueError: CUDA out of memory"
+    assert record["rejected"] == [{"site": "node-9", "node": 9, "reason": why}]
     assert record["evaluate"] == {} and record["evaluate_sites"] == {}
     assert strategy.round_record(1)["train"] == {} and strategy.round_record(1)["rejected"] == []
 
@@ -325,5 +327,5 @@ def test_reply_without_metric_record_is_excluded_not_fatal() -> None:
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in _arrays(1).items()}),
                           "site": ConfigRecord({"site-id": "site_z"})})
     msg = Message(content, reply_to=_instruction(5))
-    assert strategy._adapter_ok(1, msg) is False
-    assert "MetricRecord" in strategy.rejected[1][0]["reason"]
+    assert strategy.check_reply(1, msg) is None
+    assert "MetricRecord" in strategy.ledger.rejected[1][0]["reason"]
