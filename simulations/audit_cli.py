@@ -21,6 +21,7 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 import torch
+from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from fedmira.common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
@@ -169,14 +170,18 @@ def audit_markdown(result: dict[str, Any]) -> str:
         f"training data; exposure against {plan['candidates']} random candidate secrets (max "
         f"{max_bits:.2f} bits); model {result['model']}, {result['rounds']} rounds x "
         f"{result['local_steps']} local steps, lr {result['lr']:g}; {result['seconds']:.0f} s.", "",
-        f"| model | mean exposure (bits) | max exposure | median rank | verbatim extractions | secret digits written (of {SECRET_DIGITS}) | epsilon (canary site) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for arm, label in (("base", "base (no training)"), ("no_dp", "federated, no DP"), ("dp", "federated, DP-SGD")):
+    header = ["model", "mean exposure (bits)", "max exposure", "median rank", "verbatim extractions",
+              f"secret digits written (of {SECRET_DIGITS})", "epsilon (canary site)"]
+    body = []
+    for arm, label in (("base", "base (no training)"), ("no_dp", "federated, no DP"),
+                       ("dp", "federated, DP-SGD")):
         s = summary(result["arms"][arm])
         eps = result["arms"][arm]["info"].get("epsilon", {}).get(result["canary_site"])
-        lines.append(f"| {label} | {s['mean_exposure']:.2f} | {s['max_exposure']:.2f} | {s['median_rank']:.0f} | "
-                     f"{s['extracted']}/{s['canaries']} | {s['matched_digits']:.1f} | {'-' if eps is None else f'{eps:.2f}'} |")
+        body.append([label, f"{s['mean_exposure']:.2f}", f"{s['max_exposure']:.2f}", f"{s['median_rank']:.0f}",
+                     f"{s['extracted']}/{s['canaries']}", f"{s['matched_digits']:.1f}",
+                     "-" if eps is None else f"{eps:.2f}"])
+    lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))
     p = result["privacy"]
     lines += ["", f"DP arm: unit={p['unit']}, target_epsilon={p['target_epsilon']:g}, delta={p['delta']:g}, "
               f"clip={p['max_grad_norm']:g}. With record-level DP a canary repeated {plan['repeats']} times is "

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tabulate import tabulate
+
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.partition import (
     SiteSplit,
@@ -175,8 +177,8 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str = "Partition") ->
     lines = [f"# {title}", ""]
     if rows:
         cols = list(rows[0])
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+        body = [[_cell(r[c]) for c in cols] for r in rows]
+        lines.append(tabulate(body, headers=cols, tablefmt="github", disable_numparse=True))
     return "\n".join(lines) + "\n"
 
 

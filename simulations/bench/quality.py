@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
+from tabulate import tabulate
+
 from fedmira.common.errors import FedmiraError
 
 if TYPE_CHECKING:
@@ -420,6 +422,11 @@ def _tokens(doc: dict[str, Any], name: str) -> str:
     return f"{t / 1e6:.2f} M" if t else ""
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Return a GitHub Markdown table of ready-made cells (text kept as it is, no number parsing)."""
+    return tabulate(rows, headers=list(header), tablefmt="github", disable_numparse=True)
+
+
 def results_markdown(doc: dict[str, Any]) -> str:
     """The results file: context, the table, ratios, targets, ablation, curve, verdict."""
     m, b = doc["machine"], doc["budget"]
@@ -435,22 +442,20 @@ def results_markdown(doc: dict[str, Any]) -> str:
              f"(k={b['neighbors']} prior cases of the site), base model {b['model']}, LoRA r={doc['lora']['r']} "
              f"on {', '.join(doc['lora']['target_modules'])}",
              f"- held-out: {doc['n']} reports (test splits, as `fedmira evaluate` picks them)", "",
-             "| system | tokens | " + " | ".join(TABLE_METRICS.values()) + " |",
-             "|---|---|" + "---|" * len(TABLE_METRICS)]
-    for name, info in doc["systems"].items():
-        lines.append(f"| {name} | {_tokens(doc, name)} | "
-                     + " | ".join(_fmt(info["summary"].get(k)) for k in TABLE_METRICS) + " |")
-    lines += ["", f"Federated / centralized (target >= {RATIO_TARGET} on every metric) and against the "
-              "strongest retrieval baseline (target: higher on ROUGE-L, BERTScore and similarity, "
-              f"ROUGE-L with Holm-adjusted paired p < {ALPHA}):", "",
-              "| system | " + " | ".join(TABLE_METRICS.values())
-              + " | >= 0.95 everywhere | above retrieval | ROUGE-L Holm p |",
-              "|---|" + "---|" * (len(TABLE_METRICS) + 3)]
+             _table(["system", "tokens", *TABLE_METRICS.values()],
+                    [[name, _tokens(doc, name), *(_fmt(info["summary"].get(k)) for k in TABLE_METRICS)]
+                     for name, info in doc["systems"].items()])]
+    ratio_rows = []
     for name, per in doc["ratios"].items():
         t = doc["targets"][name]
         cells = ["n/a" if v is None else f"{v:.2f}" for v in per.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_yes(t['ratio_ge_0.95_every_metric'])} | "
-                     f"{_yes(t['above_retrieval'])} ({t['retrieval_bar']}) | {_p(t['rougeL_holm_p'])} |")
+        ratio_rows.append([name, *cells, _yes(t["ratio_ge_0.95_every_metric"]),
+                           f"{_yes(t['above_retrieval'])} ({t['retrieval_bar']})", _p(t["rougeL_holm_p"])])
+    lines += ["", f"Federated / centralized (target >= {RATIO_TARGET} on every metric) and against the "
+              "strongest retrieval baseline (target: higher on ROUGE-L, BERTScore and similarity, "
+              f"ROUGE-L with Holm-adjusted paired p < {ALPHA}):", "",
+              _table(["system", *TABLE_METRICS.values(), ">= 0.95 everywhere", "above retrieval",
+                      "ROUGE-L Holm p"], ratio_rows)]
     lines += _ablation_lines(doc) + _curve_lines(doc)
     lines += ["", f"Verdict: {doc['verdict']}", "",
               f"Paired tests (Holm-adjusted, reference `{doc['reference']}`): see {doc['compare_md']}.", ""]
@@ -462,14 +467,15 @@ def _ablation_lines(doc: dict[str, Any]) -> list[str]:
     if not ab:
         return []
     lines = ["", f"Prompting ablation (pooled training, reference `{ab['reference']}`; Wilcoxon p "
-             "Holm-adjusted over this table):", "",
-             "| prompt | system | ROUGE-L | BERTScore-F1 | Similarity | ROUGE-L diff (ref - system) | Holm p |",
-             "|---|---|---|---|---|---|---|"]
+             "Holm-adjusted over this table):", ""]
+    rows = []
     for row in ab["rows"]:
         diff = "" if row["diff"] is None else f"{row['diff']:+.3f}"
-        lines.append(f"| {row['prompt']} | {row['system']} | {_num(row['rougeL'])} | {_num(row['bertscore_f1'])} | "
-                     f"{_num(row['sim'])} | {diff} | {_p(row['p_holm'])} |")
-    return lines
+        rows.append([row["prompt"], row["system"], _num(row["rougeL"]), _num(row["bertscore_f1"]),
+                     _num(row["sim"]), diff, _p(row["p_holm"])])
+    header = ["prompt", "system", "ROUGE-L", "BERTScore-F1", "Similarity", "ROUGE-L diff (ref - system)",
+              "Holm p"]
+    return [*lines, _table(header, rows)]
 
 
 def _curve_lines(doc: dict[str, Any]) -> list[str]:
@@ -477,12 +483,12 @@ def _curve_lines(doc: dict[str, Any]) -> list[str]:
     if not any(curve.values()):
         return []
     lines = ["", f"Quality vs budget (ROUGE-L on {doc['curve_n']} held-out reports; plot "
-             f"`{doc.get('curve_png', '')}`):", "", "| system | tokens -> ROUGE-L |", "|---|---|"]
-    for name, points in curve.items():
-        lines.append(f"| {name} | " + ", ".join(f"{p['tokens'] / 1e6:.2f} M: {p['rougeL']:.3f}" for p in points) + " |")
-    for name, value in (doc.get("curve_baselines") or {}).items():
-        lines.append(f"| {name} (no training, same reports) | {value:.3f} |")
-    return lines
+             f"`{doc.get('curve_png', '')}`):", ""]
+    rows = [[name, ", ".join(f"{p['tokens'] / 1e6:.2f} M: {p['rougeL']:.3f}" for p in points)]
+            for name, points in curve.items()]
+    rows += [[f"{name} (no training, same reports)", f"{value:.3f}"]
+             for name, value in (doc.get("curve_baselines") or {}).items()]
+    return [*lines, _table(["system", "tokens -> ROUGE-L"], rows)]
 
 
 def machine() -> dict[str, Any]:

@@ -33,6 +33,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from tabulate import tabulate
+
 from fedmira.simulations.bench.common import BenchRow
 
 # The registry: module names under simulations/bench/, run in this order.
@@ -176,11 +178,9 @@ def format_table(rows_by_bench: Mapping[str, Sequence[BenchRow]], notes: bool = 
 
 def markdown_table(rows_by_bench: Mapping[str, Sequence[BenchRow]]) -> str:
     """The rows as a GitHub Markdown table, notes included."""
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---"] * len(HEADER)) + "|"]
-    for bench, rows in rows_by_bench.items():
-        for row in rows:
-            out.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(bench, row)) + " |")
-    return "\n".join(out)
+    body = [[c.replace("|", "\\|") for c in _cells(bench, row)]
+            for bench, rows in rows_by_bench.items() for row in rows]
+    return tabulate(body, headers=HEADER, tablefmt="github", disable_numparse=True)
 
 
 def document(results: Mapping[str, BenchResult], machine: Mapping[str, Any], quick: bool,

@@ -189,8 +189,9 @@ def test_runner_writes_json_and_markdown_and_reports_failures(
     assert good["rows"][0]["note"] == "quick=True"
     assert "RuntimeError: boom" in doc["benchmarks"]["fake_bad"]["error"]
     md = json_path.with_suffix(".md").read_text()
-    assert "| fake_good | fast \\| thing | 2 | s | 4 | 0.5 | >= 0.95 (MISSED) | quick=True |" in md
-    assert "| fake_good | bytes | 1,234 | MB |" in md and "`fake_bad` failed" in md
+    assert ("| fake_good   | fast \\| thing | 2       | s      | 4          | 0.5     | >= 0.95 (MISSED) "
+            "| quick=True |") in md
+    assert "| fake_good   | bytes         | 1,234   | MB     |" in md and "`fake_bad` failed" in md
     out = capsys.readouterr().out
     assert "Targets missed: fake_good: fast | thing" in out and "FAILED to run: fake_bad" in out
 

@@ -121,8 +121,9 @@ def test_bench_without_federation_on_the_tiny_model_resumes(tmp_path: Path) -> N
     saved = json.loads(next((tmp_path / "results").glob("quality-*.json")).read_text())
     assert "machine" in saved and saved["machine"]["cpus"]
     md = next((tmp_path / "results").glob("quality-*.md")).read_text()
-    assert "| system | tokens | ROUGE-L |" in md and "Verdict:" in md and "Prompting ablation" in md
-    assert "| retrieval (no training, same reports) |" in md
+    assert "| system               | tokens   | ROUGE-L              |" in md
+    assert "Verdict:" in md and "Prompting ablation" in md
+    assert "| retrieval (no training, same reports)      |" in md
     assert next((tmp_path / "results").glob("quality-*-budget.png")).stat().st_size > 0
     texts = {r.impression for r in make_synthetic_corpus(num_sites=3, num_reports=90, seed=2)}
     assert not [t for t in texts if len(t) > 12 and (t in md or t in out.getvalue())]
