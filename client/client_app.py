@@ -71,20 +71,20 @@ def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int, Path]
 
 
 def _ledger_path(context: Context, cfg: ExperimentConfig, folder: Path) -> Path:
-    """The site's privacy ledger file: node config ``state-dir``, else the site's data folder."""
+    """Return the site's privacy ledger file: node config ``state-dir``, else the site's data folder."""
     state_dir = Path(str(context.node_config.get("state-dir", folder)))
     return ledger_file(state_dir, cfg)
 
 
 def _load_ledger(context: Context, cfg: ExperimentConfig, site: SiteData, folder: Path) -> AccountantState:
-    """The ledger from this node's Flower state or its file (the longer), planned if new."""
+    """Load the ledger from this node's Flower state or its file (the longer), planned if new."""
     record = context.state.config_records.get(LEDGER_KEY)
     in_memory = str(record["json"]) if record is not None else None
     return plan_ledger(load_state(_ledger_path(context, cfg, folder), in_memory), site, cfg)
 
 
 def _save_ledger(context: Context, cfg: ExperimentConfig, folder: Path, ledger: AccountantState) -> None:
-    """Both copies, after every round: the file survives a SuperNode restart."""
+    """Save both copies, after every round: the file survives a SuperNode restart."""
     context.state[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
     save_state(ledger, _ledger_path(context, cfg, folder))
 
@@ -95,7 +95,9 @@ def _optimizer_store(context: Context) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict()) if record is not None else {}
 
 
-def _prepare(msg: Message, context: Context) -> tuple[ExperimentConfig, SiteData, int, Path, object, bool, float]:
+def _prepare(
+    msg: Message, context: Context,
+) -> tuple[ExperimentConfig, SiteData, int, Path, object, bool, float]:
     start = time.perf_counter()
     cfg = ExperimentConfig.from_run_config(context.run_config)
     site, index, folder = _site(context, cfg)
@@ -116,7 +118,8 @@ def train(msg: Message, context: Context) -> Message:
     store = _optimizer_store(context) if cfg.train.keep_optimizer_state else None
     state, metrics = local_train(
         worker, site, cfg, global_state,  # type: ignore[arg-type]
-        lr=float(conf["lr"]), steps=int(conf["local-steps"]), seed=cfg.train.seed * 1000003 + g * 1009 + index,
+        lr=float(conf["lr"]), steps=int(conf["local-steps"]),
+        seed=cfg.train.seed * 1000003 + g * 1009 + index,
         proximal_mu=float(conf.get("proximal-mu", 0.0)),  # type: ignore[arg-type]  (sent by fedprox)
         ledger=ledger, global_round=g, optimizer_store=store, freeze_a=bool(conf.get("freeze-lora-a", False)),
     )

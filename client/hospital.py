@@ -70,6 +70,7 @@ class Hospital:
 
     @property
     def host_port(self) -> tuple[str, int]:
+        """Return the SuperLink address as (host, port)."""
         return parse_address(self.superlink)
 
     @property
@@ -125,7 +126,7 @@ def split_file(h: Hospital, cfg: ExperimentConfig, out: TextIO) -> Path:
 
 # ------------------------------------------------------------------------------ 2./3. device, model
 def device_summary(cfg: ExperimentConfig) -> tuple[str, int | None]:
-    """(description, free bytes or None) of the device the model will use."""
+    """Return (description, free bytes or None) of the device the model will use."""
     import torch
 
     from fedmira.common.model import resolve_device
@@ -204,7 +205,7 @@ def dry_run(worker: Any, folder: Path, cfg: ExperimentConfig, h: Hospital, out: 
 
 # ------------------------------------------------------------------------------ 5./6. credentials, link
 def check_credentials(h: Hospital, out: TextIO) -> None:
-    """The root certificate is PEM and the key is an EC key in OpenSSH format (as Flower reads them)."""
+    """Check the root certificate is PEM and the key an EC key in OpenSSH format (as Flower reads them)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -267,7 +268,7 @@ def check_connection(h: Hospital, out: TextIO, timeout: float = CONNECT_TIMEOUT_
 
 # ------------------------------------------------------------------------------ SuperNode
 def supernode_command(h: Hospital, folder: Path, runtime_port: int) -> list[str]:
-    """The ``flower-supernode`` command line for this hospital."""
+    """Return the ``flower-supernode`` command line for this hospital."""
     config = {"data-path": str(folder), "site-id": h.site_id, "site-index": h.index, **h.node_config}
     node_config = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
     return [
@@ -331,6 +332,7 @@ class SuperNodeProcess:
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start the SuperNode in its own session, with a reaper and a thread that reads its log."""
         (self.h.workdir / ".flwr").mkdir(parents=True, exist_ok=True)
         kill_marked(self.h.workdir)  # a previous, killed `fedmira hospital` of this workdir
         # Its own session (stop() signals the group). No preexec_fn: this process already runs
@@ -388,9 +390,11 @@ class SuperNodeProcess:
                            f"see {self.log_path}.")
 
     def alive(self) -> bool:
+        """Return whether the SuperNode process is running."""
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
+        """Stop the SuperNode's process group (SIGTERM first), marked leftovers and the reaper."""
         if self.alive():
             assert self.proc is not None
             stop_group(self.proc.pid, grace=10.0)  # SIGTERM first: Flower deactivates the node
@@ -403,7 +407,7 @@ class SuperNodeProcess:
 
 # ------------------------------------------------------------------------------ run
 def preflight(h: Hospital, cfg: ExperimentConfig, out: TextIO, dry: bool = True) -> Path:
-    """Steps 1-6 of the module docstring; returns the data folder the SuperNode will use."""
+    """Run steps 1-6 of the module docstring; return the data folder the SuperNode will use."""
     print("[1/6] data", file=out)
     folder = prepare_data(h, cfg, out)
     print(f"[2/6] device: {device_summary(cfg)[0]}", file=out)
@@ -477,8 +481,11 @@ def run_hospital(h: Hospital, cfg: ExperimentConfig, *, out: TextIO = sys.stdout
 
 
 def stopped_text(node: SuperNodeProcess) -> str:
-    """Why a SuperNode that nobody stopped ended. Flower ends a connected SuperNode by itself
-    (SIGINT to itself) when the SuperLink answers its heartbeat 401: the node id is unknown there."""
+    """Explain why a SuperNode that nobody stopped ended.
+
+    Flower ends a connected SuperNode by itself (SIGINT to itself) when the SuperLink answers its
+    heartbeat 401: the node id is unknown there.
+    """
     code = node.proc.returncode if node.proc is not None else None
     if node.node_id is None:
         return f"The SuperNode stopped before it connected (exit code {code}); see {node.log_path}."

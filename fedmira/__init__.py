@@ -18,7 +18,7 @@ _HERE = Path(__file__).resolve().parent
 
 
 def _source_tree_root() -> Path | None:
-    """The repository (or unpacked FAB) this package sits in, or None when installed as a wheel."""
+    """Return the repository (or unpacked FAB) this package sits in, or None when installed as a wheel."""
     if (_HERE / "common").is_dir():  # a wheel, or a source tree with its links: nothing to add
         return None
     root = _HERE.parent

@@ -43,6 +43,7 @@ def _compose(overrides: Sequence[str]):  # type: ignore[no-untyped-def]
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_data_check(args: argparse.Namespace) -> int:
+    """Run ``fedmira data check``: validate a report file and print its profile."""
     from fedmira.common.reports import check_data
 
     cfg = _compose(args.overrides)
@@ -58,6 +59,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``fedmira train``: centralized (or ``--site``) LoRA training, ``train=centralized`` by default."""
     from fedmira.simulations.centralized import train_centralized
 
     overrides = list(args.overrides)
@@ -68,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Run ``fedmira generate``: impressions for the input reports, to ``--output`` or stdout."""
     from fedmira.common.inference import generate_impressions, read_input, write_impressions
 
     cfg = _compose(args.overrides)
@@ -86,6 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run ``fedmira simulate``: a federated simulation (or resume one, ``run.resume``)."""
     from fedmira.simulations.launch import simulate
 
     cfg = _compose(args.overrides)
@@ -93,6 +97,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run ``fedmira evaluate``: score an adapter on held-out reports."""
     from fedmira.simulations.evaluate_cli import evaluate_command
 
     return evaluate_command(args.overrides, args.adapter, args.out, args.limit, args.no_encoder,
@@ -100,6 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Run ``fedmira compare``: systems on one held-out set, with paired tests."""
     from fedmira.simulations.compare_cli import compare_command
 
     return compare_command(args.overrides, args.system, reference=args.reference, out=args.out,
@@ -110,6 +116,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    """Run ``fedmira audit``: the canary memorization audit."""
     from fedmira.simulations.audit_cli import AuditPlan, audit_command
 
     plan = AuditPlan(canaries=args.canaries, repeats=args.repeats, candidates=args.candidates,
@@ -118,6 +125,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
+    """Run ``fedmira partition``: write the site folders to ``out=DIR`` (or ``--out``)."""
     from fedmira.simulations.partition_cli import run_partition
 
     out = args.out
@@ -134,6 +142,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``fedmira export``: a run's adapter and model card (and, with ``--merge``, the merged model)."""
     from fedmira.common.export import export_run
 
     target = export_run(args.run_dir, args.out, merge=args.merge)
@@ -143,6 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """Run ``fedmira config``: print every config key with its value and meaning, by section."""
     from fedmira.common.config import help_table
 
     cfg = _compose(args.overrides)
@@ -164,6 +174,7 @@ OVERRIDES_HELP = ("Hydra overrides (key=value, group=option, +debug=tiny); the c
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    """Run ``fedmira coordinator``: the deployment's SuperLink and rounds."""
     from fedmira.server.coordinator import coordinator_command
 
     return coordinator_command(args.overrides, certs=args.certs, allow_list=args.allow_list,
@@ -171,6 +182,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_hospital(args: argparse.Namespace) -> int:
+    """Run ``fedmira hospital``: preflight checks, then this hospital's SuperNode."""
     from fedmira.client.hospital import hospital_command
 
     return hospital_command(args.overrides, superlink=args.superlink, root_cert=args.root_cert, key=args.key,
@@ -181,6 +193,7 @@ def cmd_hospital(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    """Run ``fedmira certs``: a CA, the SuperLink certificate and hospital key pairs in ``out=DIR``."""
     from fedmira.server.certs import certs_command
 
     out = args.out
@@ -202,7 +215,8 @@ def add_deploy_commands(sub: Any) -> None:
         "coordinator", formatter_class=fmt,
         help="run a federated deployment: SuperLink with TLS and node auth",
         description="Start the coordinator's Flower SuperLink (HTTPS with --certs, SuperNode authentication "
-                    "with the hospitals' keys from --allow-list, state database shared by the coordinator's runs, mode.state_db), wait "
+                    "with the hospitals' keys from --allow-list, state database shared by the "
+                    "coordinator's runs, mode.state_db), wait "
                     "until the hospitals are online, run the rounds and write the run folder a simulation "
                     "writes. Hospitals connect to mode.superlink (default 127.0.0.1:9092; 0.0.0.0:9092 for "
                     "other machines), which serves only the Fleet API; the Control API (flwr CLI) and the "
@@ -263,6 +277,7 @@ def add_deploy_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Return the ``fedmira`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(
         prog="fedmira",
         description="Federated LoRA fine-tuning of a radiology-report model (findings -> impression). "
@@ -295,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_data_check)
 
     train = sub.add_parser(
-        "train", formatter_class=fmt, epilog=EPILOG_OVERRIDES, help="centralized or single-site LoRA training",
+        "train", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
+        help="centralized or single-site LoRA training",
         description="LoRA fine-tuning on pooled reports (the centralized baseline) or one site's "
                     "reports (--site). Uses conf/train/centralized.yaml unless train=... is given. "
                     "Prints held-out loss before and after and saves the adapter (PEFT format).")
@@ -377,11 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--canaries", type=int, default=4, help="number of canaries (default 4)")
     audit.add_argument("--repeats", type=int, default=8, help="copies of each canary planted (default 8)")
     audit.add_argument("--candidates", type=int, default=255,
-                       help="random candidate secrets each canary is ranked against (default 255: max 8 bits)")
-    audit.add_argument("--sites", type=int, default=2, help="sites trained, canaries in the first (default 2)")
+                       help="random candidate secrets each canary is ranked against "
+                            "(default 255: max 8 bits)")
+    audit.add_argument("--sites", type=int, default=2,
+                       help="sites trained, canaries in the first (default 2)")
     audit.add_argument("--seed", type=int, default=0, help="seed of canaries and candidates")
     audit.add_argument("--out", help="output folder (default <run.out_dir>/audit/<timestamp>)")
-    audit.add_argument("overrides", nargs="*", help="Hydra overrides (privacy.*, train.*, strategy.rounds, ...)")
+    audit.add_argument("overrides", nargs="*",
+                       help="Hydra overrides (privacy.*, train.*, strategy.rounds, ...)")
     audit.set_defaults(func=cmd_audit)
 
     from fedmira.simulations.compare_cli import DESCRIPTION as COMPARE_DESCRIPTION
@@ -390,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare", formatter_class=fmt, epilog=EPILOG_OVERRIDES, description=COMPARE_DESCRIPTION,
         help="compare adapters, zero-shot and baselines on one held-out set, with paired tests")
-    cmp.add_argument("--system", action="append", default=[], metavar="NAME=PATH[:TEMPLATE]", help=SYSTEM_HELP)
+    cmp.add_argument("--system", action="append", default=[], metavar="NAME=PATH[:TEMPLATE]",
+                     help=SYSTEM_HELP)
     cmp.add_argument("--reference", help="system tested against all others (default: the first --system, "
                                          "else zero_shot)")
     cmp.add_argument("--limit", type=int, default=None,
