@@ -60,23 +60,29 @@ class AuditPlan:
                 raise FedmiraError(f"--{name} must be >= {lo}, got {getattr(self, name)}.")
 
 
-def audit_sites(cfg: ExperimentConfig, plan: AuditPlan, out: TextIO) -> tuple[list[SiteData], list[Canary]]:
-    """The first ``plan.sites`` internal sites of the configured split; canaries in the first."""
+def audit_sites(
+    cfg: ExperimentConfig, plan: AuditPlan, out: TextIO,
+) -> tuple[list[SiteData], list[Canary]]:
+    """Return the first ``plan.sites`` internal sites of the configured split; canaries in the first."""
     from fedmira.common.partition import load_pooled_reports, split_sites
 
-    splits = [s for s in split_sites(cfg, load_pooled_reports(cfg, out)) if not s.external and s.train]
+    splits = [s for s in split_sites(cfg, load_pooled_reports(cfg, out))
+              if not s.external and s.train]
     if not splits:
         raise FedmiraError("No site with training reports to audit; check data and partition settings.")
     splits = splits[: plan.sites]
     canaries = make_canaries(splits[0].train[0], plan.canaries, plan.seed)
-    sites = [SiteData(s.site_id, plant(s.train, canaries, plan.repeats, plan.seed) if i == 0 else list(s.train), [])
+    sites = [SiteData(s.site_id,
+                      plant(s.train, canaries, plan.repeats, plan.seed) if i == 0 else list(s.train), [])
              for i, s in enumerate(splits)]
     return sites, canaries
 
 
-def train_arm(worker: Worker, sites: Sequence[SiteData], cfg: ExperimentConfig, initial: dict[str, torch.Tensor],
-              out: TextIO) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """FedAvg over ``sites`` for ``strategy.rounds`` rounds (every site every round).
+def train_arm(
+    worker: Worker, sites: Sequence[SiteData], cfg: ExperimentConfig, initial: dict[str, torch.Tensor],
+    out: TextIO,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train FedAvg over ``sites`` for ``strategy.rounds`` rounds (every site every round).
 
     With ``privacy.enabled`` each site keeps its own ledger across the rounds, as it would at a
     hospital; the returned info holds each site's final epsilon.
@@ -84,13 +90,15 @@ def train_arm(worker: Worker, sites: Sequence[SiteData], cfg: ExperimentConfig, 
     state = {k: v.clone() for k, v in initial.items()}
     ledgers: dict[str, AccountantState] = {}
     losses = []
-    bar = tqdm(total=cfg.strategy.rounds * len(sites), desc="dp" if cfg.privacy.enabled else "no-dp", unit="site-round")
+    bar = tqdm(total=cfg.strategy.rounds * len(sites), desc="dp" if cfg.privacy.enabled else "no-dp",
+               unit="site-round")
     for g in range(1, cfg.strategy.rounds + 1):
         replies, weights = [], []
         for index, site in enumerate(sites):
             ledger = plan_ledger(ledgers.get(site.site_id), site, cfg) if cfg.privacy.enabled else None
             new, metrics = local_train(worker, site, cfg, state, lr=cfg.train.lr, steps=cfg.train.steps,
-                                       seed=cfg.train.seed * 1000003 + g * 1009 + index, ledger=ledger, global_round=g,
+                                       seed=cfg.train.seed * 1000003 + g * 1009 + index, ledger=ledger,
+                                       global_round=g,
                                        freeze_a=round_flags(cfg.strategy.name).get("freeze-lora-a", False))
             if ledger is not None:
                 ledgers[site.site_id] = ledger
@@ -110,23 +118,26 @@ def train_arm(worker: Worker, sites: Sequence[SiteData], cfg: ExperimentConfig, 
     return state, info
 
 
-def measure(worker: Worker, state: dict[str, torch.Tensor], canaries: Sequence[Canary], cfg: ExperimentConfig,
-            plan: AuditPlan) -> list[dict[str, Any]]:
-    """Each canary's rank, exposure and whether greedy decoding writes its secret."""
+def measure(worker: Worker, state: dict[str, torch.Tensor], canaries: Sequence[Canary],
+            cfg: ExperimentConfig, plan: AuditPlan) -> list[dict[str, Any]]:
+    """Return each canary's rank, exposure and whether greedy decoding writes its secret."""
     set_adapter_state(worker.model, state)
     tok, device = worker.loaded.tokenizer, worker.loaded.device
     gen = GenerateConfig(max_new_tokens=16, num_beams=1, batch_size=len(canaries))
     outputs = generate(worker.model, tok, [c.report for c in canaries], cfg.data, gen, device)
     rows = []
-    for i, (canary, text) in enumerate(tqdm(list(zip(canaries, outputs)), desc="exposure", unit="canary", leave=False)):
-        scores = canary_exposure(worker.model, tok, canary, plan.candidates, cfg.data, device, seed=plan.seed + i)
+    pairs = tqdm(list(zip(canaries, outputs)), desc="exposure", unit="canary", leave=False)
+    for i, (canary, text) in enumerate(pairs):
+        scores = canary_exposure(worker.model, tok, canary, plan.candidates, cfg.data, device,
+                                 seed=plan.seed + i)
         rows.append({"canary": i, **scores, "extracted": extracted(text, canary.secret),
                      "matched_digits": matched_digits(text, canary.secret)})
     return rows
 
 
-def run_audit(cfg: ExperimentConfig, plan: AuditPlan, out_dir: Path, out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Train both arms, measure every canary on base / no-DP / DP, write the report; the result."""
+def run_audit(cfg: ExperimentConfig, plan: AuditPlan, out_dir: Path,
+              out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Train both arms, measure every canary on base / no-DP / DP, write the report; return the result."""
     start = time.perf_counter()
     sites, canaries = audit_sites(cfg, plan, out)
     worker, _ = ModelCache().get(cfg.model, cfg.lora, seed=cfg.train.seed)
@@ -153,6 +164,7 @@ def run_audit(cfg: ExperimentConfig, plan: AuditPlan, out_dir: Path, out: TextIO
 
 
 def summary(arm: dict[str, Any]) -> dict[str, float]:
+    """Return one arm's canary numbers: mean / max exposure, median rank, extractions, digits written."""
     rows = arm["canaries"]
     bits = [r["exposure_bits"] for r in rows]
     return {"mean_exposure": float(np.mean(bits)), "max_exposure": float(np.max(bits)),
@@ -162,6 +174,7 @@ def summary(arm: dict[str, Any]) -> dict[str, float]:
 
 
 def audit_markdown(result: dict[str, Any]) -> str:
+    """Return ``audit.md``: the setup, one table row per arm, and how to read exposure."""
     plan = result["plan"]
     max_bits = result["arms"]["base"]["canaries"][0]["max_bits"]
     lines = [
@@ -178,14 +191,15 @@ def audit_markdown(result: dict[str, Any]) -> str:
                        ("dp", "federated, DP-SGD")):
         s = summary(result["arms"][arm])
         eps = result["arms"][arm]["info"].get("epsilon", {}).get(result["canary_site"])
-        body.append([label, f"{s['mean_exposure']:.2f}", f"{s['max_exposure']:.2f}", f"{s['median_rank']:.0f}",
-                     f"{s['extracted']}/{s['canaries']}", f"{s['matched_digits']:.1f}",
-                     "-" if eps is None else f"{eps:.2f}"])
+        body.append([label, f"{s['mean_exposure']:.2f}", f"{s['max_exposure']:.2f}",
+                     f"{s['median_rank']:.0f}", f"{s['extracted']}/{s['canaries']}",
+                     f"{s['matched_digits']:.1f}", "-" if eps is None else f"{eps:.2f}"])
     lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))
     p = result["privacy"]
-    lines += ["", f"DP arm: unit={p['unit']}, target_epsilon={p['target_epsilon']:g}, delta={p['delta']:g}, "
-              f"clip={p['max_grad_norm']:g}. With record-level DP a canary repeated {plan['repeats']} times is "
-              f"{plan['repeats']} records: by group privacy its guarantee is about {plan['repeats']} x epsilon; "
+    lines += ["", f"DP arm: unit={p['unit']}, target_epsilon={p['target_epsilon']:g}, "
+              f"delta={p['delta']:g}, clip={p['max_grad_norm']:g}. With record-level DP a canary repeated "
+              f"{plan['repeats']} times is {plan['repeats']} records: by group privacy its guarantee is "
+              f"about {plan['repeats']} x epsilon; "
               "`privacy.unit=patient` (the repeats share a patient_id) protects it as one unit.", "",
               "Exposure near 0 bits: the model prefers the secret no more than a random one. Exposure near "
               "the maximum: the secret is memorized."]
@@ -193,8 +207,10 @@ def audit_markdown(result: dict[str, Any]) -> str:
 
 
 def write_audit(result: dict[str, Any], out_dir: Path) -> None:
+    """Write ``audit.json``, ``audit.md`` and ``exposure.png`` to ``out_dir`` (created if needed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "audit.json").write_text(json.dumps(result, indent=2, sort_keys=True), encoding="utf-8")
+    (out_dir / "audit.json").write_text(json.dumps(result, indent=2, sort_keys=True),
+                                        encoding="utf-8")
     (out_dir / "audit.md").write_text(audit_markdown(result), encoding="utf-8")
     _plot(result, out_dir / "exposure.png")
 
@@ -212,7 +228,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     for j, (arm, label) in enumerate(arms):
         bits = [r["exposure_bits"] for r in result["arms"][arm]["canaries"]]
         ax.bar([i + j * width for i in range(n)], bits, width, label=label)
-    ax.axhline(result["arms"]["base"]["canaries"][0]["max_bits"], color="grey", linestyle=":", label="memorized")
+    ax.axhline(result["arms"]["base"]["canaries"][0]["max_bits"], color="grey", linestyle=":",
+               label="memorized")
     ax.set_xticks([i + width for i in range(n)], [f"canary {i}" for i in range(n)])
     ax.set_ylabel("exposure (bits)")
     ax.legend(fontsize=8)
@@ -221,7 +238,8 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def audit_command(overrides: Sequence[str], plan: AuditPlan, out: str | None, stream: TextIO | None = None) -> int:
+def audit_command(overrides: Sequence[str], plan: AuditPlan, out: str | None,
+                  stream: TextIO | None = None) -> int:
     """Run ``fedmira audit``; returns the exit code."""
     from fedmira.common.compose import compose_config
 
@@ -230,12 +248,14 @@ def audit_command(overrides: Sequence[str], plan: AuditPlan, out: str | None, st
     if bad:
         raise FedmiraError(f"Unexpected argument(s) {bad}: overrides look like key=value (see --help).")
     cfg = compose_config(list(overrides))
-    folder = Path(out) if out else Path(cfg.run.out_dir) / "audit" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = Path(out) if out else Path(cfg.run.out_dir) / "audit" / stamp
     result = run_audit(cfg, plan, folder, printer)
     for arm in ("base", "no_dp", "dp"):
         s = summary(result["arms"][arm])
         print(f"{arm:>6}: mean exposure {s['mean_exposure']:.2f} bits (max {s['max_exposure']:.2f}), "
-              f"median rank {s['median_rank']:.0f}/{plan.candidates + 1}, extracted {s['extracted']}/{s['canaries']}, "
+              f"median rank {s['median_rank']:.0f}/{plan.candidates + 1}, "
+              f"extracted {s['extracted']}/{s['canaries']}, "
               f"{s['matched_digits']:.1f}/{SECRET_DIGITS} secret digits written",
               file=printer)
     print(f"Report: {folder / 'audit.md'}", file=printer)

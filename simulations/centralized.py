@@ -43,7 +43,8 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
     print(f"model {loaded.source} on {device} ({loaded.dtype}), loaded in {loaded.load_seconds:.1f} s; "
           f"{count_trainable(model):,} trainable LoRA parameters", file=out)
     print(f"{len(train)} training reports from {len(splits)} site(s), {len(val)} held-out", file=out)
-    train_near, val_near = rag_neighbors(cfg, train, train, leave_one_out=True), rag_neighbors(cfg, val, train)
+    train_near = rag_neighbors(cfg, train, train, leave_one_out=True)
+    val_near = rag_neighbors(cfg, val, train)
     train_ex = encode_reports(train, tok, cfg.data, train_near)
     val_ex = encode_reports(val, tok, cfg.data, val_near)
     before, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True,
@@ -64,7 +65,8 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
         "site": site or "pooled", "train_reports": len(train), "val_reports": len(val),
         "steps": result.steps, "train_loss": result.mean_loss, "val_loss_before": before,
         "val_loss_after": after, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
-        "train_s": result.seconds, "autocast": str(loaded.autocast).replace("torch.", "") if loaded.autocast else "off",
+        "train_s": result.seconds,
+        "autocast": str(loaded.autocast).replace("torch.", "") if loaded.autocast else "off",
         "load_s": loaded.load_seconds, "config_hash": cfg.config_hash(), "lock_hash": cfg.lock_hash(),
         "base_model": cfg.model.name_or_path,
     }

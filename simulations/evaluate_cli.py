@@ -100,7 +100,7 @@ def evaluate_command(overrides: Sequence[str], adapter: str | None, out: str | N
 
 
 def print_summary(result: dict[str, Any], stream: TextIO) -> None:
-    """A few lines of numbers: overall metrics with intervals, timing and the output paths."""
+    """Print a few lines of numbers: overall metrics with intervals, timing and the output paths."""
     overall, meta = result["overall"], result.get("meta", {})
     parts = []
     for key, label in PRINTED:

@@ -35,7 +35,9 @@ from fedmira.common.runs import (
 
 
 # ------------------------------------------------------------------------------ simulate
-def new_run(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
+def new_run(
+    cfg: ExperimentConfig, out: TextIO = sys.stdout,
+) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
     """Create the run folder with config, hashes and site folders."""
     cfg, run = create_run_folder(cfg)
     splits = split_sites(cfg, load_pooled_reports(cfg, out))
@@ -52,8 +54,8 @@ def simulate(cfg: ExperimentConfig, *, resume_overrides: Sequence[str] = (), out
         return _simulate(cfg, held, resume_overrides=resume_overrides, out=out, verbose=verbose)
 
 
-def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overrides: Sequence[str], out: TextIO,
-              verbose: bool) -> int:
+def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overrides: Sequence[str],
+              out: TextIO, verbose: bool) -> int:
     from fedmira.common.flower_runtime import (
         SimulationSuperLink,
         run_status,
@@ -107,8 +109,11 @@ def _simulate(cfg: ExperimentConfig, held: contextlib.ExitStack, *, resume_overr
 
 
 def _final_quality(cfg: ExperimentConfig, run: RunDir, out: TextIO) -> None:
-    """Score the global adapter against the baselines (simulation only: a coordinator never holds
-    hospital reports). A failure here is reported, not fatal: every round is already committed."""
+    """Score the global adapter against the baselines.
+
+    Simulation only: a coordinator never holds hospital reports. A failure here is reported, not
+    fatal: every round is already committed.
+    """
     from fedmira.common.compare import final_quality
 
     adapter = run.path / "final_adapter"
@@ -121,5 +126,6 @@ def _final_quality(cfg: ExperimentConfig, run: RunDir, out: TextIO) -> None:
         print(f"Final quality check skipped: {exc}", file=out)
         return
     run.mark(final_quality={
-        "n": result["n"], "verdict": result["verdict"]["sentence"], "seconds": round(time.perf_counter() - t0, 1),
+        "n": result["n"], "verdict": result["verdict"]["sentence"],
+        "seconds": round(time.perf_counter() - t0, 1),
         "rougeL": {n: i["summary"].get("rougeL", {}).get("mean") for n, i in result["systems"].items()}})

@@ -71,6 +71,7 @@ class Federation:
 
     @property
     def address(self) -> str:
+        """Return the SuperLink's Fleet address, ``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -109,6 +110,7 @@ class Federation:
         ])
 
     def log(self, name: str) -> str:
+        """Return a process's log so far (empty before it has one)."""
         path = self.root / f"{name}.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
@@ -124,6 +126,7 @@ class Federation:
         return None
 
     def run_dir(self) -> Path | None:
+        """Return the newest run folder under ``ROOT/outputs`` (None before there is one)."""
         runs = sorted((self.root / "outputs").glob("*/*/config.json"))
         return runs[-1].parent if runs else None
 

@@ -153,7 +153,7 @@ def _title(extra: dict[str, Any], digest: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    """A Markdown table cell: ``|`` escaped, booleans as yes / blank."""
+    """Return a Markdown table cell: ``|`` escaped, booleans as yes / blank."""
     if isinstance(value, bool):
         return "yes" if value else ""
     return str(value).replace("|", "\\|")
@@ -194,7 +194,7 @@ def _warn_stale(root: Path, splits: list[SiteSplit], stream: TextIO) -> None:
 
 def _print_summary(result: dict[str, Any], splits: list[SiteSplit],
                    templates: dict[str, str] | None, stream: TextIO) -> None:
-    """A few lines: method, counts, split totals, site sizes, largest templates, paths."""
+    """Print a few lines: method, counts, split totals, site sizes, largest templates, paths."""
     totals = {name: sum(len(getattr(s, name)) for s in splits if not s.external)
               for name in ("train", "val", "test")}
     external = sum(len(s.test) for s in splits if s.external)

@@ -59,7 +59,8 @@ def check_bf16_site_path() -> dict[str, Any]:
     ledger = AccountantState(units=len(ex), noise_multiplier=1.0, sample_rate=0.25, planned_steps=5)
     dp = dp_train_steps(model, ex, list(range(len(ex))), TrainConfig(steps=5, batch_size=4, lr=1e-3), ledger,
                         loaded.device, pad, max_grad_norm=1.0, seed=0)
-    texts = generate(model, loaded.tokenizer, reports[:8], data, GenerateConfig(max_new_tokens=8, batch_size=8), loaded.device)
+    texts = generate(model, loaded.tokenizer, reports[:8], data,
+                     GenerateConfig(max_new_tokens=8, batch_size=8), loaded.device)
     state = get_adapter_state(model)
     return {
         "device": str(loaded.device), "dtype": str(loaded.dtype),
@@ -152,7 +153,9 @@ def time_dp_cost(dtype: torch.dtype, pairs: int = 5, batch: int = 8, length: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the checks on the GPU and print (and with ``--out`` write) the JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -25,7 +25,7 @@ from fedmira.common.site import load_site
 
 
 def heldout_reports(run_dir: Path, limit: int) -> list[Report]:
-    """Validation reports of every training site of ``run_dir``, in site order, capped."""
+    """Return the validation reports of every training site of ``run_dir``, in site order, capped."""
     index = json.loads((run_dir / "sites" / "sites.json").read_text())
     reports: list[Report] = []
     for site in index["train_sites"]:
@@ -45,7 +45,9 @@ def adapter_loss(run_dir: Path, reports: list[Report], batch_size: int = 8) -> f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Print each run's held-out loss on the first run's validation reports."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by fedmira simulate")
     parser.add_argument("--limit", type=int, default=200, help="held-out reports (0: all)")
     args = parser.parse_args()
