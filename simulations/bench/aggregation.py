@@ -55,7 +55,7 @@ def adapter(rank: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def near(
     glob: dict[str, np.ndarray], rank: int, rng: np.random.Generator, scale: float = 0.05,
 ) -> dict[str, np.ndarray]:
-    """A site's reply in a real round: the global adapter cut to ``rank`` plus a small update."""
+    """Return a site's reply in a real round: the global adapter cut to ``rank`` plus a small update."""
     out = {}
     for k, v in agg.truncate_adapter(glob, rank).items():
         out[k] = v + (rng.standard_normal(v.shape) * scale * v.std()).astype(np.float32)
@@ -63,7 +63,7 @@ def near(
 
 
 def bare_numpy_mean(states: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """The baseline: Flower's FedAvg arithmetic, a weighted sum tensor by tensor."""
+    """Return the baseline: Flower's FedAvg arithmetic, a weighted sum tensor by tensor."""
     w = weights / weights.sum()
     out = {k: v * w[0] for k, v in states[0].items()}
     for wk, state in zip(w[1:], states[1:]):
@@ -83,7 +83,7 @@ def timed_ms(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
 
 
 def math_rows(sites: int, repeats: int, rng: np.random.Generator) -> list[tuple[str, tuple[float, float]]]:
-    """Timings of the pure aggregation functions on NumPy arrays."""
+    """Time the pure aggregation functions on NumPy arrays."""
     uniform = [adapter(8, rng) for _ in range(sites)]
     mixed = [adapter((4, 8, 16)[k % 3], rng) for k in range(sites)]
     glob = agg.hetero_aggregate([adapter(16, rng)], [1.0], alpha=32, rank=16)  # SVD form
@@ -112,7 +112,7 @@ def math_rows(sites: int, repeats: int, rng: np.random.Generator) -> list[tuple[
 def strategy_rows(
     sites: int, repeats: int, rng: np.random.Generator,
 ) -> list[tuple[str, tuple[float, float]]]:
-    """Timings of the Flower strategies' aggregate_train on reply Messages (checks included)."""
+    """Time the Flower strategies' aggregate_train on reply Messages (checks included)."""
     from fedmira.server.fedadam import FedmiraFedAdam
     from fedmira.server.fedavg import FedmiraFedAvg
     from fedmira.server.hetero_svd import FedmiraHeteroSVD
@@ -159,7 +159,7 @@ def _reply(node: int, state: dict[str, np.ndarray], n: int) -> Any:
 
 
 def bench_rows(rows: list[tuple[str, tuple[float, float]]], sites: int, repeats: int) -> list[BenchRow]:
-    """The timings as the runner's rows: each rule vs the bare NumPy mean, hetero vs FedAvg."""
+    """Return the timings as the runner's rows: each rule vs the bare NumPy mean, hetero vs FedAvg."""
     timings = dict(rows)
     base, base_best = rows[0][1]
     setting = f"{sites} adapters, 120 tensors / 460,800 params each, median of {repeats}"
@@ -169,14 +169,16 @@ def bench_rows(rows: list[tuple[str, tuple[float, float]]], sites: int, repeats:
                             note=f"vs the bare NumPy mean; best {best:.1f} ms (x{best / base_best:.1f})"))
     pairs = [
         ("hetero_svd r=4/8/16 (global + updates) / fedavg math",
-         next(k for k in timings if k.startswith("hetero_svd r=4/8/16->16, global")), "fedavg: weighted_mean"),
+         next(k for k in timings if k.startswith("hetero_svd r=4/8/16->16, global")),
+         "fedavg: weighted_mean"),
         ("FedmiraHeteroSVD / FedmiraFedAvg aggregate_train",
          "FedmiraHeteroSVD.aggregate_train", "FedmiraFedAvg.aggregate_train"),
     ]
     for name, exact, fedavg in pairs:
         if exact in timings and fedavg in timings:
             out.append(BenchRow(name=name, value=timings[exact][0], unit="ms", baseline=timings[fedavg][0],
-                                note="the exact heterogeneous-rank aggregate vs FedAvg's mean of the factors"))
+                                note="the exact heterogeneous-rank aggregate vs FedAvg's mean of the "
+                                     "factors"))
     return out
 
 

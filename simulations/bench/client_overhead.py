@@ -61,7 +61,7 @@ GLOBAL_ROUND = 1
 
 
 def _site_folder(root: Path) -> Path:
-    """A hospital folder with synthetic reports (train.jsonl, val.jsonl)."""
+    """Write a hospital folder with synthetic reports (train.jsonl, val.jsonl)."""
     from fedmira.common.reports import write_jsonl
     from fedmira.common.synthetic import make_synthetic_corpus
 
@@ -73,7 +73,7 @@ def _site_folder(root: Path) -> Path:
 
 
 def _message(state: dict[str, torch.Tensor], lr: float, steps: int) -> Message:
-    """The server's train instruction: the global adapter and the round's settings."""
+    """Return the server's train instruction: the global adapter and the round's settings."""
     metadata = Metadata(run_id=1, message_id="bench", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id=str(GLOBAL_ROUND), created_at=time.time(), ttl=3600.0,
                         message_type=MessageType.TRAIN)
@@ -82,7 +82,7 @@ def _message(state: dict[str, torch.Tensor], lr: float, steps: int) -> Message:
 
 
 def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
-    """The example indices of each step, as ``train_steps`` draws them for this seed."""
+    """Return the example indices of each step, as ``train_steps`` draws them for this seed."""
     import random
 
     from fedmira.common.engine import _batches  # the exact sampler of the site path: same batches in B
@@ -126,7 +126,8 @@ def measure(settings: Settings) -> dict[str, Any]:
     cfg = compose_config([*settings.overrides, f"train.threads={threads}", f"train.steps={settings.steps}"])
     with tempfile.TemporaryDirectory(prefix="fedmira-bench-") as tmp:
         folder = _site_folder(Path(tmp))
-        context = Context(run_id=1, node_id=1, node_config={"data-path": str(folder), "site-id": "site_bench"},
+        context = Context(run_id=1, node_id=1,
+                          node_config={"data-path": str(folder), "site-id": "site_bench"},
                           state=RecordDict(), run_config=cfg.to_run_config())
         lr = cfg.train.lr
 
@@ -150,7 +151,8 @@ def measure(settings: Settings) -> dict[str, Any]:
         def call_b() -> float:
             set_adapter_state(worker.model, initial)
             torch.set_num_threads(threads)
-            return bare_loop(worker.model, examples, order, int(tok.pad_token_id), lr, cfg.train.max_grad_norm)
+            return bare_loop(worker.model, examples, order, int(tok.pad_token_id), lr,
+                             cfg.train.max_grad_norm)
 
         def call_c() -> float:
             set_adapter_state(worker.model, initial)
@@ -177,11 +179,13 @@ def rows_from(m: dict[str, Any], settings: Settings) -> list[BenchRow]:
     a_tps, b_tps, c_tps = ([tokens / s for s in m[k]] for k in ("a_s", "b_s", "c_s"))
     per_token = tokens / (settings.steps * m["batch"])
     setting = (f"{settings.label}, LoRA r=8 q,v, batch {m['batch']}, ~{per_token:.0f} tokens/row, "
-               f"{settings.steps} steps per call, {m['threads']} thread(s), {settings.pairs} interleaved rounds")
+               f"{settings.steps} steps per call, {m['threads']} thread(s), "
+               f"{settings.pairs} interleaved rounds")
 
     def listed(xs: list[float], ys: list[float]) -> str:
         best = max(xs) / max(ys)  # the fastest runs are the least disturbed by other work
-        return f"per-round ratios {', '.join(f'{x / y:.3f}' for x, y in zip(xs, ys))}; best vs best {best:.3f}"
+        ratios = ", ".join(f"{x / y:.3f}" for x, y in zip(xs, ys))
+        return f"per-round ratios {ratios}; best vs best {best:.3f}"
 
     plumbing = statistics.median(a - c for a, c in zip(m["a_s"], m["c_s"]))
     return [

@@ -5,8 +5,9 @@ Pure arithmetic from a decoder's shapes: a LoRA module on a ``d_in -> d_out`` li
 the server sends the global adapter in float32 and the site sends its adapter back at the
 transport dtype (``strategy.transport_dtype``: float32, or bfloat16 which halves the upload).
 The baseline is the full model's size (its weights in float32: what a site would download once
-to get the model, and what federated *full* fine-tuning would move each way every round). Sites that also evaluate in a round receive the adapter a
-second time (not counted here; ``metrics.jsonl``'s ``comm`` block counts everything).
+to get the model, and what federated *full* fine-tuning would move each way every round).
+Sites that also evaluate in a round receive the adapter a second time (not counted here;
+``metrics.jsonl``'s ``comm`` block counts everything).
 
 The embedded model's shapes come from its ``config.json`` (no weights are read for the
 arithmetic); the 7B-class shapes are the published Llama-2-7B and Mistral-7B configs. One
@@ -122,7 +123,8 @@ def embedded_shape() -> tuple[DecoderShape, str]:
 
     try:
         folder = ensure_embedded_model(ModelConfig())
-        return DecoderShape.from_hf_config(SMOLLM2_135M.name, AutoConfig.from_pretrained(folder)), "config.json"
+        shape = DecoderShape.from_hf_config(SMOLLM2_135M.name, AutoConfig.from_pretrained(folder))
+        return shape, "config.json"
     except (ModelError, OSError) as exc:  # not installed: the published shapes, and the row says so
         return SMOLLM2_135M, f"built-in shapes ({type(exc).__name__})"
 
@@ -143,13 +145,15 @@ def measured_rows(shape: DecoderShape) -> list[BenchRow]:
     rows = []
     rank, targets = cfg.lora.r, tuple(cfg.lora.target_modules)
     if len(state) != shape.lora_tensors(targets):
-        raise ValueError(f"the real adapter has {len(state)} tensors, the arithmetic {shape.lora_tensors(targets)}")
+        raise ValueError(f"the real adapter has {len(state)} tensors, "
+                         f"the arithmetic {shape.lora_tensors(targets)}")
     for transport in ("float32", "bfloat16"):
         payload = encode_state(state, transport)
         _, up = round_bytes(shape.lora_params(rank, targets), transport)
         values = sum(a.nbytes for a in payload.values())
         if values != up:
-            raise ValueError(f"{transport}: the adapter's values take {values} bytes, the arithmetic says {up}")
+            raise ValueError(f"{transport}: the adapter's values take {values} bytes, "
+                             f"the arithmetic says {up}")
         wire = array_record_to_proto(ArrayRecord({k: Array(v) for k, v in payload.items()})).ByteSize()
         rows.append(BenchRow(
             name=f"{shape.name} r={rank} adapter on the wire, {transport} (measured)",

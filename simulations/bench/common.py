@@ -114,8 +114,11 @@ def median_ratio(pairs: Sequence[tuple[float, float]]) -> float:
 
 
 def interleaved_pairs(a: Callable[[], float], b: Callable[[], float], n: int) -> list[tuple[float, float]]:
-    """``n`` (a, b) measurements after one warm-up call of each, alternating which runs first
-    (A B, B A, ...) so slow drift of the machine's load hits both sides alike."""
+    """Return ``n`` (a, b) measurements after one warm-up call of each.
+
+    Which side runs first alternates (A B, B A, ...) so slow drift of the machine's load hits both
+    sides alike.
+    """
     a(), b()  # warm-up: first-call allocations and kernels
     out = []
     for i in range(n):

@@ -92,6 +92,7 @@ def run_mode(root: Path, isolation: str, rounds: int, overrides: list[str], time
 
 
 def summarize(name: str, result: dict[str, Any]) -> str:
+    """Return a few lines per mode: task time split into work and overhead, per round, median."""
     rows = result["rows"]
     lines = [f"== {name}"]
     for kind in ("train", "evaluate"):
@@ -117,6 +118,7 @@ def summarize(name: str, result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a loopback deployment per isolation mode and print each one's summary."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)

@@ -27,6 +27,8 @@ from fedmira.simulations.bench.common import BenchRow, median_ratio
 
 @dataclass(frozen=True)
 class Settings:
+    """One benchmark size: config overrides, batch, steps per call, interleaved pairs, label."""
+
     overrides: tuple[str, ...]
     batch: int
     steps: int
@@ -57,7 +59,8 @@ def _setup(settings: Settings) -> tuple[Callable[[], float], Callable[[], float]
 
     def dp() -> float:
         set_adapter_state(model, start)
-        ledger = AccountantState(units=len(examples), noise_multiplier=1.0, sample_rate=1.0, planned_steps=settings.steps)
+        ledger = AccountantState(units=len(examples), noise_multiplier=1.0, sample_rate=1.0,
+                                 planned_steps=settings.steps)
         t = time.perf_counter()
         dp_train_steps(model, examples, list(range(len(examples))), cfg.train, ledger, loaded.device, pad,
                        max_grad_norm=1.0, steps=settings.steps, seed=0)
@@ -89,14 +92,17 @@ def run(quick: bool) -> list[BenchRow]:
         torch.set_num_threads(threads)
     dp_s = sorted(p[0] for p in pairs)[len(pairs) // 2]
     plain_s = sorted(p[1] for p in pairs)[len(pairs) // 2]
-    note = (f"{settings.label}, batch {settings.batch} ({info['tokens']} tokens), {settings.steps} steps per call, "
-            f"{settings.pairs} interleaved pairs, {THREADS} thread, {info['device']}; DP: Opacus hooks, sigma 1, C 1")
+    note = (f"{settings.label}, batch {settings.batch} ({info['tokens']} tokens), "
+            f"{settings.steps} steps per call, {settings.pairs} interleaved pairs, {THREADS} thread, "
+            f"{info['device']}; DP: Opacus hooks, sigma 1, C 1")
     return [BenchRow("DP-SGD step / plain step", dp_s, "s/step", baseline=plain_s,
                      ratio=median_ratio(pairs), target="<= 1.5", note=note)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the benchmark (``--quick``: tiny random model) and print its rows."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model (seconds)")
     args = parser.parse_args()
     for row in run(args.quick):

@@ -1,5 +1,7 @@
-"""Quality on real reports, as the study compares systems: is the model worth deploying, and is
-federated training as good as pooled training at the same cost?
+"""Quality on real reports, as the study compares systems.
+
+Is the model worth deploying, and is federated training as good as pooled training at the same
+cost?
 
 On the IU chest X-ray reports split into pseudo-hospitals by reporting template (the ``template``
 partition: the largest templates become sites, the rest ``template_other``), every trained
@@ -72,7 +74,8 @@ RATIO_TARGET, ALPHA = 0.95, 0.05
 
 #: Budget fields that choose which systems run and how many reports are scored, not how any
 #: system trains: left out of the work folder's key.
-SELECTION_FIELDS = ("ablation", "strategies", "local_sites", "reports", "curve_reports", "zero_shot", "encoder")
+SELECTION_FIELDS = ("ablation", "strategies", "local_sites", "reports", "curve_reports", "zero_shot",
+                    "encoder")
 
 
 @dataclass(frozen=True)
@@ -146,21 +149,24 @@ class State:
         self.doc.setdefault("stage_s", {})
 
     def adapter(self, name: str) -> str | None:
-        """The recorded adapter of a finished system, if it still exists."""
+        """Return the recorded adapter of a finished system, if it still exists."""
         entry = self.doc["systems"].get(name)
         if entry and (Path(entry["adapter"]) / "adapter_config.json").is_file():
             return str(entry["adapter"])
         return None
 
     def record(self, name: str, adapter: str, seconds: float, **extra: Any) -> None:
+        """Record a finished system (its adapter, time and ``extra`` fields) and save."""
         self.doc["systems"][name] = {"adapter": adapter, "seconds": round(seconds, 1), **extra}
         self.save()
 
     def add_time(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to a stage's total over all invocations and save."""
         self.doc["stage_s"][stage] = round(self.doc["stage_s"].get(stage, 0.0) + seconds, 1)
         self.save()
 
     def save(self) -> None:
+        """Write ``state.json`` atomically (a temporary file, then a rename)."""
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.doc, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
@@ -183,7 +189,7 @@ def internal_sites(cfg: ExperimentConfig) -> list[tuple[str, int]]:
 
 
 def choose_local_sites(sites: Sequence[tuple[str, int]], wanted: Sequence[str]) -> list[str]:
-    """The requested sites, or by default the largest and the smallest training site."""
+    """Return the requested sites, or by default the largest and the smallest training site."""
     names = [s for s, _ in sites]
     if list(wanted) == ["none"]:
         return []
@@ -197,7 +203,7 @@ def choose_local_sites(sites: Sequence[tuple[str, int]], wanted: Sequence[str]) 
 
 
 def checkpoint_steps(steps: int, rounds: int) -> list[int]:
-    """Steps after which a pooled run is checkpointed: every 1/rounds of its budget."""
+    """Return the steps after which a pooled run is checkpointed: every 1/rounds of its budget."""
     return sorted({max(1, round(steps * i / rounds)) for i in range(1, rounds + 1)})
 
 
@@ -226,14 +232,17 @@ def train_pooled(budget: Budget, work: Path, state: State, name: str, steps: int
 
 
 def federated_warmup_ratio(budget: Budget, pooled_steps: int) -> float:
-    """The pooled run's warm-up as a share of its steps: each site warms up over the same share
-    of its own run (a fixed step count would keep a small site in warm-up all run)."""
+    """Return the pooled run's warm-up as a share of its steps.
+
+    Each site warms up over the same share of its own run (a fixed step count would keep a small
+    site in warm-up all run).
+    """
     return min(1.0, budget.warmup_steps / max(1, pooled_steps))
 
 
 def train_federated(budget: Budget, work: Path, state: State, strategy: str, out: TextIO,
                     pooled_steps: int) -> str:
-    """A federated run through ``simulations.launch.simulate``; resumes an interrupted one."""
+    """Train a federated run through ``simulations.launch.simulate``; resume an interrupted one."""
     from fedmira.simulations.launch import simulate
 
     name = f"{FEDERATED_PREFIX}{strategy}"
@@ -242,14 +251,16 @@ def train_federated(budget: Budget, work: Path, state: State, strategy: str, out
         print(f"[skip] {name}: adapter already trained ({done})", file=out)
         return done
     local_epochs = budget.epochs / budget.rounds
-    extra = [f"strategy.server_lr={budget.server_lr}"] if strategy in ("fedadam", "fedyogi", "fedadagrad") else []
+    server_opt = strategy in ("fedadam", "fedyogi", "fedadagrad")
+    extra = [f"strategy.server_lr={budget.server_lr}"] if server_opt else []
     cfg = _compose(budget, work, f"strategy={strategy}", f"strategy.rounds={budget.rounds}",
                    f"train.epochs={local_epochs}", "train.keep_optimizer_state=true", "train.warmup_steps=0",
                    f"train.warmup_ratio={federated_warmup_ratio(budget, pooled_steps):.6f}",
                    "strategy.fraction_train=1.0", "strategy.fraction_evaluate=1.0", *extra,
                    f"run.name=quality-{name}")
     runs = sorted((work / "runs" / f"quality-{name}").glob("*/config.json"))
-    unfinished = [p.parent for p in runs if not (p.parent / "final_adapter" / "adapter_config.json").is_file()]
+    unfinished = [p.parent for p in runs
+                  if not (p.parent / "final_adapter" / "adapter_config.json").is_file()]
     if unfinished:
         print(f"[resume] {name}: {unfinished[-1]}", file=out)
         cfg = cfg.replace(run=dataclasses.replace(cfg.run, resume=str(unfinished[-1])))
@@ -307,8 +318,11 @@ def budget_curve(cfg: ExperimentConfig, state: State, names: Sequence[str], limi
 
 
 def curve_baselines(cfg: ExperimentConfig, limit: int, cache: Path) -> dict[str, float]:
-    """The no-training baselines' ROUGE-L on the curve's reports (the plot's horizontal lines:
-    the same reports as its points, not the full held-out set)."""
+    """Return the no-training baselines' ROUGE-L on the curve's reports.
+
+    These are the plot's horizontal lines: the same reports as its points, not the full held-out
+    set.
+    """
     from fedmira.common.compare import RETRIEVAL_KINDS, SystemSpec, held_out_and_pool, predict_system
     from fedmira.common.metrics import rouge_l
 
@@ -316,7 +330,8 @@ def curve_baselines(cfg: ExperimentConfig, limit: int, cache: Path) -> dict[str,
     out: dict[str, float] = {}
     for kind in (*RETRIEVAL_KINDS, "most_frequent"):
         hyps, _ = predict_system(SystemSpec(kind, kind), cfg, reports, pool, cache_dir=cache, progress=False)
-        out[kind] = round(sum(rouge_l(r.impression, h) for r, h in zip(reports, hyps)) / max(len(reports), 1), 4)
+        total = sum(rouge_l(r.impression, h) for r, h in zip(reports, hyps))
+        out[kind] = round(total / max(len(reports), 1), 4)
     return out
 
 
@@ -330,7 +345,8 @@ def plot_curve(curve: dict[str, list[dict[str, Any]]], baselines: dict[str, floa
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, points in curve.items():
         if points:
-            ax.plot([p["tokens"] / 1e6 for p in points], [p["rougeL"] for p in points], marker="o", label=name)
+            ax.plot([p["tokens"] / 1e6 for p in points], [p["rougeL"] for p in points], marker="o",
+                    label=name)
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(value, linestyle="--", color=f"C{len(curve) + i}", label=f"{name} (no training)")
     ax.set_xlabel("training tokens processed (millions)")
@@ -345,7 +361,9 @@ def plot_curve(curve: dict[str, list[dict[str, Any]]], baselines: dict[str, floa
 
 
 # ----------------------------------------------------------------------------- results
-def ratios(result: dict[str, Any], federated: Sequence[str], central: str) -> dict[str, dict[str, float | None]]:
+def ratios(
+    result: dict[str, Any], federated: Sequence[str], central: str,
+) -> dict[str, dict[str, float | None]]:
     """Federated / centralized mean, per federated system and metric."""
     out: dict[str, dict[str, float | None]] = {}
     base = result["systems"][central]["summary"]
@@ -359,11 +377,13 @@ def ratios(result: dict[str, Any], federated: Sequence[str], central: str) -> di
 
 
 def strongest_retrieval(result: dict[str, Any]) -> str | None:
-    """The retrieval baseline with the highest mean ROUGE-L (the bar a trained model must clear)."""
+    """Return the retrieval baseline with the highest mean ROUGE-L (the bar a trained model must clear)."""
     from fedmira.common.compare import RETRIEVAL_KINDS
 
     names = [n for n, i in result["systems"].items() if i["kind"] in RETRIEVAL_KINDS]
-    return max(names, key=lambda n: _mean(result["systems"][n]["summary"], "rougeL") or 0.0) if names else None
+    if not names:
+        return None
+    return max(names, key=lambda n: _mean(result["systems"][n]["summary"], "rougeL") or 0.0)
 
 
 def holm_p(result: dict[str, Any], reference: str, system: str, metric: str) -> float | None:
@@ -375,9 +395,12 @@ def holm_p(result: dict[str, Any], reference: str, system: str, metric: str) -> 
 
 
 def targets(result: dict[str, Any], ratio: dict[str, dict[str, float | None]]) -> dict[str, dict[str, Any]]:
-    """Per federated system: >= 0.95x centralized on every metric; above the strongest retrieval on
-    ROUGE-L, BERTScore and similarity; and that ROUGE-L gain significant (Holm p < 0.05, only known
-    for the compare's reference system)."""
+    """Check each federated system against its targets.
+
+    The targets: >= 0.95x centralized on every metric; above the strongest retrieval on ROUGE-L,
+    BERTScore and similarity; and that ROUGE-L gain significant (Holm p < 0.05, only known for the
+    compare's reference system).
+    """
     bar = strongest_retrieval(result)
     retrieval = result["systems"][bar]["summary"] if bar else None
     out: dict[str, dict[str, Any]] = {}
@@ -428,7 +451,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_markdown(doc: dict[str, Any]) -> str:
-    """The results file: context, the table, ratios, targets, ablation, curve, verdict."""
+    """Return the results file: context, the table, ratios, targets, ablation, curve, verdict."""
     m, b = doc["machine"], doc["budget"]
     lines = [f"# Quality on real reports ({doc['date']})", "",
              f"- machine: {m['cpus']} CPUs ({m.get('cpu', '?')}), torch {m['torch']}, Python {m['python']}",
@@ -439,8 +462,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
              f"- budget: {b['epochs']:g} epoch(s) of each system's training data (federated: {b['rounds']} "
              f"rounds x {b['epochs'] / b['rounds']:g} local epochs), batch {b['batch_size']}, lr {b['lr']} "
              f"(warm-up {b['warmup_steps']} steps, cosine over the run), prompt `{b['prompt']}` "
-             f"(k={b['neighbors']} prior cases of the site), base model {b['model']}, LoRA r={doc['lora']['r']} "
-             f"on {', '.join(doc['lora']['target_modules'])}",
+             f"(k={b['neighbors']} prior cases of the site), base model {b['model']}, "
+             f"LoRA r={doc['lora']['r']} on {', '.join(doc['lora']['target_modules'])}",
              f"- held-out: {doc['n']} reports (test splits, as `fedmira evaluate` picks them)", "",
              _table(["system", "tokens", *TABLE_METRICS.values()],
                     [[name, _tokens(doc, name), *(_fmt(info["summary"].get(k)) for k in TABLE_METRICS)]
@@ -492,6 +515,7 @@ def _curve_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
+    """Return the machine's CPU count and model, torch and Python versions and platform."""
     import torch
 
     cpu = ""
@@ -500,13 +524,15 @@ def machine() -> dict[str, Any]:
                     if ln.startswith("model name")), "")
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(terse=True)}
+    return {"cpus": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(terse=True)}
 
 
 # ----------------------------------------------------------------------------- the run
-def train_all(budget: Budget, work: Path, state: State, cfg: ExperimentConfig, out: TextIO) -> dict[str, tuple[str, str]]:
-    """Every trained system: name -> (adapter folder, prompt)."""
+def train_all(
+    budget: Budget, work: Path, state: State, cfg: ExperimentConfig, out: TextIO,
+) -> dict[str, tuple[str, str]]:
+    """Train every system not trained yet; return name -> (adapter folder, prompt)."""
     sites = internal_sites(cfg)
     pooled_reports = sum(n for _, n in sites)
     pooled: dict[str, tuple[str, str]] = {}
@@ -517,20 +543,23 @@ def train_all(budget: Budget, work: Path, state: State, cfg: ExperimentConfig, o
         pooled[name] = (train_pooled(budget, work, state, name, steps, None, prompt, out), prompt)
     adapters: dict[str, tuple[str, str]] = {}
     for strategy in budget.strategies:
+        pooled_steps = steps_for(budget.epochs, pooled_reports, budget.batch_size)
         adapters[f"{FEDERATED_PREFIX}{strategy}"] = (
-            train_federated(budget, work, state, strategy, out, steps_for(budget.epochs, pooled_reports, budget.batch_size)),
-            budget.prompt)
+            train_federated(budget, work, state, strategy, out, pooled_steps), budget.prompt)
     adapters.update(pooled)
     sizes = dict(sites)
     for site in choose_local_sites(sites, budget.local_sites):
         steps = steps_for(budget.epochs, sizes[site], budget.batch_size)
         adapters[f"{LOCAL_PREFIX}{site}"] = (
-            train_pooled(budget, work, state, f"{LOCAL_PREFIX}{site}", steps, site, budget.prompt, out), budget.prompt)
+            train_pooled(budget, work, state, f"{LOCAL_PREFIX}{site}", steps, site, budget.prompt, out),
+            budget.prompt)
     return adapters
 
 
-def ablation(budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], specs: Sequence[Any]) -> dict[str, Any] | None:
-    """Pooled main prompt vs pooled ablation prompts, from the compare's per-sample scores."""
+def ablation(
+    budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], specs: Sequence[Any],
+) -> dict[str, Any] | None:
+    """Test the pooled main prompt against the pooled ablation prompts on the compare's per-sample scores."""
     from fedmira.common.stats import holm_bonferroni, wilcoxon_test
 
     names = [CENTRAL, *(f"{CENTRAL}_{p}" for p in budget.ablation)]
@@ -542,22 +571,25 @@ def ablation(budget: Budget, cfg: ExperimentConfig, result: dict[str, Any], spec
     tests = [wilcoxon_test(ref, [r.get("rougeL") for r in result["per_sample"][n]]) for n in names[1:]]
     holm = holm_bonferroni([t["p_value"] for t in tests], ALPHA)
     rows = []
+    ref_rouge = _mean(result["systems"][CENTRAL]["summary"], "rougeL")
     for i, name in enumerate(names):
         summ = result["systems"][name]["summary"]
         rows.append({"system": name, "prompt": prompts.get(name), "rougeL": _mean(summ, "rougeL"),
                      "bertscore_f1": _mean(summ, "bertscore_f1"), "sim": _mean(summ, "sim"),
-                     "diff": None if i == 0 else _mean(result["systems"][CENTRAL]["summary"], "rougeL") - _mean(summ, "rougeL"),
+                     "diff": None if i == 0 else ref_rouge - _mean(summ, "rougeL"),
                      "p_holm": None if i == 0 else holm["adjusted"][i - 1]})
     return {"reference": CENTRAL, "rows": rows}
 
 
-def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Train what is missing, compare everything, write the results; returns the results document."""
+def run_bench(budget: Budget, *, work_root: Path, results_dir: Path,
+              out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Train what is missing, compare everything, write the results; return the results document."""
     from fedmira.common.compare import SystemSpec, default_systems, run_compare
 
     t_start = time.perf_counter()
     if not Path(budget.data).is_file():
-        raise FedmiraError(f"IU reports not found at {budget.data}; pass --data /path/to/indiana_reports.csv.")
+        raise FedmiraError(f"IU reports not found at {budget.data}; "
+                           "pass --data /path/to/indiana_reports.csv.")
     work = work_root / budget.key()
     work.mkdir(parents=True, exist_ok=True)
     (work / "budget.json").write_text(json.dumps(dataclasses.asdict(budget), indent=2))
@@ -588,13 +620,14 @@ def run_bench(budget: Budget, *, work_root: Path, results_dir: Path, out: TextIO
         "reference": result["reference"], "comparisons": result["comparisons"], "family": result["family"],
         "ablation": ablation(budget, cfg, result, specs), "curve": curve, "curve_n": budget.curve_reports,
         "curve_baselines": bars,
-        "lora": dataclasses.asdict(cfg.lora), "trained": state.doc["systems"], "compare_md": result["paths"]["markdown"],
+        "lora": dataclasses.asdict(cfg.lora), "trained": state.doc["systems"],
+        "compare_md": result["paths"]["markdown"],
     }
     return write_results(doc, results_dir, out)
 
 
 def write_results(doc: dict[str, Any], results_dir: Path, out: TextIO) -> dict[str, Any]:
-    """``results/quality-<date>.json``, ``.md`` and the budget plot; prints the Markdown."""
+    """Write ``results/quality-<date>.json``, ``.md`` and the budget plot; print the Markdown."""
     from fedmira.common.evaluation import json_safe
 
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -616,6 +649,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; defaults come from :class:`Budget`."""
     d = Budget()
     p = argparse.ArgumentParser(prog="python -m fedmira.simulations.bench.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,34 +663,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=d.epochs,
                    help="the budget: passes over each system's training data")
     p.add_argument("--rounds", type=int, default=d.rounds,
-                   help="federated rounds (local epochs per round = epochs / rounds); also the curve's points")
+                   help="federated rounds (local epochs per round = epochs / rounds); "
+                        "also the curve's points")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, then cosine)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--strategies", default=",".join(d.strategies),
                    help="federated strategies, comma-separated; the first is the compare's reference")
-    p.add_argument("--server-lr", type=float, default=d.server_lr, help="fedadam/fedyogi server learning rate")
+    p.add_argument("--server-lr", type=float, default=d.server_lr,
+                   help="fedadam/fedyogi server learning rate")
     p.add_argument("--local-sites", default="",
-                   help="sites trained alone (default: largest and smallest; 'none' for no local-only system)")
+                   help="sites trained alone (default: largest and smallest; "
+                        "'none' for no local-only system)")
     p.add_argument("--reports", type=int, default=d.reports, help="held-out reports to evaluate (0: all)")
     p.add_argument("--curve-reports", type=int, default=d.curve_reports,
                    help="held-out reports per point of the quality-vs-budget curve (0: no curve)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="prompt + target tokens")
     p.add_argument("--model", default=d.model, help="base model (tiny-random for a smoke run)")
     p.add_argument("--no-encoder", action="store_true", help="skip BERTScore and similarity")
-    p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot base model (slow to decode)")
+    p.add_argument("--no-zero-shot", action="store_true",
+                   help="skip the zero-shot base model (slow to decode)")
     p.add_argument("--work", default=WORK_DIR, help="work folder (runs, adapters, cache, state)")
     p.add_argument("--results", default=RESULTS_DIR, help="where quality-<date>.json/.md/-budget.png go")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the quality bench; exit code 2 on a user error (printed without a traceback)."""
     args = parse_args(argv)
     budget = Budget(data=args.data, template_sites=args.template_sites, prompt=args.prompt,
                     ablation=_csv(args.ablation), neighbors=args.neighbors, epochs=args.epochs,
-                    rounds=args.rounds, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                    strategies=_csv(args.strategies), server_lr=args.server_lr,
-                    local_sites=_csv(args.local_sites), reports=args.reports, curve_reports=args.curve_reports,
+                    rounds=args.rounds, batch_size=args.batch_size, lr=args.lr,
+                    warmup_steps=args.warmup_steps, strategies=_csv(args.strategies),
+                    server_lr=args.server_lr, local_sites=_csv(args.local_sites), reports=args.reports,
+                    curve_reports=args.curve_reports,
                     max_length=args.max_length, model=args.model, encoder=not args.no_encoder,
                     zero_shot=not args.no_zero_shot)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -30,6 +30,8 @@ from fedmira.simulations.bench.common import BenchRow, interleaved_pairs, median
 
 @dataclass(frozen=True)
 class Settings:
+    """One benchmark size: config overrides, batch, steps per call, interleaved pairs, label."""
+
     overrides: tuple[str, ...]
     batch: int
     steps: int
@@ -44,7 +46,7 @@ THREADS = 2
 
 @contextlib.contextmanager
 def full_logits() -> Iterator[None]:
-    """The previous loss path: logits over the whole vocabulary at every position."""
+    """Use the previous loss path inside the block: logits over the whole vocabulary at every position."""
     import fedmira.common.engine as engine
 
     saved = engine._decoder_and_head
@@ -84,8 +86,8 @@ def _timer(env: dict[str, Any], autocast: torch.dtype | None, full: bool, steps:
         ctx = full_logits() if full else contextlib.nullcontext()
         with ctx:
             t = time.perf_counter()
-            train_steps(env["model"], env["train"], cfg.train, loaded.device, int(loaded.tokenizer.pad_token_id),
-                        steps=steps, seed=0, autocast=autocast)
+            train_steps(env["model"], env["train"], cfg.train, loaded.device,
+                        int(loaded.tokenizer.pad_token_id), steps=steps, seed=0, autocast=autocast)
         return (time.perf_counter() - t) / steps
 
     return one
@@ -145,13 +147,16 @@ def run(quick: bool) -> list[BenchRow]:
         BenchRow("held-out loss after bf16 / fp32 training", loss_bf16, "nats", baseline=loss_fp32,
                  target="<= 1.02", note=f"{loss_steps} steps each from the same start, scored in fp32"),
         BenchRow("target-only logits / full logits step", _median([p[0] for p in head]), "s/step",
-                 baseline=_median([p[1] for p in head]), ratio=median_ratio(head), target="<= 1.0", note=note),
+                 baseline=_median([p[1] for p in head]), ratio=median_ratio(head), target="<= 1.0",
+                 note=note),
         _preamble_row(env),
     ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the benchmark (``--quick``: tiny random model) and print its rows."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model (seconds)")
     args = parser.parse_args()
     for row in run(args.quick):

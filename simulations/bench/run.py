@@ -6,7 +6,7 @@ and reports the ratio, so the numbers hold on a noisy shared machine::
     python -m fedmira.simulations.bench.run                        # all, about 6-8 minutes on 2 shared cores
     python -m fedmira.simulations.bench.run --quick                # smoke run: fewer repeats, smaller sizes
     python -m fedmira.simulations.bench.run --only comm,aggregation
-    python -m fedmira.simulations.bench.run --out results/ --readme README.md   # also refresh the README table
+    python -m fedmira.simulations.bench.run --out results/ --readme README.md  # also refresh the README table
 
 It writes ``OUT/bench-<date>-<time>.json`` (machine, versions, every row) and ``.md`` (the
 same as a table). Benchmarks never assert: a missed target is shown in the table and in the
@@ -102,7 +102,7 @@ def run_benchmarks(names: Sequence[str], quick: bool, loader: Callable[[str], Be
 
 # ----------------------------------------------------------------------------------- machine
 def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    """Return the CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
@@ -137,7 +137,7 @@ def machine_info() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------- output
 def fmt(x: float | None) -> str:
-    """A number for a table: thousands separators when large, 3 significant digits when small."""
+    """Format a number for a table: thousands separators when large, 3 significant digits when small."""
     if x is None or x != x:  # None or NaN
         return ""
     if abs(x) >= 1000:
@@ -163,7 +163,7 @@ HEADER = ["benchmark", "measurement", "value", "unit", "baseline", "ratio", "tar
 
 
 def format_table(rows_by_bench: Mapping[str, Sequence[BenchRow]], notes: bool = False) -> str:
-    """A plain-text table for the terminal (notes only when asked: they are long)."""
+    """Return a plain-text table for the terminal (notes only when asked: they are long)."""
     cols = HEADER if notes else HEADER[:-1]
     body = [_cells(b, r)[: len(cols)] for b, rows in rows_by_bench.items() for r in rows]
     widths = [max(len(c) for c in col) for col in zip(cols, *body)]
@@ -177,7 +177,7 @@ def format_table(rows_by_bench: Mapping[str, Sequence[BenchRow]], notes: bool = 
 
 
 def markdown_table(rows_by_bench: Mapping[str, Sequence[BenchRow]]) -> str:
-    """The rows as a GitHub Markdown table, notes included."""
+    """Return the rows as a GitHub Markdown table, notes included."""
     body = [[c.replace("|", "\\|") for c in _cells(bench, row)]
             for bench, rows in rows_by_bench.items() for row in rows]
     return tabulate(body, headers=HEADER, tablefmt="github", disable_numparse=True)
@@ -231,7 +231,8 @@ def update_readme(readme: Path, md: str, source: Path) -> None:
     pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
     if not pattern.search(text):
         raise ValueError(f"{readme} has no '{README_START}' ... '{README_END}' block to replace")
-    block = f"{README_START}\n<!-- written by python -m fedmira.simulations.bench.run from {source} -->\n\n{md}\n{README_END}"
+    block = (f"{README_START}\n<!-- written by python -m fedmira.simulations.bench.run from {source} -->"
+             f"\n\n{md}\n{README_END}")
     readme.write_text(pattern.sub(lambda _: block, text, count=1))
 
 
@@ -244,6 +245,7 @@ def _quiet_libraries() -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``names`` holds the benchmarks to run, in registry order."""
     parser = argparse.ArgumentParser(
         prog="python -m fedmira.simulations.bench.run", description=__doc__.split("\n\n")[0],
         epilog=f"Benchmarks, in order: {', '.join(BENCHMARKS)}. Each row: a value, the baseline measured "

@@ -40,7 +40,8 @@ REPORTS_PER_SITE = 20
 def overrides(n_sites: int, rounds: int, out_dir: Path) -> list[str]:
     """``+debug=tiny`` with N synthetic hospitals, all of them in every round, one site at a time."""
     return [
-        "+debug=tiny", f"data.synthetic_sites={n_sites}", f"data.synthetic_reports={n_sites * REPORTS_PER_SITE}",
+        "+debug=tiny", f"data.synthetic_sites={n_sites}",
+        f"data.synthetic_reports={n_sites * REPORTS_PER_SITE}",
         f"strategy.rounds={rounds}", "strategy.fraction_train=1.0", "strategy.fraction_evaluate=1.0",
         f"mode.client_cpus={os.cpu_count() or 1}", "train.threads=1",
         "strategy.norm_factor=0",  # a random-model outlier would be rejected and its compute uncounted
@@ -76,7 +77,8 @@ def round_timings(run_dir: Path) -> dict[str, Any]:
     """Start-up, per-round wall vs compute, and shutdown, from a finished run folder."""
     state = json.loads((run_dir / "state.json").read_text())
     n_sites = len(json.loads((run_dir / "sites" / "sites.json").read_text())["train_sites"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
     rounds = []
     for rec in records:
         train = rec.get("train_sites", {})
@@ -92,7 +94,7 @@ def round_timings(run_dir: Path) -> dict[str, Any]:
 
 
 def rows_for(t: dict[str, Any]) -> list[BenchRow]:
-    """The rows of one simulation size."""
+    """Return the rows of one simulation size."""
     cold, warm = t["rounds"][0], t["rounds"][1:] or t["rounds"][:1]
     n = cold["sites"]
     wall = statistics.median(r["wall"] for r in warm)
@@ -104,7 +106,8 @@ def rows_for(t: dict[str, Any]) -> list[BenchRow]:
                  note=f"launcher's own part (split, run folder) {t['launcher']:.1f} s; the rest is "
                       "SuperLink, flwr run, Ray and ServerApp start"),
         BenchRow(name=f"N={n}: round 1 (cold) wall / sites' compute", value=cold["wall"], unit="s",
-                 baseline=cold["compute"], note="round 1 also starts the simulation worker and loads the model"),
+                 baseline=cold["compute"],
+                 note="round 1 also starts the simulation worker and loads the model"),
         BenchRow(name=f"N={n}: warm round wall / sites' compute", value=wall, unit="s", baseline=compute,
                  note=f"median of {len(warm)} rounds; {tasks} site tasks per round (train + evaluate), "
                       f"one site at a time; replies rejected: {sum(r['rejected'] for r in t['rounds'])}"),
@@ -123,8 +126,10 @@ def marginal_row(small: dict[str, Any], large: dict[str, Any]) -> BenchRow:
 
     (n1, o1), (n2, o2) = point(small), point(large)
     per_site = (o2 - o1) / (n2 - n1) if n2 != n1 else float("nan")
-    return BenchRow(name=f"overhead per added site per round (N={n1} -> {n2})", value=per_site * 1000, unit="ms",
-                    note=f"(overhead at N={n2} - at N={n1}) / {n2 - n1} sites; each site trains and evaluates")
+    return BenchRow(name=f"overhead per added site per round (N={n1} -> {n2})", value=per_site * 1000,
+                    unit="ms",
+                    note=f"(overhead at N={n2} - at N={n1}) / {n2 - n1} sites; each site trains and "
+                         "evaluates")
 
 
 def run(quick: bool) -> list[BenchRow]:
