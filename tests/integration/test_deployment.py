@@ -75,7 +75,8 @@ def test_deployment_tls_auth_dropout_and_restart(fed: Federation) -> None:
     # 1. An unknown key is refused, with a message that says why.
     assert fed.procs["intruder"].wait(timeout=150) == 2, fed.log("intruder")[-2000:]
     assert "not on its allow-list" in fed.log("intruder")
-    assert fed.wait_log("coordinator", r"\[fedmira-security\] refused node on /v1/fleet/activate-node .*HTTP 412",
+    assert fed.wait_log("coordinator",
+                        r"\[fedmira-security\] refused node on /v1/fleet/activate-node .*HTTP 412",
                         timeout=30), fed.log("coordinator")[-3000:]  # the coordinator sees it too
 
     # 2. Round 1: three hospitals over TLS with authentication; the run folder is a simulation's.

@@ -35,8 +35,10 @@ pytestmark = pytest.mark.integration
 
 
 def _flwr(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # noqa: F811
@@ -58,11 +60,13 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     (attacker / "config.toml").write_text(
         f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{fed.address}"\n'
         f'root-certificates = "{fed.pki.ca_cert}"\n')
-    register = _flwr(attacker, "supernode", "register", str(fed.root / "rogue.pub"), "target", "--format", "json")
+    register = _flwr(attacker, "supernode", "register", str(fed.root / "rogue.pub"), "target",
+                     "--format", "json")
     assert "403" in register.stdout and '"success": false' in register.stdout, register.stdout
     for args in (("ls", "target"), ("stop", "1", "target")):
         assert "403" in (r := _flwr(attacker, *args)).stdout + r.stderr, r.stdout + r.stderr
-    assert fed.wait_log("coordinator", r"\[fedmira-security\] refused POST /v1/control/register-node", timeout=30)
+    assert fed.wait_log("coordinator", r"\[fedmira-security\] refused POST /v1/control/register-node",
+                        timeout=30)
     assert fed.wait_log("coordinator", r"\[fedmira-security\] refused POST /v1/control/stop-run", timeout=30)
     assert "stop-run" in (run.path / "security.log").read_text()
 
@@ -103,9 +107,11 @@ def test_the_allow_list_and_the_control_api_hold(fed: Federation) -> None:  # no
     # 5. A hospital lost mid-round below min_train_sites: exit 3, the reason in one console line.
     fed.coordinator(TINY, "strategy.rounds=1", "strategy.min_train_sites=2", "strategy.min_evaluate_sites=2",
                     "strategy.round_timeout_s=20", "--wait-sites", "2", name="short_run")
-    assert fed.wait_log("hospital2", r"(?s)(task received: train.*){3}", timeout=240), fed.log("hospital2")[-2000:]
+    assert fed.wait_log("hospital2", r"(?s)(task received: train.*){3}", timeout=240), \
+        fed.log("hospital2")[-2000:]
     fed.kill("hospital2")
     assert fed.procs["short_run"].wait(timeout=240) == 3, fed.log("short_run")[-3000:]
     console = fed.log("short_run")
-    assert re.search(r"FAILED \(too_few_sites\): Round 1: only 1 of 2 sampled sites .*excluded: ", console), console[-3000:]
+    assert re.search(r"FAILED \(too_few_sites\): Round 1: only 1 of 2 sampled sites .*excluded: ",
+                     console), console[-3000:]
     assert "reason:   Round 1: only 1 of 2" in console and "Traceback" not in console

@@ -54,8 +54,8 @@ def ray_head() -> str:
 
 
 def test_a_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path, ray_head: str) -> None:
-    cfg = compose_config(["+debug=tiny", f"run.out_dir={tmp_path / 'outputs'}", f"mode.ray_address={ray_head}",
-                          "strategy.rounds=2", "mode.client_cpus=1"])
+    cfg = compose_config(["+debug=tiny", f"run.out_dir={tmp_path / 'outputs'}",
+                          f"mode.ray_address={ray_head}", "strategy.rounds=2", "mode.client_cpus=1"])
     assert simulate(cfg) == 0
     (run_dir,) = sorted((tmp_path / "outputs" / "synthetic-natural").iterdir())
     rows = RunDir(run_dir).metrics()

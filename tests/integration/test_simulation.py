@@ -98,7 +98,8 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     deadline = time.monotonic() + 240
     run_dir: Path | None = None
     while time.monotonic() < deadline:
-        runs = list((out_dir / "synthetic-natural").glob("*")) if (out_dir / "synthetic-natural").is_dir() else []
+        folder = out_dir / "synthetic-natural"
+        runs = list(folder.glob("*")) if folder.is_dir() else []
         if runs and RunDir(runs[0]).last_round >= 1:
             run_dir = runs[0]
             break

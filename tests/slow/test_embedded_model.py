@@ -35,9 +35,10 @@ def test_embedded_loads_from_cache_and_generates(cache: str) -> None:
     with torch.no_grad():
         assert torch.equal(first.model(ids).logits.argmax(-1), second.model(ids).logits.argmax(-1))
     reports = make_synthetic_corpus(num_sites=2, num_reports=20, seed=5)[:2]
-    out = generate(second.model, second.tokenizer, reports, DataConfig(), GenerateConfig(max_new_tokens=16), second.device)
+    gen = GenerateConfig(max_new_tokens=16)
+    out = generate(second.model, second.tokenizer, reports, DataConfig(), gen, second.device)
     assert len(out) == 2 and all(isinstance(o, str) and o for o in out)
-    assert out == generate(second.model, second.tokenizer, reports, DataConfig(), GenerateConfig(max_new_tokens=16), second.device)
+    assert out == generate(second.model, second.tokenizer, reports, DataConfig(), gen, second.device)
 
 
 def test_embedded_lora_training_lowers_loss(cache: str, tmp_path: Path) -> None:

@@ -49,12 +49,14 @@ def test_tiny_audit_end_to_end(tmp_path: Path) -> None:
     from fedmira.simulations.audit_cli import AuditPlan, run_audit
 
     cfg = compose_config(["+debug=tiny", "strategy.rounds=1", "train.steps=2"])
-    result = run_audit(cfg, AuditPlan(canaries=2, repeats=3, candidates=15, sites=2), tmp_path, out=open("/dev/null", "w"))
+    result = run_audit(cfg, AuditPlan(canaries=2, repeats=3, candidates=15, sites=2), tmp_path,
+                       out=open("/dev/null", "w"))
     assert set(result["arms"]) == {"base", "no_dp", "dp"}
     for arm in result["arms"].values():
         assert len(arm["canaries"]) == 2
         for row in arm["canaries"]:
-            assert 1 <= row["rank"] <= 16 and 0 <= row["exposure_bits"] <= row["max_bits"] == pytest.approx(4.0)
+            assert 1 <= row["rank"] <= 16
+            assert 0 <= row["exposure_bits"] <= row["max_bits"] == pytest.approx(4.0)
     eps = result["arms"]["dp"]["info"]["epsilon"]
     assert set(eps) == {"site_01", "site_02"} and all(0 < e <= 8.0 for e in eps.values())
     assert "epsilon" not in result["arms"]["no_dp"]["info"]
@@ -94,8 +96,8 @@ def test_prefix_cached_candidates_equal_the_full_forward(tiny, reports: list[Rep
 
     texts = [impression_for(s) for s in ("123456", "654321", "000000")] + ["No acute findings at all today."]
     cached = candidate_nll(tiny.model, tiny.tokenizer, reports[0], texts, data_cfg, tiny.device, batch_size=3)
-    full = sequence_nll(tiny.model, tiny.tokenizer, [dataclasses.replace(reports[0], impression=t) for t in texts],
-                        data_cfg, tiny.device)
+    variants = [dataclasses.replace(reports[0], impression=t) for t in texts]
+    full = sequence_nll(tiny.model, tiny.tokenizer, variants, data_cfg, tiny.device)
     assert cached == pytest.approx(full, rel=1e-4)
 
 

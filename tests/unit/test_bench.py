@@ -144,7 +144,8 @@ def test_simulation_overhead_from_a_run_folder(tmp_path: Path) -> None:
     startup, cold, warm, overhead, shutdown = rows_for(t)
     assert startup.value == 12.0 and shutdown.value == 8.0
     assert cold.value == 10.0 and cold.baseline == 6.0
-    assert warm.value == 5.0 and warm.baseline == 3.0 and warm.ratio == pytest.approx(5 / 3)  # medians of 2, 3
+    # medians of 2, 3
+    assert warm.value == 5.0 and warm.baseline == 3.0 and warm.ratio == pytest.approx(5 / 3)
     assert overhead.value == 2.0 and "500 ms per site task" in overhead.note  # 2 s over 4 tasks
     assert warm.name.startswith("N=2:")
 
@@ -232,7 +233,8 @@ def test_readme_block_is_replaced_and_markers_are_required(tmp_path: Path) -> No
 
 def test_number_formatting() -> None:
     assert runner.fmt(None) == "" and runner.fmt(float("nan")) == ""
-    assert runner.fmt(53907.2) == "53,907" and runner.fmt(42.25) == "42.2" and runner.fmt(0.000622) == "0.000622"
+    assert runner.fmt(53907.2) == "53,907" and runner.fmt(42.25) == "42.2"
+    assert runner.fmt(0.000622) == "0.000622"
     table = runner.format_table({"b": [BenchRow("x", 1.0, "s", baseline=2.0)]})
     assert table.splitlines()[0].split()[:3] == ["benchmark", "measurement", "value"]
     assert "0.5" in table.splitlines()[2]

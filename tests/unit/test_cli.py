@@ -62,7 +62,8 @@ def test_generate_rejects_bad_adapter_folder(tmp_path: Path, capsys: pytest.Capt
 
 def test_partition_writes_site_folders(tmp_path: Path) -> None:
     out = tmp_path / "splits"
-    assert main(["partition", f"out={out}", "+debug=tiny", "partition=quantity", "partition.num_sites=3"]) == 0
+    assert main(["partition", f"out={out}", "+debug=tiny", "partition=quantity",
+                 "partition.num_sites=3"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len({row["site_id"] for row in manifest["rows"]}) == 3
     assert (out / "sites.png").is_file() and (out / "summary.csv").is_file()

@@ -219,7 +219,9 @@ def test_epochs_set_the_steps_a_site_runs_and_reports(initial: Any, site_dir: Pa
     assert "opt-state-restored" not in reply.content["metrics"]  # only said when the option is on
 
 
-def test_optimizer_state_stays_at_the_site(initial: Any, site_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_optimizer_state_stays_at_the_site(
+    initial: Any, site_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With train.keep_optimizer_state the AdamW moments live in the node's state between rounds
     (restored in round 2) and appear in no reply: only the adapter and numbers leave."""
     from fedmira.common.engine import OPTIMIZER_KEY

@@ -287,7 +287,8 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
     meta = res["meta"]
     assert meta["input"] == str(path) and meta["prior"] == str(prior_path) and meta["training_pool"] == 12
     assert meta["external_sites"] == 2 and meta["retrieval_index"] == {"site_01": 12, "site_02": 0}
-    archive = {r.impression for r in fedmira.common.inference.load_reports(str(prior_path)).reports} - {MARKER}
+    prior_reports = fedmira.common.inference.load_reports(str(prior_path)).reports
+    archive = {r.impression for r in prior_reports} - {MARKER}
     for name in (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT):  # the baselines learn from the archive only
         written = (tmp_path / "cmp" / "predictions" / f"{name}.jsonl").read_text()
         lines = [json.loads(x) for x in written.splitlines()]

@@ -125,7 +125,8 @@ def test_a_bare_ris_export_splits_and_trains_at_a_hospital(tmp_path: Path, tiny)
     bare = tmp_path / "export.jsonl"
     with open(bare, "w", encoding="utf-8") as f:
         for r in read_jsonl(src).reports:
-            f.write(json.dumps({"accession": r.report_id, "findings": r.findings, "impression": r.impression}) + "\n")
+            row = {"accession": r.report_id, "findings": r.findings, "impression": r.impression}
+            f.write(json.dumps(row) + "\n")
     h = Hospital("127.0.0.1:1", Path("ca"), Path("key"), bare, "st_marys", tmp_path / "work")
     folder = split_file(h, compose_config([]), io.StringIO())
     train = read_jsonl(folder / "train.jsonl").reports
@@ -134,7 +135,8 @@ def test_a_bare_ris_export_splits_and_trains_at_a_hospital(tmp_path: Path, tiny)
     cfg = compose_config(["+debug=tiny"])
     assert "unknown modality" in render_prompt(train[0], tiny.tokenizer, "site_aware")
     examples = encode_reports(train, tiny.tokenizer, cfg.data)
-    result = train_steps(_model(tiny), examples, cfg.train, tiny.device, int(tiny.tokenizer.pad_token_id), steps=2)
+    result = train_steps(_model(tiny), examples, cfg.train, tiny.device, int(tiny.tokenizer.pad_token_id),
+                         steps=2)
     assert result.steps == 2 and result.mean_loss > 0
 
 
@@ -159,8 +161,10 @@ def test_a_supernode_the_superlink_forgot_says_why_on_the_hospital_console(pki, 
     ended with "The SuperNode stopped" and the cause only in supernode.log."""
     h = _hospital(pki, tmp_path)
     node = SuperNodeProcess(h, tmp_path, io.StringIO())
-    node._interpret('HTTP Request: POST https://coord:9092/v1/fleet/send-node-heartbeat "HTTP/1.1 401 Unauthorized"')
-    assert node.failure is not None and "no longer accepts" in node.failure and "mode.state_db" in node.failure
+    node._interpret('HTTP Request: POST https://coord:9092/v1/fleet/send-node-heartbeat '
+                    '"HTTP/1.1 401 Unauthorized"')
+    assert node.failure is not None
+    assert "no longer accepts" in node.failure and "mode.state_db" in node.failure
     quiet = SuperNodeProcess(h, tmp_path, io.StringIO())  # Flower ends itself without a 401 line
     quiet.node_id = "123"
     quiet.proc = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -29,7 +29,9 @@ from fedmira.server.coordinator import (
 from fedmira.server.superlink_gate import SECURITY_TAG, FleetOnly, fleet_path
 
 
-def _call(app: Any, path: str, method: str = "POST", kind: str = "http") -> tuple[list[dict[str, Any]], list[str]]:
+def _call(
+    app: Any, path: str, method: str = "POST", kind: str = "http",
+) -> tuple[list[dict[str, Any]], list[str]]:
     sent: list[dict[str, Any]] = []
     logged: list[str] = []
 
@@ -103,7 +105,8 @@ def test_nodes_flower_refuses_on_the_fleet_api_are_security_lines_once_a_minute(
 
     call(gate, "/v1/fleet/activate-node")
     (line,) = logged
-    assert line.startswith(SECURITY_TAG) and "10.0.0.7" in line and "HTTP 412" in line and "allow-list" in line
+    assert line.startswith(SECURITY_TAG) and "10.0.0.7" in line
+    assert "HTTP 412" in line and "allow-list" in line
     now[0] = 30.0
     call(gate, "/v1/fleet/activate-node")  # a retry within the minute: no second line
     assert len(logged) == 1
@@ -186,7 +189,8 @@ def test_allow_listed_keys_map_to_their_node_ids_and_no_other(tmp_path: Path) ->
     assert run.allowed_nodes() == frozenset({11, 2**64 - 2})
     with pytest.raises(FedmiraError, match="hospital_02"):
         missing = tmp_path / "other.db"
-        _flower_node_table(missing, [(11, _pem(entries[0][1]), "online"), (12, _pem(entries[1][1]), "unregistered")])
+        _flower_node_table(missing, [(11, _pem(entries[0][1]), "online"),
+                                     (12, _pem(entries[1][1]), "unregistered")])
         allow_listed_node_ids(missing, entries)
     with pytest.raises(FedmiraError, match="fedmira coordinator"):
         RunDir(tmp_path / "empty").allowed_nodes()

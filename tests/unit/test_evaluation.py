@@ -140,7 +140,8 @@ def test_evaluate_command_default_out(tmp_path: Path, monkeypatch: pytest.Monkey
     from fedmira.simulations.evaluate_cli import evaluate_command
 
     monkeypatch.setattr(fedmira.common.inference, "generate_impressions",
-                        lambda cfg, reports, adapter, progress=True, prior=(): ["Normal study."] * len(reports))
+                        lambda cfg, reports, adapter, progress=True, prior=():
+                        ["Normal study."] * len(reports))
     out = io.StringIO()
     code = evaluate_command(["data.synthetic_sites=3", "data.synthetic_reports=60",
                              "partition.min_site_reports=1", f"run.out_dir={tmp_path}"],
@@ -198,7 +199,9 @@ def _texts(reports: list[Report]) -> set[str]:
     return {t for r in reports for t in (r.findings, r.impression) if len(t) > 12}
 
 
-def test_evaluate_file_scores_every_report_as_external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_file_scores_every_report_as_external(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import fedmira.common.inference
     from fedmira.common.evaluation import run_evaluate_file
 
@@ -227,7 +230,8 @@ def test_evaluate_file_scores_every_report_as_external(tmp_path: Path, monkeypat
     assert meta["rows_skipped"] == 1 and meta["priors_excluded"] == 1 and meta["reports"] == len(scored)
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["meta"]["input"] == str(path)
     printed = out.getvalue()
-    assert f"{path}: 1 of {len(scored) + 1} rows skipped" in printed and f"{path}:{len(scored) + 1}" in printed
+    assert f"{path}: 1 of {len(scored) + 1} rows skipped" in printed
+    assert f"{path}:{len(scored) + 1}" in printed
     assert "site_01 12 (prior file)" in printed and "site_02 none (no prior reports)" in printed
     assert "1 prior report" in printed and "excluded" in printed
     everything = _texts(scored) | {MARKER, "Secret impression of a bad row."}
@@ -247,8 +251,9 @@ def test_evaluate_file_retrieves_within_the_site_and_never_the_report_itself(
     archive = fedmira.common.inference.load_reports(str(prior_path)).reports
     captured: dict[str, Any] = {}
 
-    def fake_engine_generate(model: Any, tok: Any, reports: list[Report], data: Any, gen: Any, device: Any,
-                             progress: bool = False, neighbors: Any = None, autocast: Any = None) -> list[str]:
+    def fake_engine_generate(model: Any, tok: Any, reports: list[Report], data: Any, gen: Any,
+                             device: Any, progress: bool = False, neighbors: Any = None,
+                             autocast: Any = None) -> list[str]:
         captured.update(ids=[r.report_id for r in reports], neighbors=neighbors)
         return ["Normal study."] * len(reports)
 
@@ -267,7 +272,8 @@ def test_evaluate_file_retrieves_within_the_site_and_never_the_report_itself(
             assert near[r.report_id] == ()  # no prior reports of site_02: the prompt says none
     assert MARKER not in {n.impression for ns in near.values() for n in ns}
     # The same holds when the prior list is handed over unfiltered: the index leaves the report out.
-    fedmira.common.inference.generate_impressions(_rag_cfg(tmp_path), [scored[0]], None, progress=False, prior=archive)
+    fedmira.common.inference.generate_impressions(_rag_cfg(tmp_path), [scored[0]], None, progress=False,
+                                                  prior=archive)
     assert MARKER not in {n.impression for n in captured["neighbors"][0]}
 
 

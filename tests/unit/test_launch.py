@@ -38,7 +38,8 @@ def test_experiment_name_follows_data_and_method(tmp_path: Path) -> None:
 
 
 def test_single_site_file_falls_back_to_eight_iid_sites(tmp_path: Path) -> None:
-    reports = [Report(f"r{i}", "iu", "DR", "chest", "XR CHEST", f"Finding {i}.", "Normal.") for i in range(80)]
+    reports = [Report(f"r{i}", "iu", "DR", "chest", "XR CHEST", f"Finding {i}.", "Normal.")
+               for i in range(80)]
     splits = split_sites(_cfg(tmp_path), reports)
     assert [s.site_id for s in splits] == [f"sim_0{i}" for i in range(1, 9)]
     assert sum(len(s.train) + len(s.val) + len(s.test) for s in splits) == 80
@@ -78,7 +79,8 @@ def test_a_resume_compares_only_the_keys_the_user_gave(tmp_path: Path) -> None:
     moved = resume_config(recorded, ["run.resume=/r", "mode.superlink=0.0.0.0:9100"], base)
     assert moved.mode.superlink == "0.0.0.0:9100" and moved.strategy == recorded.strategy
     with pytest.raises(ConfigError) as info:
-        resume_config(recorded, ["run.resume=/r", "strategy.rounds=5", "mode.superlink=0.0.0.0:9100"], base, "/r")
+        resume_config(recorded, ["run.resume=/r", "strategy.rounds=5", "mode.superlink=0.0.0.0:9100"],
+                      base, "/r")
     assert str(info.value).count("(recorded") == 1  # only strategy.rounds: not the tiny model, not the port
     assert "strategy.rounds (recorded 3, given 5)" in str(info.value)
     same = resume_config(recorded, ["run.resume=/r", "strategy.rounds=3"], base)  # given, unchanged

@@ -150,7 +150,8 @@ def test_warmup_ratio_scales_with_each_sites_run() -> None:
     small, _ = make_optimizer([param], cfg, cfg.lr, 2, round_schedule(2, 2, 4))  # step 2 of 8
     big, _ = make_optimizer([param], cfg, cfg.lr, 20, round_schedule(2, 20, 4))  # step 20 of 80
     # both sit at the end of their warm-up (ceil(0.25 x total) = 2 and 20 steps): full rate
-    assert small.param_groups[0]["lr"] == pytest.approx(1.0) and big.param_groups[0]["lr"] == pytest.approx(1.0)
+    assert small.param_groups[0]["lr"] == pytest.approx(1.0)
+    assert big.param_groups[0]["lr"] == pytest.approx(1.0)
     first, _ = make_optimizer([param], cfg, cfg.lr, 2, round_schedule(1, 2, 4))
     assert first.param_groups[0]["lr"] == 0.0  # step 0 of a warm-up, as with warmup_steps
 

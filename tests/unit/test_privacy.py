@@ -84,7 +84,8 @@ def test_zero_noise_and_unreachable_clip_equals_the_plain_step(
     a, b = get_adapter_state(plain), get_adapter_state(private)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(v, get_adapter_state(new_lora(no_dropout))[k]) for k, v in b.items())  # it moved
+    start = get_adapter_state(new_lora(no_dropout))
+    assert any(not torch.equal(v, start[k]) for k, v in b.items())  # it moved
 
 
 # --------------------------------------------------------------------------- clipping bounds
@@ -105,7 +106,9 @@ def _dp_grad(model: Any, examples: list[Example], sample: list[list[int]], clip:
     return flat, stats.clipped
 
 
-def test_each_unit_is_clipped_to_the_norm(tiny: LoadedModel, new_lora: Factory, examples: list[Example]) -> None:
+def test_each_unit_is_clipped_to_the_norm(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example],
+) -> None:
     """Without noise, the gradient is sum(clip(g_u)) / E: its norm is at most units x C / E,
     and a single sampled unit's gradient has norm exactly C (its raw norm is far above C)."""
     clip = 1e-3
@@ -129,7 +132,9 @@ def test_a_patient_is_one_unit_however_its_rows_are_batched(
     assert float(records.norm()) > 2 * clip
 
 
-def test_an_empty_sample_still_adds_noise(tiny: LoadedModel, new_lora: Factory, examples: list[Example]) -> None:
+def test_an_empty_sample_still_adds_noise(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example],
+) -> None:
     flat, _ = _dp_grad(new_lora(), examples, [], 1.0, 1.0, _pad(tiny), expected=2)
     assert float(flat.norm()) > 0  # noise-only: skipping would reveal the empty sample
     std = float(flat.std())
@@ -166,7 +171,8 @@ def test_affordable_steps_stops_at_the_budget() -> None:
     history = [[1.0, 0.25, 10]]
     k = affordable_steps(history, 1.0, 0.25, 100, budget=12.0, delta=1e-5)  # 6.81 spent: 10 steps
     assert 0 < k < 100
-    assert epsilon_for([*history, (1.0, 0.25, k)], 1e-5) <= 12.0 < epsilon_for([*history, (1.0, 0.25, k + 1)], 1e-5)
+    assert epsilon_for([*history, (1.0, 0.25, k)], 1e-5) <= 12.0 \
+        < epsilon_for([*history, (1.0, 0.25, k + 1)], 1e-5)
     assert affordable_steps(history, 1.0, 0.25, 100, budget=0.0, delta=1e-5) == 100  # no budget
     assert affordable_steps(history, 1.0, 0.25, 5, budget=0.1, delta=1e-5) == 0
 
@@ -285,7 +291,8 @@ def test_clip_update_bounds_the_whole_update() -> None:
 def test_site_level_aggregate_is_the_clipped_unweighted_mean_plus_noise() -> None:
     ref = {"w": np.zeros(3, np.float32)}
     states = [{"w": np.array([3.0, 4.0, 0.0], np.float32)}, {"w": np.array([0.1, 0.0, 0.0], np.float32)}]
-    out, norms = site_level_aggregate(ref, states, clip=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    out, norms = site_level_aggregate(ref, states, clip=1.0, noise_multiplier=0.0,
+                                      rng=np.random.default_rng(0))
     assert norms == pytest.approx([5.0, 0.1])
     np.testing.assert_allclose(out["w"], ([0.6, 0.8, 0.0] + np.array([0.1, 0.0, 0.0])) / 2, rtol=1e-6)
     big = [{"w": np.zeros(20000, np.float32)} for _ in range(4)]

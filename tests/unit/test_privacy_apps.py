@@ -125,7 +125,8 @@ def _train(cfg: ExperimentConfig, state: dict[str, torch.Tensor], ctx: Context, 
     metadata = Metadata(run_id=1, message_id=f"m{g}", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                         group_id=str(g), created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN)
     conf = {"lr": 5e-3, "local-steps": cfg.train.steps, "global-round": g}
-    msg = Message(content=RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(conf)}), metadata=metadata)
+    content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(conf)})
+    msg = Message(content=content, metadata=metadata)
     reply = client_app.train(msg, ctx)
     assert not reply.has_error(), reply.error
     return reply.content["metrics"]
@@ -134,9 +135,9 @@ def _train(cfg: ExperimentConfig, state: dict[str, torch.Tensor], ctx: Context, 
 def test_the_site_ledger_grows_per_round_stops_at_the_budget_and_survives_a_restart(
     site_dir: Path, tmp_path: Path,
 ) -> None:
-    cfg = compose_config(["+debug=tiny", "privacy=dp", "privacy.target_epsilon=0", "privacy.noise_multiplier=1.0",
-                          "privacy.max_epsilon=5.0", "train.steps=2", "train.batch_size=2", "strategy.rounds=4",
-                          f"run.dir={tmp_path / 'run-1'}"])
+    cfg = compose_config(["+debug=tiny", "privacy=dp", "privacy.target_epsilon=0",
+                          "privacy.noise_multiplier=1.0", "privacy.max_epsilon=5.0", "train.steps=2",
+                          "train.batch_size=2", "strategy.rounds=4", f"run.dir={tmp_path / 'run-1'}"])
     state = get_adapter_state(apply_lora(load_base_model(cfg.model).model, cfg.lora, seed=cfg.train.seed))
     node = {"data-path": str(site_dir), "site-id": "site_x", "state-dir": str(tmp_path / "state")}
     ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
@@ -145,14 +146,16 @@ def test_the_site_ledger_grows_per_round_stops_at_the_budget_and_survives_a_rest
         metrics = _train(cfg, state, ctx, g)
         eps.append(float(metrics["dp-epsilon"]))
         assert metrics["dp-sample-rate"] == pytest.approx(2 / 10) and metrics["num-examples"] == 10
-    assert eps == pytest.approx([epsilon_for([(1.0, 0.2, 2)], 1e-5), epsilon_for([(1.0, 0.2, 4)], 1e-5)])  # 3.45, 4.24
+    # 3.45, 4.24
+    assert eps == pytest.approx([epsilon_for([(1.0, 0.2, 2)], 1e-5), epsilon_for([(1.0, 0.2, 4)], 1e-5)])
     ledger_path = tmp_path / "state" / "privacy" / "run-1.json"
     saved = json.loads(ledger_path.read_text())
     assert saved["history"] == [[1.0, 0.2, 4]] and saved["rounds"] == [1, 2]
     assert set(saved) == {"mechanism", "delta", "unit", "units", "noise_multiplier", "sample_rate",
                           "planned_steps", "history", "rounds", "version"}  # numbers only, no report text
     # a SuperNode restart: fresh node state, the file is what is left
-    restarted = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
+    restarted = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                        run_config=cfg.to_run_config())
     spent = None
     for g in range(3, 12):
         metrics = _train(cfg, state, restarted, g)
@@ -174,4 +177,5 @@ def test_model_card_states_privacy_and_epsilon_per_site() -> None:
     assert "site-level DP (clip 1" in privacy_line(compose_config(["privacy=site_dp"]))
     lines = _privacy_section({"record_level": {"max_epsilon": 2.5, "sites": {"site_01": 2.5}},
                               "site_level": {"epsilon": 1.25, "delta": 1e-3, "rounds": 3}})
-    assert "| site_01 | 2.500 |" in lines and any("epsilon 1.250 at delta 0.001 after 3 rounds" in x for x in lines)
+    assert "| site_01 | 2.500 |" in lines
+    assert any("epsilon 1.250 at delta 0.001 after 3 rounds" in x for x in lines)

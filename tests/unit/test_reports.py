@@ -513,7 +513,8 @@ def test_a_bare_export_checks_with_defaults(tmp_path: Path) -> None:
     result = load_reports(path)
     assert [r.report_id for r in result.reports] == ["a1", "7", "ACC-9"]
     first = result.reports[0]
-    assert (first.site_id, first.modality, first.body_part, first.exam) == ("st_marys", "UN", "unknown", "unknown")
+    assert (first.site_id, first.modality, first.body_part, first.exam) == \
+        ("st_marys", "UN", "unknown", "unknown")
     assert [(p.line, p.field, p.code) for p in result.problems] == [(4, "modality", "missing_field")]
     assert {r.site_id for r in load_reports(path, site_id="hospital_07").reports} == {"hospital_07"}
 

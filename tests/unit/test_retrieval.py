@@ -129,7 +129,8 @@ def test_plain_templates_ignore_neighbours(tiny: LoadedModel) -> None:
 
 def test_rag_prompts_are_deterministic(tiny: LoadedModel) -> None:
     data = DataConfig(template="site_aware_rag", neighbors=3, max_length=256, max_target_tokens=32)
-    a = encode_reports(PRIOR, tiny.tokenizer, data, neighbors_for(PRIOR, SiteIndex(PRIOR), 3, leave_one_out=True))
+    a = encode_reports(PRIOR, tiny.tokenizer, data,
+                       neighbors_for(PRIOR, SiteIndex(PRIOR), 3, leave_one_out=True))
     b = encode_reports(PRIOR, tiny.tokenizer, data,
                        neighbors_for(PRIOR, SiteIndex(list(PRIOR)), 3, leave_one_out=True))
     assert [e.input_ids for e in a] == [e.input_ids for e in b]

@@ -149,7 +149,8 @@ def test_a_second_launcher_of_a_run_is_refused_and_the_first_keeps_it(tmp_path: 
     from fedmira.common.rundir import RunLock
 
     with RunLock(tmp_path, "coordinator"):
-        with pytest.raises(FedmiraError, match=r"in use by `fedmira coordinator` \(pid \d+, started .*nothing was changed"):
+        with pytest.raises(FedmiraError,
+                           match=r"in use by `fedmira coordinator` \(pid \d+, started .*nothing was changed"):
             RunLock(tmp_path, "coordinator").acquire()
         # another process is refused too (flock is per open file, so this holds across processes)
         probe = ("import sys; from fedmira.common.rundir import RunLock\n"
@@ -168,7 +169,8 @@ def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
 
     from fedmira.common.rundir import RunLock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedmira.common.rundir import RunLock\n"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from fedmira.common.rundir import RunLock\n"
                                "RunLock(sys.argv[1], 'coordinator').acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

@@ -185,7 +185,8 @@ def test_bfloat16_transport_halves_the_upload(site_dir: Path, fresh_caches: None
 def test_hetero_site_trains_at_its_rank_and_fedprox_mu_is_read(site_dir: Path, fresh_caches: None) -> None:
     cfg = _hetero([4, 8], r=8)
     state = _initial(cfg)  # the server's global adapter at lora.r = 8
-    reply = _train(cfg, site_dir, state, {"lora-rank": 4}, **{"proximal-mu": 0.5}, **FedmiraHeteroSVD.client_flags)
+    reply = _train(cfg, site_dir, state, {"lora-rank": 4}, **{"proximal-mu": 0.5},
+                   **FedmiraHeteroSVD.client_flags)
     sent = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     assert set(sent) == set(state) and adapter_rank(sent) == 4
     assert reply.content["metrics"]["lora-rank"] == 4

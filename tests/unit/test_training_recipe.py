@@ -60,7 +60,8 @@ def _pad(tiny: LoadedModel) -> int:
     return int(tiny.tokenizer.pad_token_id)
 
 
-def _train(model: Any, tiny: LoadedModel, examples: list[Example], cfg: TrainConfig, **kw: Any) -> TrainResult:
+def _train(model: Any, tiny: LoadedModel, examples: list[Example], cfg: TrainConfig,
+           **kw: Any) -> TrainResult:
     return train_steps(model, examples, cfg, tiny.device, _pad(tiny), **kw)
 
 
@@ -107,7 +108,8 @@ def test_rounds_continue_one_schedule(tiny: LoadedModel, new_lora: Factory, exam
     for g in range(3):
         _train(model, tiny, examples, cfg, global_step=3 * g, total_steps=9)
     assert seen_lrs == [lr_at(k, 9, 1e-2, 2, "cosine") for k in range(9)]
-    assert seen_lrs[:3] == [0.0, 5e-3, 1e-2] and seen_lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 6 / 7)))
+    assert seen_lrs[:3] == [0.0, 5e-3, 1e-2]
+    assert seen_lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 6 / 7)))
 
 
 def test_one_call_is_a_whole_run_by_default(tiny: LoadedModel, new_lora: Factory, examples: list[Example],
@@ -189,7 +191,8 @@ def test_bad_epochs_raise_config_error_naming_the_field(epochs: Any) -> None:
 
 
 def test_new_train_options_compose_and_round_trip() -> None:
-    cfg = compose_config(["train.epochs=0.25", "train.keep_optimizer_state=true", "train.group_by_length=true"])
+    cfg = compose_config(["train.epochs=0.25", "train.keep_optimizer_state=true",
+                          "train.group_by_length=true"])
     assert (cfg.train.epochs, cfg.train.keep_optimizer_state, cfg.train.group_by_length) == (0.25, True, True)
     assert type(cfg).from_run_config(cfg.to_run_config()) == cfg
     default = compose_config([]).train
@@ -216,7 +219,8 @@ def test_kept_adamw_state_makes_two_rounds_one_run(tiny: LoadedModel, new_lora: 
     first = _train(split, tiny, one, keep, total_steps=6)
     assert not first.optimizer_state_restored
     assert len(first.optimizer_state) == 3 * sum(p.requires_grad for p in split.parameters())
-    second = _train(split, tiny, one, keep, global_step=3, total_steps=6, optimizer_state=first.optimizer_state)
+    second = _train(split, tiny, one, keep, global_step=3, total_steps=6,
+                    optimizer_state=first.optimizer_state)
     assert second.optimizer_state_restored
     assert _equal(get_adapter_state(split), get_adapter_state(whole))
     steps = {k: float(v) for k, v in second.optimizer_state.items() if k.endswith(":step")}
@@ -228,9 +232,12 @@ def test_kept_adamw_state_makes_two_rounds_one_run(tiny: LoadedModel, new_lora: 
     assert not _equal(get_adapter_state(restart), get_adapter_state(whole))
 
 
-def test_optimizer_state_is_off_by_default(tiny: LoadedModel, new_lora: Factory, examples: list[Example]) -> None:
+def test_optimizer_state_is_off_by_default(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example],
+) -> None:
     cfg = TrainConfig(steps=2, batch_size=4)
-    kept = _train(new_lora(), tiny, examples, dataclasses.replace(cfg, keep_optimizer_state=True)).optimizer_state
+    keep = dataclasses.replace(cfg, keep_optimizer_state=True)
+    kept = _train(new_lora(), tiny, examples, keep).optimizer_state
     result = _train(new_lora(), tiny, examples, cfg, optimizer_state=kept)
     assert not result.optimizer_state_restored and result.optimizer_state == {}
 
@@ -256,10 +263,13 @@ def test_a_state_that_does_not_match_exactly_starts_fresh(
     assert _equal(get_adapter_state(restored), get_adapter_state(fresh))
 
 
-def test_dp_keeps_the_optimizer_state_too(tiny: LoadedModel, new_lora: Factory, examples: list[Example]) -> None:
+def test_dp_keeps_the_optimizer_state_too(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example],
+) -> None:
     cfg = TrainConfig(steps=2, batch_size=4, keep_optimizer_state=True)
     model, ledger, units = new_lora(), _ledger(len(examples)), list(range(len(examples)))
-    first = dp_train_steps(model, examples, units, cfg, ledger, tiny.device, _pad(tiny), max_grad_norm=1.0, seed=0)
+    first = dp_train_steps(model, examples, units, cfg, ledger, tiny.device, _pad(tiny), max_grad_norm=1.0,
+                           seed=0)
     second = dp_train_steps(model, examples, units, cfg, ledger, tiny.device, _pad(tiny), max_grad_norm=1.0,
                             seed=1, optimizer_state=first.optimizer_state)
     assert (first.optimizer_state_restored, second.optimizer_state_restored) == (False, True)
