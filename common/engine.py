@@ -7,12 +7,11 @@ reports, typed configs, device) and return plain results, so they are tested wit
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +20,9 @@ from tqdm.auto import tqdm
 from fedmira.common.config import DataConfig, GenerateConfig, TrainConfig
 from fedmira.common.model import autocast_context
 from fedmira.common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
-    Schedule,
     lr_at,
-    make_optimizer,
-    optimizer_arrays,
-    restore_optimizer,
     round_steps,
+    start_training,
 )
 
 #: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).
@@ -130,14 +126,6 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     return decoder, head
 
 
-@contextlib.contextmanager
-def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch (LoRA dropout) for one training run, restoring the caller's RNG state after."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 #: Length grouping sorts windows of this many batches by length, then shuffles the batches.
 GROUP_WINDOW = 50
 
@@ -205,26 +193,19 @@ def train_steps(
     ``model.parameters()`` order (the global adapter as received). The reported loss stays the
     task loss, so FedProx and FedAvg curves compare like with like.
     """
-    if not examples:
-        raise ValueError("No training examples: this site has no usable reports in its train split.")
-    steps = round_steps(cfg, len(examples), steps)
-    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
-    run_seed = cfg.seed if seed is None else seed
-    rng = random.Random(run_seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
+    run = start_training(model, len(examples), cfg, seed=seed, lr=lr, steps=steps, global_step=global_step,
+                         total_steps=total_steps, optimizer_state=optimizer_state)
+    steps, params, optimizer, scheduler = run.steps, run.params, run.optimizer, run.scheduler
+    rng = run.sampler()
     prox = _proximal_term(params, proximal, device)
-    optimizer, scheduler = make_optimizer(params, cfg, lr, steps, Schedule(global_step, total_steps))
-    keep = cfg.keep_optimizer_state
-    restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
     lengths = [len(e.input_ids) for e in examples] if cfg.group_by_length else None
     batches = _batches(len(examples), cfg.batch_size, rng, lengths)
     model.train()
     seen: set[int] = set()
-    total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, lr, 0.0
+    total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, run.lr, 0.0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
-    with _seeded_torch(run_seed, device):  # dropout masks follow the seed too
+    with run.seeded(device):  # dropout masks follow the seed too
         for step in bar:
             step_loss, step_tokens = torch.zeros((), device=device), 0
             micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -263,8 +244,7 @@ def train_steps(
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
     return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum, padded_tokens=padded,
-                       optimizer_state=optimizer_arrays(optimizer, names) if keep else {},
-                       optimizer_state_restored=restored)
+                       optimizer_state=run.optimizer_state(), optimizer_state_restored=run.restored)
 
 
 def _proximal_term(

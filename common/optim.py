@@ -18,9 +18,12 @@ before.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
+import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,6 +31,8 @@ from fedmira.common.config import TrainConfig
 
 #: AdamW's per-parameter state entries, in the order they are stored.
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+#: What a training call says when it is given no examples (plain and DP-SGD alike).
+NO_EXAMPLES = "No training examples: this site has no usable reports in its train split."
 
 
 @dataclass(frozen=True)
@@ -142,3 +147,78 @@ def restore_optimizer(
                     "exp_avg_sq": sq.to(device=p.device, dtype=p.dtype).clone()}
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return True
+
+
+def require_examples(n_examples: int) -> None:
+    """Fail with :data:`NO_EXAMPLES` when a training call has nothing to train on."""
+    if not n_examples:
+        raise ValueError(NO_EXAMPLES)
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (LoRA dropout) for one training run, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one local training call (plain or DP-SGD) starts from: see :func:`start_training`."""
+
+    #: Optimizer steps the call plans (:func:`round_steps`).
+    steps: int
+    #: Peak learning rate of the call.
+    lr: float
+    #: The call's seed (batch order, LoRA dropout, DP noise).
+    seed: int
+    #: Names and tensors of the trainable parameters, in ``model.named_parameters()`` order.
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    #: Whether the call keeps AdamW's moments (``train.keep_optimizer_state``).
+    keep: bool
+    #: Whether the optimizer started from kept moments (else afresh).
+    restored: bool
+
+    def sampler(self, secure: bool = False) -> random.Random:
+        """The call's Python RNG for sampling: seeded, or OS entropy when ``secure``."""
+        return secrets.SystemRandom() if secure else random.Random(self.seed)
+
+    def seeded(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        """Torch's RNG seeded with the call's seed for the loop (:func:`seeded_torch`)."""
+        return seeded_torch(self.seed, device)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW's moments after the call when they are kept (:func:`optimizer_arrays`), else empty."""
+        return optimizer_arrays(self.optimizer, self.names) if self.keep else {}
+
+
+def start_training(
+    model: Any, n_examples: int, cfg: TrainConfig, *, seed: int | None, lr: float | None,
+    steps: int | None, global_step: int, total_steps: int | None,
+    optimizer_state: Mapping[str, torch.Tensor] | None,
+) -> LocalTraining:
+    """Set up one local training call: steps, learning rate, seed, parameters, AdamW and schedule.
+
+    ``seed``, ``lr`` and ``steps`` override the config (None: the config's; an explicit lr of 0
+    means 0). ``global_step`` / ``total_steps`` place the call in the run's schedule. With
+    ``train.keep_optimizer_state`` a matching ``optimizer_state`` resumes AdamW's moments.
+
+    Raises
+    ------
+    ValueError
+        No examples (:data:`NO_EXAMPLES`), or a schedule position that cannot be right.
+    """
+    require_examples(n_examples)
+    planned = round_steps(cfg, n_examples, steps)
+    peak = cfg.lr if lr is None else lr
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer, scheduler = make_optimizer(params, cfg, peak, planned, Schedule(global_step, total_steps))
+    keep = cfg.keep_optimizer_state
+    restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
+    return LocalTraining(steps=planned, lr=peak, seed=cfg.seed if seed is None else seed, names=names,
+                         params=params, optimizer=optimizer, scheduler=scheduler, keep=keep, restored=restored)

@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from fedmira.common.config import PrivacyConfig, TrainConfig
 from fedmira.common.errors import DataError
-from fedmira.common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
+from fedmira.common.optim import require_examples, start_training
 from fedmira.common.prompts import IGNORE_INDEX, Example, collate
 from fedmira.common.reports import Report
 
@@ -400,23 +398,18 @@ def dp_train_steps(
     """
     from opacus import GradSampleModule
 
-    if not examples:
-        raise ValueError("No training examples: this site has no usable reports in its train split.")
+    require_examples(len(examples))
     if len(units) != len(examples):
         raise ValueError("units must give one privacy unit per training example")
     if not state.planned:
         raise ValueError("the privacy ledger has no noise plan; call plan_state first")
-    wanted = round_steps(cfg, len(examples), steps)
-    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
-    run_seed = cfg.seed if seed is None else seed
+    run = start_training(model, len(examples), cfg, seed=seed, lr=lr, steps=steps, global_step=global_step,
+                         total_steps=total_steps, optimizer_state=optimizer_state)
+    wanted, run_seed, params, optimizer, scheduler = run.steps, run.seed, run.params, run.optimizer, run.scheduler
     sigma, q = state.noise_multiplier, state.sample_rate
     todo = affordable_steps(state.history, sigma, q, wanted, budget, state.delta, state.mechanism)
     members = _members(units)
-    sampler = secrets.SystemRandom() if secure_mode else random.Random(run_seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    optimizer, scheduler = make_optimizer(params, cfg, lr, wanted, Schedule(global_step, total_steps))
-    restored = cfg.keep_optimizer_state and restore_optimizer(optimizer, params, names, optimizer_state)
+    sampler = run.sampler(secure=secure_mode)
     prox = _proximal(params, proximal, device)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_opt = make_dp_optimizer(optimizer, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
@@ -424,12 +417,11 @@ def dp_train_steps(
                                secure_mode=secure_mode)
     seen: set[int] = set()
     total_loss, total_tokens, all_tokens, clipped, sampled = 0.0, 0, 0, 0, 0
-    last_lr, lr_sum = lr, 0.0
+    last_lr, lr_sum = run.lr, 0.0
     start = time.perf_counter()
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(run_seed)  # LoRA dropout follows the seed
+        with run.seeded(device):  # LoRA dropout follows the seed
             for step in tqdm(range(todo), desc="dp-train", unit="step", disable=not progress, leave=False):
                 chosen = [u for u in range(len(members)) if sampler.random() < q]
                 stats = dp_gradient(gsm, dp_opt, params, examples, [members[u] for u in chosen],
@@ -458,8 +450,7 @@ def dp_train_steps(
         mean_loss=total_loss / total_tokens if total_tokens else math.nan, num_examples=len(seen),
         steps=todo, steps_wanted=wanted, tokens=all_tokens, seconds=time.perf_counter() - start,
         clipped_fraction=clipped / sampled if sampled else 0.0, epsilon=state.epsilon(),
-        lr=last_lr, lr_sum=lr_sum, optimizer_state=optimizer_arrays(optimizer, names) if cfg.keep_optimizer_state else {},
-        optimizer_state_restored=restored,
+        lr=last_lr, lr_sum=lr_sum, optimizer_state=run.optimizer_state(), optimizer_state_restored=run.restored,
     )
 
 
