@@ -157,7 +157,7 @@ def lora_modules(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
     return sorted(a)
 
 
-def adapter_rank(state: Mapping[str, np.ndarray]) -> int:
+def adapter_rank(state: Mapping[str, np.ndarray] | Mapping[str, torch.Tensor]) -> int:
     """The LoRA rank of an adapter state (rows of every A, columns of every B).
 
     Raises
@@ -169,7 +169,7 @@ def adapter_rank(state: Mapping[str, np.ndarray]) -> int:
     ranks |= {state[m + LORA_B].shape[1] for m in lora_modules(state)}
     if len(ranks) != 1:
         raise ValueError(f"adapter factors disagree on the rank: {sorted(ranks)}")
-    return ranks.pop()
+    return int(ranks.pop())
 
 
 def truncate_adapter(state: Mapping[str, np.ndarray], rank: int) -> ArrayDict:

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
@@ -339,7 +339,7 @@ def _paired_metrics(use_encoder: bool) -> list[str]:
 
 
 def compare_systems(
-    reports: Sequence[Report], predictions: dict[str, Sequence[str]], *, kinds: dict[str, str],
+    reports: Sequence[Report], predictions: Mapping[str, Sequence[str]], *, kinds: Mapping[str, str],
     reference: str, use_encoder: bool = True, n_resamples: int = 1000,
     n_permutations: int = 10000, alpha: float = 0.05, seed: int = 0,
     progress: bool = False,
@@ -383,7 +383,7 @@ def compare_systems(
     rows = {name: score_pairs(refs, list(hyps), body_parts=parts, use_encoder=use_encoder)
             for name, hyps in tqdm(predictions.items(), desc="score", unit="system", disable=not progress)}
     summary_metrics = [m for m in SUMMARY_METRICS if m in metrics or m == "clinical_micro_f1"]
-    systems = {name: {"kind": kinds[name],
+    systems: dict[str, dict[str, Any]] = {name: {"kind": kinds[name],
                       "summary": summarize_scores(rows[name], metrics, n_resamples=n_resamples, seed=seed)}
                for name in predictions}
     for info in systems.values():
@@ -446,7 +446,7 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: dict[str, str], *,
+def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: Mapping[str, str], *,
                               n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Whether the best fine-tuned system (highest mean ROUGE-L) beats retrieval, in one sentence."""
     from fedmira.common.stats import mean_difference_ci
@@ -530,7 +530,10 @@ def comparison_table(result: dict[str, Any]) -> list[str]:
     lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     for row in result["comparisons"]:
         d = row["mean_diff"]
-        star = lambda t, row=row: "*" if row[t]["reject"] else ""  # noqa: E731
+
+        def star(test: str, row: dict[str, Any] = row) -> str:
+            return "*" if row[test]["reject"] else ""
+
         cells = [
             row["system"], PAIRED_METRICS[row["metric"]], _num(row["reference_mean"]),
             _num(row["system_mean"]),
@@ -696,7 +699,9 @@ def predict_system(spec: SystemSpec, cfg: ExperimentConfig, reports: list[Report
         hyps = BASELINES[spec.kind](pool, reports)
         return hyps, {"source": "computed", "seconds": round(time.perf_counter() - t0, 2)}
     if generate_fn is None:
-        from fedmira.common.inference import generate_impressions as generate_fn
+        from fedmira.common.inference import generate_impressions
+
+        generate_fn = generate_impressions
     template = system_template(spec, cfg)
     key = cache_key(cfg, spec, template, reports)
     if template in RAG_TEMPLATES:  # the prompts also depend on the index they retrieve from

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.errors import ConfigError
@@ -37,7 +37,7 @@ def compose_dict(overrides: Sequence[str] = (), config_name: str = "config") -> 
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"Config error: {exc}".strip()) from exc
     assert isinstance(data, dict)
-    return data
+    return cast("dict[str, Any]", data)  # a Hydra config's keys are strings
 
 
 def compose_config(overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -19,9 +19,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from fedmira.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: A config section (a dataclass) built by :func:`_build`.
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 MODEL_EMBEDDED = "embedded:smollm2-135m"
 MODEL_TINY = "tiny-random"
@@ -666,7 +672,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type[_Section], data: Mapping[str, Any], prefix: str) -> _Section:
     if not isinstance(data, Mapping):
         raise ConfigError(f"Config section `{prefix or 'root'}` must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
@@ -682,7 +688,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     for name in names & set(data):
         hint = hints[name]
         where = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, data[name], where)
         else:
             kwargs[name] = _coerce(data[name], hint, where)
@@ -698,6 +704,11 @@ def help_table(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(help_table(hints[f.name], key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"config field `{key}` has no default")
         rows.append((key, json.dumps(default), f.metadata.get("help", "")))
     return rows

@@ -261,8 +261,11 @@ def _proximal_term(
     refs = [r.detach().to(device=device, dtype=p.dtype) for p, r in zip(params, reference)]
 
     def term() -> torch.Tensor:
-        squares = sum(((p - r) ** 2).sum() for p, r in zip(params, refs))
-        return 0.5 * mu * squares  # type: ignore[return-value]
+        squares = [((p - r) ** 2).sum() for p, r in zip(params, refs)]
+        total = squares[0]  # added in order, as sum() would (without its leading int 0)
+        for square in squares[1:]:
+            total = total + square
+        return 0.5 * mu * total
 
     return term
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO, TypedDict
 
 from fedmira.common.clinical import clinical_f1
 from fedmira.common.metrics import (
@@ -62,6 +62,13 @@ SITES_PNG, MODALITIES_PNG = "sites.png", "modalities.png"
 
 
 # ----------------------------------------------------------------------------- scoring
+class _Bootstrap(TypedDict):
+    """Bootstrap settings of every summary (``summarize_scores`` keywords)."""
+
+    n_resamples: int
+    seed: int
+
+
 def evaluate_predictions(
     reports: Sequence[Report], hyps: Sequence[str], *, external_sites: Iterable[str] = frozenset(),
     use_encoder: bool = True, n_resamples: int = 1000, seed: int = 0,
@@ -97,7 +104,7 @@ def evaluate_predictions(
     parts = [r.body_part for r in reports]
     scores = score_pairs(refs, hyps, body_parts=parts, use_encoder=use_encoder)
     rows = [{**_ids(r, external), **s} for r, s in zip(reports, scores)]
-    opts = {"n_resamples": n_resamples, "seed": seed}
+    opts: _Bootstrap = {"n_resamples": n_resamples, "seed": seed}
     return {
         "n": len(rows),
         "metrics": list(SAMPLE_METRICS),
@@ -119,7 +126,7 @@ def _ids(report: Report, external: set[str]) -> dict[str, str]:
 
 
 def _summary(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str],
-             idx: Iterable[int], opts: dict[str, int]) -> dict[str, Any]:
+             idx: Iterable[int], opts: _Bootstrap) -> dict[str, Any]:
     """Metric summaries of the rows at ``idx`` plus corpus BLEU and the report count."""
     idx = list(idx)
     out: dict[str, Any] = summarize_scores([rows[i] for i in idx], **opts)
@@ -129,7 +136,7 @@ def _summary(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str
 
 
 def _grouped(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str], key: str,
-             opts: dict[str, int]) -> dict[str, dict[str, Any]]:
+             opts: _Bootstrap) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(str(row[key]), []).append(i)
@@ -217,7 +224,10 @@ def _table(groups: dict[str, dict[str, Any]], first: str, metrics: Sequence[str]
 
 def _clinical_table(clinical: dict[str, Any]) -> list[str]:
     lines = ["| observation | support | predicted | precision | recall | F1 |", "|---|---|---|---|---|---|"]
-    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
     for name, s in clinical["per_observation"].items():
         lines.append(f"| {name} | {s['support']} | {s['predicted']} | {num(s['precision'])} | "
                      f"{num(s['recall'])} | {num(s['f1'])} |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 from fedmira.common.adapters import ADAPTER_CONFIG
 from fedmira.common.config import ExperimentConfig
@@ -14,11 +14,14 @@ from fedmira.common.model import load_base_model, model_autocast
 from fedmira.common.reports import Report, load_reports, normalize_modality
 from fedmira.common.retrieval import rag_neighbors
 
+if TYPE_CHECKING:
+    import torch
+
 
 def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device): the base model, with the PEFT adapter at ``adapter`` if given."""
     loaded = load_base_model(cfg.model)
-    model = loaded.model
+    model: torch.nn.Module = loaded.model
     if adapter:
         from peft import PeftModel
 

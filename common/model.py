@@ -86,7 +86,10 @@ def resolve_device(preference: str = "auto") -> torch.device:
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU, unless told otherwise."""
     if preference != "auto":
-        return getattr(torch, preference)
+        chosen = getattr(torch, preference, None)
+        if not isinstance(chosen, torch.dtype):
+            raise ModelError(f"model.dtype={preference!r} is not a torch dtype (e.g. float32, bfloat16).")
+        return chosen
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -152,17 +155,28 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer, source = _load_on_cpu(cfg, dtype)
     _prepare_tokenizer(tokenizer)
-    model.to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
+    _module(model).to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
     model.eval()
     autocast = model_autocast(cfg, device, dtype)
     return LoadedModel(model, tokenizer, device, dtype, time.perf_counter() - start, source, autocast)
+
+
+def _module(model: PreTrainedModel) -> torch.nn.Module:
+    """``model`` typed as the torch Module it is, for calling ``to``.
+
+    transformers wraps ``PreTrainedModel.to`` with ``functools.wraps(torch.nn.Module.to)``, which
+    hides the bound ``self`` from type checkers; the call still runs transformers' own method.
+    """
+    return model
 
 
 def _load_on_cpu(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, str]:
     name = cfg.name_or_path
     if name == MODEL_TINY:
         tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer, seed=cfg.seed).to(dtype), tokenizer, MODEL_TINY
+        tiny = build_tiny_model(tokenizer, seed=cfg.seed)
+        _module(tiny).to(dtype)  # in place, as PreTrainedModel.to returns the model itself
+        return tiny, tokenizer, MODEL_TINY
     if name == MODEL_EMBEDDED:
         folder = ensure_embedded_model(cfg)
         return _from_folder(folder, dtype, gguf_file=None), AutoTokenizer.from_pretrained(folder), str(folder)
@@ -218,8 +232,10 @@ def _from_hub_cache(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 def _make_plain(model: PreTrainedModel) -> None:
     """Drop the GGUF 'quantizer' marks: weights are already dequantized, and with the marks
     transformers refuses to save the model or to train it."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # Plain attributes transformers sets at load time (torch's Module types only tensors and
+    # submodules as attributes, hence setattr).
+    for name, value in (("hf_quantizer", None), ("is_quantized", False)):
+        setattr(model, name, value)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -459,7 +459,8 @@ def _split_site(site_id: str, reports: list[Report], *, external: bool, val_frac
     parts: dict[str, list[Report]] = {name: [] for name in SPLITS}
     for report in reports:
         parts[assign[_group_key(report)]].append(report)
-    return SiteSplit(site_id, *(_hash_order(parts[name], seed) for name in SPLITS), False)
+    train, val, test = (_hash_order(parts[name], seed) for name in SPLITS)
+    return SiteSplit(site_id, train, val, test, False)
 
 
 def _cap_site(split: SiteSplit, max_reports: int) -> SiteSplit:
@@ -794,7 +795,8 @@ def plot_sites(splits: list[SiteSplit], path: str | Path, *, mix: str = "auto") 
     # Explicit limit: zero-height stacked bars pin autoscaling at the tallest bar's top.
     top.set_ylim(0, max(totals) * 1.05)
     top.set_title(f"{len(splits)} sites, {sum(totals)} reports")
-    _stack(bottom, x, shares, plt.get_cmap("tab20").colors)
+    palette = plt.get_cmap("tab20")  # qualitative: its 20 colours, in order
+    _stack(bottom, x, shares, [palette(i) for i in range(palette.N)])
     bottom.set_ylabel(f"{title} mix (share)")
     bottom.set_ylim(0, 1)
     bottom.set_xticks(x, [s.site_id for s in splits], rotation=90, fontsize=7)

@@ -280,21 +280,27 @@ def _members(units: Sequence[int]) -> list[list[int]]:
     return [groups[u] for u in sorted(groups)]
 
 
+#: The attribute Opacus' hooks add to each parameter: its per-sample gradients (a tensor, or a
+#: list of them, one per backward pass). torch's types do not know it, hence getattr/setattr.
+_GRAD_SAMPLE = "grad_sample"
+
+
 def _group_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int,
                         identity: bool) -> torch.Tensor:
     """Turn per-row gradient samples into per-unit ones (a patient's rows summed); unit norms."""
-    norms = []
+    norms: list[torch.Tensor] = []
     for p in params:
-        gs = p.grad_sample
+        gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE)
         if isinstance(gs, list):
             gs = torch.cat(gs, dim=0)
         if gs is None:  # this parameter took no part in the forward pass
             gs = torch.zeros((len(owner), *p.shape), dtype=p.dtype, device=p.device)
         if not identity:
             gs = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype, device=gs.device).index_add_(0, owner, gs)
-        p.grad_sample = gs
+        setattr(p, _GRAD_SAMPLE, gs)
         norms.append(torch.linalg.vector_norm(gs.reshape(n_units, -1), dim=1, dtype=torch.float32))
-    return torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)  # one norm per unit over all parameters
+    unit_norms: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+    return unit_norms  # one norm per unit over all parameters
 
 
 @dataclass(frozen=True)
@@ -339,7 +345,7 @@ def dp_gradient(
         clipped = int((norms > dp_opt.max_grad_norm).sum())
     else:
         for p in params:  # an empty Poisson sample: a noise-only step
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            setattr(p, _GRAD_SAMPLE, torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))
     dp_opt.pre_step()
     return StepStats(loss_sum, n_tok, tokens, clipped)
 
@@ -465,6 +471,7 @@ def _proximal(params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[to
     def add() -> None:
         with torch.no_grad():
             for p, r in zip(params, refs):
+                assert p.grad is not None  # the DP step left a (noisy) gradient on every parameter
                 p.grad.add_(p.detach() - r, alpha=mu)
 
     return add

@@ -682,9 +682,10 @@ def _to_report(row: _Row, ctx: _Context) -> Report | None:
     modality = _modality(texts["modality"], found)
     optional = _optional_fields(values, found, ctx)
     for name in _LENGTH_CHECKED:
-        if texts[name] is not None and len(texts[name]) > ctx.max_chars:
+        text = texts[name]
+        if text is not None and len(text) > ctx.max_chars:
             found.append((name, "too_long",
-                          f"field '{ctx.name(name)}' has {len(texts[name])} characters, more than "
+                          f"field '{ctx.name(name)}' has {len(text)} characters, more than "
                           f"max_chars={ctx.max_chars}; shorten it, drop the row or raise data.max_chars."))
     if not found and rid in ctx.seen_ids:
         found.append(("report_id", "duplicate_id",
@@ -695,16 +696,17 @@ def _to_report(row: _Row, ctx: _Context) -> Report | None:
         ctx.report(row.line, rid or None, fld, code, message)
     if found:
         return None
-    assert rid is not None and modality is not None
+    present = {name: text for name, text in texts.items() if text is not None}
+    assert rid is not None and modality is not None and len(present) == len(texts)  # nothing found
     ctx.seen_ids[rid] = row.line
     return Report(
         report_id=rid,
-        site_id=texts["site_id"],
+        site_id=present["site_id"],
         modality=modality,
-        body_part=texts["body_part"].lower(),  # a category: "Chest" and "chest" are one part
-        exam=texts["exam"],
-        findings=texts["findings"],
-        impression=texts["impression"],
+        body_part=present["body_part"].lower(),  # a category: "Chest" and "chest" are one part
+        exam=present["exam"],
+        findings=present["findings"],
+        impression=present["impression"],
         **optional,
     )
 

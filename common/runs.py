@@ -25,7 +25,7 @@ def check_lock(cfg: ExperimentConfig) -> None:
     """Refuse a run whose locked part differs from the one recorded for its experiment name."""
     name = cfg.experiment_name()
     path = Path(cfg.run.out_dir) / LOCKS_DIR / f"{name}.json"
-    lock = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
+    lock: dict[str, Any] = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
     if path.is_file():
         recorded = json.loads(path.read_text())
         # Keys only one side has (a lock written before a key was locked, or a deployment's

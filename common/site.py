@@ -13,14 +13,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping, TypedDict
 
 import torch
 
 from fedmira.common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
 from fedmira.common.aggregation import LORA_A, adapter_rank, truncate_adapter
 from fedmira.common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
-from fedmira.common.engine import encode_reports, evaluate_loss, generate, train_steps
+from fedmira.common.engine import TrainResult, encode_reports, evaluate_loss, generate, train_steps
 from fedmira.common.errors import ConfigError, DataError
 from fedmira.common.metrics import rouge_l
 from fedmira.common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
@@ -175,7 +175,7 @@ def site_lora(cfg: ExperimentConfig, rank: int) -> LoraConfig:
 
 def fit_rank(state: Mapping[str, torch.Tensor], rank: int) -> Mapping[str, torch.Tensor]:
     """The global adapter cut to this site's rank (hetero_svd's first message is at full rank)."""
-    if adapter_rank(state) <= rank:  # type: ignore[arg-type]  (only shapes are read)
+    if adapter_rank(state) <= rank:
         return state
     arrays = truncate_adapter({k: v.numpy() for k, v in state.items()}, rank)
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -191,6 +191,13 @@ def set_threads(cfg: ExperimentConfig) -> None:
         torch.set_num_threads(cfg.train.threads)
     elif cfg.mode.name == "simulation":
         torch.set_num_threads(cfg.mode.client_cpus)
+
+
+class _Position(TypedDict):
+    """Where a round's training call sits in the run's schedule (``train_steps`` keywords)."""
+
+    global_step: int
+    total_steps: int | None
 
 
 def local_train(
@@ -227,8 +234,9 @@ def local_train(
     schedule = round_schedule(global_round, steps, cfg.strategy.rounds)
     keep = cfg.train.keep_optimizer_state and optimizer_store is not None
     saved = dict(optimizer_store) if keep and optimizer_store else None
-    position = {"global_step": schedule.offset, "total_steps": schedule.total}
+    position: _Position = {"global_step": schedule.offset, "total_steps": schedule.total}
     dp_metrics: dict[str, float | int] = {}
+    result: TrainResult | DPResult
     if cfg.privacy.enabled:
         if ledger is None:
             raise ValueError("privacy.enabled needs the site's privacy ledger (see plan_ledger)")
@@ -241,9 +249,9 @@ def local_train(
             seed=seed, lr=lr, steps=steps, proximal=proximal, autocast=worker.loaded.autocast,
             optimizer_state=saved, **position,
         )
-    if keep and result.optimizer_state:
-        optimizer_store.clear()  # type: ignore[union-attr]  (keep implies a store)
-        optimizer_store.update(result.optimizer_state)  # type: ignore[union-attr]
+    if keep and optimizer_store is not None and result.optimizer_state:
+        optimizer_store.clear()
+        optimizer_store.update(result.optimizer_state)
     state = get_adapter_state(worker.model)
     if ffa:  # A is the shared seeded init the server already holds: sending it is waste
         state = {k: v for k, v in state.items() if not k.endswith(LORA_A)}
@@ -287,7 +295,7 @@ def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentC
 def _dp_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, examples: list[Example], ledger: AccountantState,
     *, lr: float, steps: int, seed: int, global_round: int,
-    proximal: tuple[float, list[torch.Tensor]] | None, position: dict[str, int | None],
+    proximal: tuple[float, list[torch.Tensor]] | None, position: _Position,
     optimizer_state: dict[str, torch.Tensor] | None,
 ) -> tuple[DPResult, dict[str, float | int]]:
     """DP-SGD for this round; the ledger (updated in place) and the numbers the site reports."""
@@ -296,7 +304,7 @@ def _dp_train(
         worker.model, examples, unit_ids(site.train, p.unit), cfg.train, ledger, worker.loaded.device,
         int(worker.loaded.tokenizer.pad_token_id), max_grad_norm=p.max_grad_norm, budget=p.budget,
         seed=seed, lr=lr, steps=steps, global_round=global_round, secure_mode=p.secure_mode,
-        proximal=proximal, optimizer_state=optimizer_state, **position,  # type: ignore[arg-type]
+        proximal=proximal, optimizer_state=optimizer_state, **position,
     )
     return result, {
         "dp-epsilon": result.epsilon, "dp-delta": ledger.delta, "dp-steps": result.steps,
