@@ -45,6 +45,7 @@ from fedmira.common.adapters import ADAPTER_CONFIG
 from fedmira.common.errors import FedmiraError
 from fedmira.common.prompts import RAG_TEMPLATES, TEMPLATES
 from fedmira.common.reports import Report
+from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
@@ -518,31 +519,28 @@ def summary_table(result: dict[str, Any]) -> list[str]:
     """Systems x metrics, mean [95% bootstrap CI]."""
     metrics = result["summary_metrics"]
     head = ["system", "kind"] + [SUMMARY_METRICS[m] for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, info in result["systems"].items():
-        cells = [name, info["kind"]] + [_ci(info["summary"].get(m)) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [[name, info["kind"], *(_ci(info["summary"].get(m)) for m in metrics)]
+            for name, info in result["systems"].items()]
+    return markdown_table(head, rows).splitlines()
 
 
 def comparison_table(result: dict[str, Any]) -> list[str]:
     """The one table of paired tests with Holm-adjusted p-values (``*``: rejected at alpha)."""
-    lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    rows = []
     for row in result["comparisons"]:
         d = row["mean_diff"]
 
         def star(test: str, row: dict[str, Any] = row) -> str:
             return "*" if row[test]["reject"] else ""
 
-        cells = [
+        rows.append([
             row["system"], PAIRED_METRICS[row["metric"]], _num(row["reference_mean"]),
             _num(row["system_mean"]),
             f"{_num(d['mean_diff'], '+.3f')} [{_num(d['lo'], '+.3f')}, {_num(d['hi'], '+.3f')}]",
             _num(row["rank_biserial"], "+.2f"), _p(row["wilcoxon"]["p_holm"]) + star("wilcoxon"),
             _p(row["randomization"]["p_holm"]) + star("randomization"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        ])
+    return markdown_table(COMPARISON_COLUMNS, rows).splitlines()
 
 
 def compare_markdown(result: dict[str, Any]) -> str:

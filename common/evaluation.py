@@ -39,6 +39,7 @@ from fedmira.common.metrics import (
     summarize_scores,
 )
 from fedmira.common.reports import Report
+from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
@@ -213,25 +214,19 @@ def _fmt(summary: dict[str, Any] | None) -> str:
 
 def _table(groups: dict[str, dict[str, Any]], first: str, metrics: Sequence[str]) -> list[str]:
     head = [first, "n"] + [REPORT_METRICS[m] for m in metrics] + ["corpus BLEU-4"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, s in groups.items():
         bleu = s.get("corpus_bleu4")
-        cells = [name.replace("|", "\\|"), str(s["n_reports"])] + [_fmt(s.get(m)) for m in metrics]
-        cells.append("n/a" if bleu is None else f"{bleu:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append([name, s["n_reports"], *(_fmt(s.get(m)) for m in metrics),
+                     "n/a" if bleu is None else f"{bleu:.3f}"])
+    return markdown_table(head, rows).splitlines()
 
 
 def _clinical_table(clinical: dict[str, Any]) -> list[str]:
-    lines = ["| observation | support | predicted | precision | recall | F1 |", "|---|---|---|---|---|---|"]
-
-    def num(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
-
-    for name, s in clinical["per_observation"].items():
-        lines.append(f"| {name} | {s['support']} | {s['predicted']} | {num(s['precision'])} | "
-                     f"{num(s['recall'])} | {num(s['f1'])} |")
-    return lines
+    head = ["observation", "support", "predicted", "precision", "recall", "F1"]
+    rows = [[name, s["support"], s["predicted"], _num(s["precision"]), _num(s["recall"]), _num(s["f1"])]
+            for name, s in clinical["per_observation"].items()]
+    return markdown_table(head, rows).splitlines()
 
 
 def report_markdown(result: dict[str, Any]) -> str:
