@@ -141,7 +141,7 @@ def norm_outliers(norms: Sequence[float], factor: float) -> list[bool]:
 
 # ------------------------------------------------------------------------------ LoRA structure
 def lora_modules(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
-    """Module prefixes that have both a ``lora_A`` and a ``lora_B`` tensor, sorted.
+    """Return the module prefixes that have both a ``lora_A`` and a ``lora_B`` tensor, sorted.
 
     Raises
     ------
@@ -158,7 +158,7 @@ def lora_modules(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
 
 
 def adapter_rank(state: Mapping[str, np.ndarray] | Mapping[str, torch.Tensor]) -> int:
-    """The LoRA rank of an adapter state (rows of every A, columns of every B).
+    """Return the LoRA rank of an adapter state (rows of every A, columns of every B).
 
     Raises
     ------
@@ -173,7 +173,7 @@ def adapter_rank(state: Mapping[str, np.ndarray] | Mapping[str, torch.Tensor]) -
 
 
 def truncate_adapter(state: Mapping[str, np.ndarray], rank: int) -> ArrayDict:
-    """The rank-``rank`` part of an adapter in SVD form (as :func:`hetero_aggregate` returns it).
+    """Cut an adapter in SVD form (as :func:`hetero_aggregate` returns it) to rank ``rank``.
 
     Keeps the first ``rank`` columns of B and rows of A (the largest singular values) and
     multiplies each by ``sqrt(rank / r)``: PEFT scales an update by ``alpha / rank``, so the

@@ -192,7 +192,7 @@ def register_observation_set(body_part: str, observations: Sequence[Observation]
 
 
 def observation_set(body_part: str | None = None) -> tuple[Observation, ...]:
-    """The observations for ``body_part``; the chest set when it has none of its own."""
+    """Return the observations for ``body_part``; the chest set when it has none of its own."""
     key = (body_part or DEFAULT_BODY_PART).strip().lower()
     return _SETS.get(key, _SETS[DEFAULT_BODY_PART])
 

@@ -143,7 +143,8 @@ class DataConfig:
                           "example); either replaces the chat template's generic assistant prompt.", "full")
     max_length: int = _help("Max prompt+target tokens; findings are shortened first, never the target.", 256)
     max_target_tokens: int = _help("Max impression tokens kept as the training target.", 96)
-    max_chars: int = _help("Rows whose findings or impression exceed this many characters are rejected.", 20000)
+    max_chars: int = _help(
+        "Rows whose findings or impression exceed this many characters are rejected.", 20000)
     synthetic_sites: int = _help("Hospitals in the embedded synthetic corpus.", 42)
     synthetic_reports: int = _help("Reports in the embedded synthetic corpus (all sites).", 4200)
     synthetic_seed: int = _help("Seed of the synthetic corpus.", 7)
@@ -186,7 +187,8 @@ class PartitionConfig:
         "smallest site size.", 10)
 
     def __post_init__(self) -> None:
-        _check_choice("partition", "method", self.method, ("natural", "iid", "dirichlet", "quantity", "template"))
+        _check_choice("partition", "method", self.method,
+                      ("natural", "iid", "dirichlet", "quantity", "template"))
         _check_range("partition", "alpha", self.alpha, 0.0, 1e6, lo_open=True)
         if not math.isfinite(self.alpha):
             _fail("partition", "alpha", self.alpha, "must be a finite number")
@@ -589,11 +591,12 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ locked part
     def locked_part(self) -> dict[str, Any]:
-        """Settings that make results comparable: split, its seed, eval set, prompt, sites.
+        """Return the settings that make results comparable: split, its seed, eval set, prompt, sites.
 
         A deployment has no split (each hospital holds its own reports): only the prompt and
         evaluation settings the coordinator sends are locked, not the data source or partition
-        keys it never uses."""
+        keys it never uses.
+        """
         prompt = ("template", "max_length", "max_target_tokens", "max_chars")
         source = ("path", "format", "policy", "synthetic_sites", "synthetic_reports", "synthetic_seed")
         evaluation = {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")}
@@ -680,9 +683,9 @@ def _build(cls: type[_Section], data: Mapping[str, Any], prefix: str) -> _Sectio
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"`{prefix}`" if prefix else "the top level"
+        named = ", ".join(f"`{prefix}.{u}`" if prefix else f"`{u}`" for u in unknown)
         raise ConfigError(
-            f"Unknown config key(s) {', '.join(f'`{prefix}{u}`' if not prefix else f'`{prefix}.{u}`' for u in unknown)} "
-            f"in {where}; known keys: {', '.join(sorted(names))}."
+            f"Unknown config key(s) {named} in {where}; known keys: {', '.join(sorted(names))}."
         )
     kwargs: dict[str, Any] = {}
     for name in names & set(data):

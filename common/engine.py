@@ -56,6 +56,7 @@ class TrainResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """Throughput: tokens (padding excluded) per second; 0 when no time passed."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -75,7 +76,8 @@ def encode_reports(
     ]
 
 
-def _aligned(reports: Sequence[Report], neighbors: Sequence[Sequence[Neighbor]] | None) -> Sequence[Sequence[Neighbor]]:
+def _aligned(reports: Sequence[Report],
+             neighbors: Sequence[Sequence[Neighbor]] | None) -> Sequence[Sequence[Neighbor]]:
     if neighbors is None:
         return [()] * len(reports)
     if len(neighbors) != len(reports):
@@ -84,7 +86,7 @@ def _aligned(reports: Sequence[Report], neighbors: Sequence[Sequence[Neighbor]] 
 
 
 def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count.
+    """Compute the summed next-token cross-entropy over target tokens, and their count.
 
     Computed here rather than with HF's ``labels=`` so the caller decides the normalisation
     (HF averages over the whole padded batch, which is wrong for per-sample DP gradients).
@@ -110,8 +112,11 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None when the model's
-    logits are more than ``head(hidden)`` (softcapping, scaling) or it has no such parts."""
+    """Return (decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None.
+
+    None when the model's logits are more than ``head(hidden)`` (softcapping, scaling) or it
+    has no such parts.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) is not None \
@@ -243,15 +248,16 @@ def train_steps(
     model.eval()
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
-    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum, padded_tokens=padded,
-                       optimizer_state=run.optimizer_state(), optimizer_state_restored=run.restored)
+    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum,
+                       padded_tokens=padded, optimizer_state=run.optimizer_state(),
+                       optimizer_state_restored=run.restored)
 
 
 def _proximal_term(
     params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None,
     device: torch.device,
 ) -> Callable[[], torch.Tensor] | None:
-    """A closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
+    """Build a closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
     if proximal is None or proximal[0] == 0:
         return None
     mu, reference = proximal
@@ -308,7 +314,8 @@ def generate(
     ``autocast`` runs decoding in bf16 mixed precision.
     """
     model.eval()
-    max_prompt = max(8, data.max_length - gen.max_new_tokens) if data.max_length > gen.max_new_tokens + 8 else data.max_length
+    max_prompt = (max(8, data.max_length - gen.max_new_tokens) if data.max_length > gen.max_new_tokens + 8
+                  else data.max_length)
     prompts = [prompt_ids(r, tokenizer, data.template, max_prompt, neighbors=n,
                           neighbor_tokens=data.neighbor_tokens, preamble=data.preamble)
                for r, n in zip(reports, _aligned(reports, neighbors))]

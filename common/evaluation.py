@@ -1,5 +1,7 @@
-"""Evaluation as in the study: generated impressions scored overall, per hospital, per modality,
-and on internal vs external (unseen) hospitals, with bootstrap confidence intervals.
+"""Evaluation as in the study, with bootstrap confidence intervals.
+
+Generated impressions are scored overall, per hospital, per modality, and on internal vs
+external (unseen) hospitals.
 
 * :func:`evaluate_predictions` scores aligned reports and generated impressions (pure: no
   model, no files) and returns the report data.
@@ -230,7 +232,7 @@ def _clinical_table(clinical: dict[str, Any]) -> list[str]:
 
 
 def report_markdown(result: dict[str, Any]) -> str:
-    """The evaluation as a Markdown document (numbers, ids of groups; no report text)."""
+    """Render the evaluation as a Markdown document (numbers, ids of groups; no report text)."""
     metrics = list(REPORT_METRICS)
     meta = result.get("meta", {})
     lines = ["# Evaluation", ""]
@@ -324,7 +326,7 @@ def _bars(groups: dict[str, dict[str, Any]], names: list[str],
 # ----------------------------------------------------------------------------- the whole job
 def select_reports(splits: Sequence[Any], *, split: str = "test", limit: int = 200,
                    seed: int = 0) -> tuple[list[Report], set[str]]:
-    """Reports to evaluate: ``split`` of internal sites plus all reports of external sites.
+    """Select the reports to evaluate: ``split`` of internal sites plus all reports of external sites.
 
     Capped at ``limit`` (0: no cap) by a stable hash of ``(seed, report_id)``, so the same
     config gives the same reports, spread over sites in proportion to their size.
@@ -349,7 +351,7 @@ def _rank(seed: int, report_id: str) -> str:
 
 
 def write_predictions(reports: Sequence[Report], hyps: Sequence[str], path: Path) -> None:
-    """Generated impressions as JSONL (report_id, site_id, impression, reference)."""
+    """Write the generated impressions as JSONL (report_id, site_id, impression, reference)."""
     from fedmira.common.inference import write_impressions
 
     with path.open("w", encoding="utf-8") as handle:
@@ -475,7 +477,7 @@ class FileSet:
         return {r.site_id for r in self.reports}
 
     def meta(self) -> dict[str, Any]:
-        """What the evaluation records about the files (paths and counts; no text)."""
+        """Describe what the evaluation records about the files (paths and counts; no text)."""
         from fedmira.common.retrieval import index_sizes
 
         return {"input": self.input_path, "prior": self.prior_path, "rows_skipped": self.rows_skipped,

@@ -38,7 +38,7 @@ def _site_table(run: RunDir) -> list[dict[str, str]]:
 
 
 def training_line(cfg: ExperimentConfig) -> str:
-    """The local training recipe in one line: budget per round, schedule, kept state, batching."""
+    """Describe the local training recipe in one line: budget per round, schedule, kept state, batching."""
     t = cfg.train
     budget = f"{t.epochs:g} local epochs" if t.epochs > 0 else f"{t.steps} steps"
     schedule = "constant" if t.schedule == "constant" else f"{t.schedule} over the run"
@@ -50,11 +50,12 @@ def training_line(cfg: ExperimentConfig) -> str:
 
 
 def privacy_line(cfg: ExperimentConfig) -> str:
-    """The run's privacy settings in one table cell."""
+    """Describe the run's privacy settings in one table cell."""
     p = cfg.privacy
     parts = []
     if p.enabled:
-        plan = (f"target epsilon {p.target_epsilon:g}" if p.target_epsilon else f"noise multiplier {p.noise_multiplier:g}")
+        plan = (f"target epsilon {p.target_epsilon:g}" if p.target_epsilon
+                else f"noise multiplier {p.noise_multiplier:g}")
         parts.append(f"DP-SGD per {p.unit} ({plan}, delta {p.delta:g}, clip {p.max_grad_norm:g}, "
                      f"budget {p.budget:g}, {p.accountant} accountant)")
     if p.site_level:
@@ -132,8 +133,11 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
 
 
 def hub_card(cfg: ExperimentConfig, body: str) -> Any:
-    """``body`` as a Hugging Face model card (``huggingface_hub.ModelCard``): YAML metadata the
-    Hub and PEFT read (library, base model when it is a Hub id, tags), then the Markdown."""
+    """Wrap ``body`` as a Hugging Face model card (``huggingface_hub.ModelCard``).
+
+    The card has the YAML metadata the Hub and PEFT read (library, base model when it is a Hub
+    id, tags), then the Markdown.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     base = cfg.model.name_or_path
@@ -163,7 +167,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool =
 
 
 def _merge(cfg: ExperimentConfig, adapter: Path, out: Path) -> None:
-    """Base model + adapter merged into one plain Hugging Face folder (no PEFT needed to serve)."""
+    """Merge the base model and adapter into one plain Hugging Face folder (no PEFT to serve)."""
     import dataclasses
 
     from peft import PeftModel

@@ -33,8 +33,9 @@ def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple
     return model, loaded.tokenizer, loaded.device
 
 
-def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_part: str, exam: str) -> list[Report]:
-    """Reports from stdin: one JSON report object or one plain findings text per line."""
+def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_part: str,
+                       exam: str) -> list[Report]:
+    """Read reports from stdin: one JSON report object or one plain findings text per line."""
     mod = normalize_modality(modality)
     if mod is None:
         raise DataError(f"--modality {modality[:16]!r} is not a known modality code (e.g. CT, MR, DR).")
@@ -65,7 +66,7 @@ def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_p
 
 
 def read_input(path: str, fmt: str, **defaults: str) -> list[Report]:
-    """Reports from a file (any supported format) or from stdin when ``path`` is ``-``."""
+    """Read reports from a file (any supported format) or from stdin when ``path`` is ``-``."""
     import sys
 
     if path == "-":

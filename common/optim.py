@@ -66,14 +66,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
-    """The learning rate at global step ``step`` of a run of ``total`` steps peaking at ``peak``."""
+    """Return the learning rate at global step ``step`` of a run of ``total`` steps peaking at ``peak``."""
     return peak * lr_factor(step, total, warmup, schedule)
 
 
 def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> int:
-    """Optimizer steps of one call: ``train.epochs`` passes over the examples when set (they win
-    over a server's step count), else ``steps`` (what the round's message says), else
-    ``train.steps``."""
+    """Return the optimizer steps of one call.
+
+    ``train.epochs`` passes over the examples when set (they win over a server's step count),
+    else ``steps`` (what the round's message says), else ``train.steps``.
+    """
     if cfg.epochs > 0:
         per_step = cfg.batch_size * cfg.grad_accum
         # 1e-9: 0.07 x 100 is 7.000000000000001 in floats, which is 7 steps, not 8
@@ -83,8 +85,11 @@ def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> 
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
-    """Warm-up length of a run of ``total`` steps: ``train.warmup_ratio`` of it when set
-    (rounded up, as transformers does), else ``train.warmup_steps``."""
+    """Return the warm-up length of a run of ``total`` steps.
+
+    ``train.warmup_ratio`` of it when set (rounded up, as transformers does), else
+    ``train.warmup_steps``.
+    """
     if cfg.warmup_ratio > 0:
         return math.ceil(cfg.warmup_ratio * total)
     return cfg.warmup_steps
@@ -115,8 +120,10 @@ def make_optimizer(
 
 
 def optimizer_arrays(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """AdamW's moments as flat CPU tensors ``"<parameter name>:<key>"`` (a copy: later steps do
-    not change it)."""
+    """Copy AdamW's moments as flat CPU tensors ``"<parameter name>:<key>"``.
+
+    A copy: later steps do not change it.
+    """
     out: dict[str, torch.Tensor] = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key in ADAM_KEYS:
@@ -131,8 +138,11 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], names: Sequence[str],
     saved: Mapping[str, torch.Tensor] | None,
 ) -> bool:
-    """Load :func:`optimizer_arrays` output into ``optimizer``; False (and nothing loaded) unless
-    it holds exactly the moments of these parameters (same names, same shapes)."""
+    """Load :func:`optimizer_arrays` output into ``optimizer``; tell whether it did.
+
+    False (and nothing loaded) unless ``saved`` holds exactly the moments of these parameters
+    (same names, same shapes).
+    """
     if not saved:
         return False
     if set(saved) != {f"{n}:{k}" for n in names for k in ADAM_KEYS}:
@@ -184,7 +194,7 @@ class LocalTraining:
     restored: bool
 
     def sampler(self, secure: bool = False) -> random.Random:
-        """The call's Python RNG for sampling: seeded, or OS entropy when ``secure``."""
+        """Make the call's Python RNG for sampling: seeded, or OS entropy when ``secure``."""
         return secrets.SystemRandom() if secure else random.Random(self.seed)
 
     def seeded(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -221,4 +231,5 @@ def start_training(
     keep = cfg.keep_optimizer_state
     restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
     return LocalTraining(steps=planned, lr=peak, seed=cfg.seed if seed is None else seed, names=names,
-                         params=params, optimizer=optimizer, scheduler=scheduler, keep=keep, restored=restored)
+                         params=params, optimizer=optimizer, scheduler=scheduler, keep=keep,
+                         restored=restored)

@@ -255,7 +255,7 @@ class _Context:
             raise DataError(str(problem))
 
     def name(self, fld: str) -> str:
-        """The field's name as it appears in the file."""
+        """Return the field's name as it appears in the file."""
         return self.field_names.get(fld, fld)
 
 
@@ -459,7 +459,8 @@ def _line_bounded(raw: bytes, number: int, ctx: _Context) -> bool:
                    "it cannot be a report: fix the export or delete the line.")
         return False
     # Counting first keeps the scan off ordinary lines.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+            and _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH):
         ctx.report(number, None, None, "too_deep",
                    f"line nests JSON arrays/objects more than {MAX_JSON_DEPTH} levels deep; a report "
                    "is one flat object: fix the export or delete the line.")
@@ -757,7 +758,7 @@ def _encoding_ok(line: int, values: dict[str, Any], ctx: _Context) -> bool:
 
 
 def _text_field(values: dict[str, Any], name: str, found: _Found, ctx: _Context) -> str | None:
-    """A required text field, stripped; appends a problem and returns None if unusable."""
+    """Read a required text field, stripped; append a problem and return None if unusable."""
     shown = ctx.name(name)
     if name not in values or values[name] is None:
         found.append((name, "missing_field",
@@ -901,7 +902,7 @@ def profile(result: LoadResult, count_tokens: Callable[[str], int] | None = None
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:
-    """Counts, most frequent first, ties by name (stable output for diffs and tests)."""
+    """Count values, most frequent first, ties by name (stable output for diffs and tests)."""
     return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -952,7 +953,7 @@ def format_profile(prof: dict[str, Any], max_rows: int = 20) -> str:
 
 
 def _count_block(title: str, counts: dict[str, int], max_rows: int) -> list[str]:
-    """A titled two-column list, clipped to ``max_rows`` entries."""
+    """Format a titled two-column list, clipped to ``max_rows`` entries."""
     if not counts:
         return [f"{title}: none"]
     shown = list(counts.items())[:max_rows]

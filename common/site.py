@@ -43,17 +43,21 @@ class SiteData:
     _indexes: dict[str, SiteIndex] = field(default_factory=dict, repr=False)
 
     def examples(self, split: str, tokenizer: Any, cfg: ExperimentConfig, limit: int = 0) -> list[Example]:
+        """Encode the reports of ``split`` (cached per split, limit and data settings)."""
         reports = self.reports(split, limit)
         key = f"{split}:{limit}:{stable_hash(cfg.locked_part()['data'])}"
         if key not in self._encoded:
-            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data, self.neighbors(split, cfg, limit))
+            near = self.neighbors(split, cfg, limit)
+            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data, near)
         return self._encoded[key]
 
     def reports(self, split: str, limit: int = 0) -> list[Report]:
+        """Return the ``train`` reports or else the ``val`` ones, the first ``limit`` when set."""
         reports = self.train if split == "train" else self.val
         return reports[:limit] if limit else reports
 
-    def neighbors(self, split: str, cfg: ExperimentConfig, limit: int = 0) -> list[tuple[Neighbor, ...]] | None:
+    def neighbors(self, split: str, cfg: ExperimentConfig,
+                  limit: int = 0) -> list[tuple[Neighbor, ...]] | None:
         """Prior cases for ``site_aware_rag`` prompts, from this site's own train split only.
 
         The index is built here, at the site, from the site's reports and never leaves the
@@ -72,7 +76,8 @@ def load_site(folder: str | Path, site_id: str | None = None) -> SiteData:
     folder = Path(folder)
     train_path = folder / "train.jsonl"
     if not train_path.is_file():
-        raise DataError(f"Site folder {folder} has no train.jsonl; run `fedmira partition` or check data-path.")
+        raise DataError(
+            f"Site folder {folder} has no train.jsonl; run `fedmira partition` or check data-path.")
     train = load_reports(train_path, fmt="jsonl").reports
     val_path = folder / "val.jsonl"
     val = load_reports(val_path, fmt="jsonl").reports if val_path.is_file() else []
@@ -98,7 +103,7 @@ class ModelCache:
         self._workers: dict[str, Worker] = {}
 
     def get(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Worker, bool]:
-        """The worker for these configs and whether this call loaded the base model (a cold start).
+        """Get the worker for these configs and whether this call loaded the base model (cold start).
 
         A simulation process serves sites of different LoRA ranks (hetero_svd): another LoRA
         shape only re-wraps the cached base model (PEFT ``unload``), it never reloads it.
@@ -134,12 +139,12 @@ STRATEGY_FLAGS: dict[str, dict[str, bool]] = {
 
 
 def round_flags(strategy: str) -> dict[str, bool]:
-    """The flags a message of ``strategy`` carries (none for most)."""
+    """Return the flags a message of ``strategy`` carries (none for most)."""
     return dict(STRATEGY_FLAGS.get(strategy, {}))
 
 
 def site_rank(cfg: ExperimentConfig, node_config: Mapping[str, Any], index: int, *, own_rank: bool) -> int:
-    """The LoRA rank this site trains at.
+    """Return the LoRA rank this site trains at.
 
     Only when the message allows ``own_rank`` (hetero_svd) may ranks differ: then a deployed
     site's node config ``lora-rank`` wins, else ``strategy.site_ranks`` cycled over the site
@@ -174,7 +179,7 @@ def site_lora(cfg: ExperimentConfig, rank: int) -> LoraConfig:
 
 
 def fit_rank(state: Mapping[str, torch.Tensor], rank: int) -> Mapping[str, torch.Tensor]:
-    """The global adapter cut to this site's rank (hetero_svd's first message is at full rank)."""
+    """Cut the global adapter to this site's rank (hetero_svd's first message is at full rank)."""
     if adapter_rank(state) <= rank:
         return state
     arrays = truncate_adapter({k: v.numpy() for k, v in state.items()}, rank)
@@ -267,7 +272,8 @@ def local_train(
         "steps": result.steps,
         "lr": result.lr,
         "lr-sum": result.lr_sum,
-        **({"opt-state-restored": int(result.optimizer_state_restored)} if cfg.train.keep_optimizer_state else {}),
+        **({"opt-state-restored": int(result.optimizer_state_restored)}
+           if cfg.train.keep_optimizer_state else {}),
         **dp_metrics,
     }
     if dp_metrics and dp_metrics["dp-steps"] == 0:  # budget spent: nothing trained, weight 0
@@ -276,15 +282,17 @@ def local_train(
 
 
 def round_schedule(global_round: int, steps: int, rounds: int) -> Schedule:
-    """Round ``global_round`` (1-based) of ``rounds``, ``steps`` each, in the run's schedule;
-    outside a federated run (round 0) the call's own schedule."""
+    """Place round ``global_round`` (1-based) of ``rounds``, ``steps`` each, in the run's schedule.
+
+    Outside a federated run (round 0) the call has its own schedule.
+    """
     if global_round < 1:
         return Schedule()
     return Schedule(offset=(global_round - 1) * steps, total=max(rounds, global_round) * steps)
 
 
 def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentConfig) -> AccountantState:
-    """The site's ledger, planned at its first DP round (noise solved for its own data size)."""
+    """Return the site's ledger, planned at its first DP round (noise solved for its own data size)."""
     if ledger is not None and ledger.planned:
         return ledger
     units = len(set(unit_ids(site.train, cfg.privacy.unit)))
@@ -317,7 +325,7 @@ def _dp_train(
 def local_evaluate(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, float | int]:
-    """Validation loss (and ROUGE-L on a small decoded sample) of the global adapter."""
+    """Evaluate the global adapter: validation loss (and ROUGE-L on a small decoded sample)."""
     set_threads(cfg)
     set_adapter_state(worker.model, fit_rank(global_state, worker.model.peft_config["default"].r))
     tok, device = worker.loaded.tokenizer, worker.loaded.device
@@ -327,7 +335,8 @@ def local_evaluate(
         return {"num-examples": 0, "eval-s": 0.0}
     loss, n_tokens = evaluate_loss(worker.model, examples, device, int(tok.pad_token_id), cfg.eval.batch_size,
                                    autocast=worker.loaded.autocast)
-    metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss, "val-tokens": n_tokens}
+    metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss,
+                                       "val-tokens": n_tokens}
     sample = site.val[: cfg.eval.rouge_samples]
     if sample:
         gen = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,

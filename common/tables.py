@@ -8,7 +8,7 @@ from tabulate import tabulate
 
 
 def markdown_table(headers: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
-    """Write a GitHub-flavoured Markdown table (``tabulate``'s ``github`` format).
+    """Render a GitHub-flavoured Markdown table (``tabulate``'s ``github`` format).
 
     Each cell is written as ``str(cell)``: numbers are not reformatted or realigned, so format
     them first. ``|`` in a cell is escaped and line breaks become spaces, so no cell can break
