@@ -33,6 +33,7 @@ run: setup
 test: setup
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy -p fedmira.common
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-slow: setup

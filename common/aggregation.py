@@ -141,7 +141,7 @@ def norm_outliers(norms: Sequence[float], factor: float) -> list[bool]:
 
 # ------------------------------------------------------------------------------ LoRA structure
 def lora_modules(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
-    """Module prefixes that have both a ``lora_A`` and a ``lora_B`` tensor, sorted.
+    """Return the module prefixes that have both a ``lora_A`` and a ``lora_B`` tensor, sorted.
 
     Raises
     ------
@@ -157,8 +157,8 @@ def lora_modules(keys: Sequence[str] | Mapping[str, object]) -> list[str]:
     return sorted(a)
 
 
-def adapter_rank(state: Mapping[str, np.ndarray]) -> int:
-    """The LoRA rank of an adapter state (rows of every A, columns of every B).
+def adapter_rank(state: Mapping[str, np.ndarray] | Mapping[str, torch.Tensor]) -> int:
+    """Return the LoRA rank of an adapter state (rows of every A, columns of every B).
 
     Raises
     ------
@@ -169,11 +169,11 @@ def adapter_rank(state: Mapping[str, np.ndarray]) -> int:
     ranks |= {state[m + LORA_B].shape[1] for m in lora_modules(state)}
     if len(ranks) != 1:
         raise ValueError(f"adapter factors disagree on the rank: {sorted(ranks)}")
-    return ranks.pop()
+    return int(ranks.pop())
 
 
 def truncate_adapter(state: Mapping[str, np.ndarray], rank: int) -> ArrayDict:
-    """The rank-``rank`` part of an adapter in SVD form (as :func:`hetero_aggregate` returns it).
+    """Cut an adapter in SVD form (as :func:`hetero_aggregate` returns it) to rank ``rank``.
 
     Keeps the first ``rank`` columns of B and rows of A (the largest singular values) and
     multiplies each by ``sqrt(rank / r)``: PEFT scales an update by ``alpha / rank``, so the

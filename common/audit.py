@@ -45,20 +45,23 @@ class Canary:
 
 
 def impression_for(secret: str) -> str:
-    """The canary impression around a secret (the format the candidates share)."""
+    """Return the canary impression around a secret (the format the candidates share)."""
     return f"Follow-up code {secret}."
 
 
 def make_canaries(template: Report, k: int, seed: int) -> list[Canary]:
-    """``k`` canaries shaped like ``template`` (site, modality, body part, exam) with unique
-    random findings and secrets of :data:`SECRET_DIGITS` digits."""
+    """Make ``k`` canaries shaped like ``template`` (site, modality, body part, exam).
+
+    Each has unique random findings and a secret of :data:`SECRET_DIGITS` digits.
+    """
     rng = random.Random(seed)
     canaries = []
     for i in range(k):
         words = " ".join(rng.choice(_WORDS) for _ in range(6))
         secret = "".join(rng.choice("0123456789") for _ in range(SECRET_DIGITS))
         report = dataclasses.replace(
-            template, report_id=f"canary-{seed}-{i}", findings=f"Marker study {words}. Structures otherwise unremarkable.",
+            template, report_id=f"canary-{seed}-{i}",
+            findings=f"Marker study {words}. Structures otherwise unremarkable.",
             impression=impression_for(secret), patient_id=f"canary-patient-{seed}-{i}", labels=())
         canaries.append(Canary(report, secret))
     return canaries
@@ -74,7 +77,8 @@ def plant(train: Sequence[Report], canaries: Sequence[Canary], repeats: int, see
     rng = random.Random(seed)
     for canary in canaries:
         for j in range(repeats):
-            out.insert(rng.randrange(len(out) + 1), dataclasses.replace(canary.report, report_id=f"{canary.report.report_id}-{j}"))
+            copy = dataclasses.replace(canary.report, report_id=f"{canary.report.report_id}-{j}")
+            out.insert(rng.randrange(len(out) + 1), copy)
     return out
 
 
@@ -90,9 +94,9 @@ def candidates(secret: str, n: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: DataConfig, device: torch.device,
-                 batch_size: int = 16) -> list[float]:
-    """Summed negative log-likelihood (nats) of each report's impression given its prompt.
+def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: DataConfig,
+                 device: torch.device, batch_size: int = 16) -> list[float]:
+    """Compute the summed negative log-likelihood (nats) of each report's impression given its prompt.
 
     Rows are left-padded so every impression ends at the last position, and the model computes
     logits only for the last ``max target length + 1`` positions (``logits_to_keep``): the
@@ -101,14 +105,17 @@ def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: Da
     """
     model.eval()
     pad = int(tokenizer.pad_token_id)
-    examples = [encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens) for r in reports]
+    examples = [encode_example(r, tokenizer, data.template, data.max_length, data.max_target_tokens)
+                for r in reports]
     out: list[float] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         width = max(len(e.input_ids) for e in chunk)
         ids = torch.tensor([[pad] * (width - len(e.input_ids)) + e.input_ids for e in chunk], device=device)
-        labels = torch.tensor([[IGNORE_INDEX] * (width - len(e.labels)) + e.labels for e in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in chunk], device=device)
+        labels = torch.tensor([[IGNORE_INDEX] * (width - len(e.labels)) + e.labels for e in chunk],
+                              device=device)
+        mask = torch.tensor([[0] * (width - len(e.input_ids)) + [1] * len(e.input_ids) for e in chunk],
+                            device=device)
         keep = max(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in chunk) + 1
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=keep).logits[:, :-1].float()
@@ -121,7 +128,7 @@ def sequence_nll(model: Any, tokenizer: Any, reports: Sequence[Report], data: Da
 @torch.no_grad()
 def candidate_nll(model: Any, tokenizer: Any, report: Report, impressions: Sequence[str], data: DataConfig,
                   device: torch.device, batch_size: int = 64) -> list[float]:
-    """Summed NLL of each candidate impression after ``report``'s prompt, the prompt run once.
+    """Compute the summed NLL of each candidate impression after ``report``'s prompt (run once).
 
     Candidates share the prompt, so its keys and values are computed once and reused (a copy of
     the cache per batch); only the few impression tokens run per candidate. Equal to
@@ -129,7 +136,8 @@ def candidate_nll(model: Any, tokenizer: Any, report: Report, impressions: Seque
     """
     model.eval()
     target_len = data.max_target_tokens
-    targets = [target_ids(dataclasses.replace(report, impression=text), tokenizer, target_len) for text in impressions]
+    targets = [target_ids(dataclasses.replace(report, impression=text), tokenizer, target_len)
+               for text in impressions]
     prompt = prompt_ids(report, tokenizer, data.template, data.max_length - max(len(t) for t in targets))
     first = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
     cache, last = first.past_key_values, first.logits[:, -1:].float()
@@ -144,7 +152,8 @@ def candidate_nll(model: Any, tokenizer: Any, report: Report, impressions: Seque
                           (labels != IGNORE_INDEX).long()], dim=1)
         past = copy.deepcopy(cache)
         past.batch_repeat_interleave(len(chunk))
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True).logits.float()
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=past,
+                       use_cache=True).logits.float()
         # token 0 is predicted by the prompt's last position, token j by the candidate's token j-1
         full = torch.cat([last.expand(len(chunk), 1, -1), logits[:, :-1]], dim=1)
         tok = F.cross_entropy(full.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
@@ -162,10 +171,11 @@ def canary_exposure(model: Any, tokenizer: Any, canary: Canary, n_candidates: in
                     device: torch.device, seed: int, batch_size: int = 64) -> dict[str, float | int]:
     """Rank and exposure of one canary's secret among ``n_candidates`` random ones."""
     others = candidates(canary.secret, n_candidates, seed)
-    nll = candidate_nll(model, tokenizer, canary.report, [impression_for(s) for s in [canary.secret, *others]],
-                        data, device, batch_size)
+    texts = [impression_for(s) for s in [canary.secret, *others]]
+    nll = candidate_nll(model, tokenizer, canary.report, texts, data, device, batch_size)
     rank, bits = exposure(nll[0], nll[1:])
-    return {"rank": rank, "exposure_bits": bits, "max_bits": math.log2(n_candidates + 1), "secret_nll": nll[0]}
+    return {"rank": rank, "exposure_bits": bits, "max_bits": math.log2(n_candidates + 1),
+            "secret_nll": nll[0]}
 
 
 def extracted(generated: str, secret: str) -> bool:

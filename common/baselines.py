@@ -32,7 +32,7 @@ def normalize_impression(text: str) -> str:
 
 
 def most_frequent_impression(impressions: Sequence[str]) -> str:
-    """The most frequent impression by normalised text, returned in its most frequent spelling.
+    """Find the most frequent impression by normalised text, in its most frequent spelling.
 
     Ties (between normalised texts, then between spellings) go to the alphabetically first, so
     the answer does not depend on the order of the reports.
@@ -52,7 +52,7 @@ def most_frequent_impression(impressions: Sequence[str]) -> str:
 
 
 def predict_most_frequent(train: Sequence[Report], queries: Sequence[Report]) -> list[str]:
-    """The training pool's most frequent impression, once per query report."""
+    """Predict the training pool's most frequent impression, once per query report."""
     answer = most_frequent_impression([r.impression for r in train])
     return [answer] * len(queries)
 
@@ -92,9 +92,11 @@ def retrieve_impressions(train: Sequence[Report], queries: Sequence[Report]) -> 
 
 
 def retrieve_site_impressions(train: Sequence[Report], queries: Sequence[Report]) -> list[str]:
-    """Retrieval within the query's own site: the impression of the most similar training report
-    of the same ``site_id`` (the first prior case a ``site_aware_rag`` prompt shows). A site with
-    no training reports (an external one) falls back to retrieval over the whole pool."""
+    """Retrieve within the query's own site: the most similar same-site training report's impression.
+
+    That report is the first prior case a ``site_aware_rag`` prompt shows. A site with no
+    training reports (an external one) falls back to retrieval over the whole pool.
+    """
     from fedmira.common.retrieval import site_neighbors
 
     near = site_neighbors(queries, train, 1, "tfidf", leave_one_out=False)
@@ -107,7 +109,7 @@ def retrieve_site_impressions(train: Sequence[Report], queries: Sequence[Report]
 
 
 def training_pool(splits: Sequence[Any]) -> list[Report]:
-    """What the baselines may learn from: the train splits of internal (non-external) sites."""
+    """Collect what the baselines may learn from: the train splits of internal (non-external) sites."""
     return [r for s in splits if not s.external for r in s.train]
 
 

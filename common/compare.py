@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TextIO
 
 from tqdm.auto import tqdm
 
@@ -45,6 +45,7 @@ from fedmira.common.adapters import ADAPTER_CONFIG
 from fedmira.common.errors import FedmiraError
 from fedmira.common.prompts import RAG_TEMPLATES, TEMPLATES
 from fedmira.common.reports import Report
+from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
@@ -108,7 +109,7 @@ class SystemSpec:
 
 
 def resolve_adapter(path: str | Path, name: str = "") -> Path:
-    """The PEFT adapter folder meant by ``path``: the folder itself or ``path/final_adapter``.
+    """Find the PEFT adapter folder meant by ``path``: the folder itself or ``path/final_adapter``.
 
     A ``fedmira train`` output folder (holding ``adapter/``) is accepted too.
 
@@ -171,7 +172,7 @@ def parse_system(text: str) -> SystemSpec:
 
 
 def recorded_run_config(adapter: str | Path) -> dict[str, Any] | None:
-    """The config recorded beside an adapter (``RUN_DIR/config.json``), if there is one."""
+    """Read the config recorded beside an adapter (``RUN_DIR/config.json``), if there is one."""
     for doc_path in (Path(adapter).parent / "config.json",):
         if doc_path.is_file():
             doc = json.loads(doc_path.read_text(encoding="utf-8"))
@@ -180,7 +181,7 @@ def recorded_run_config(adapter: str | Path) -> dict[str, Any] | None:
 
 
 def system_template(spec: SystemSpec, cfg: ExperimentConfig) -> str:
-    """The prompt a system is run with: explicit, else its run's recorded one, else the config's."""
+    """Choose the prompt a system runs with: explicit, else its run's recorded one, else the config's."""
     if spec.template:
         return spec.template
     if spec.adapter:
@@ -250,7 +251,7 @@ def default_systems(adapters: Sequence[SystemSpec], *, zero_shot: bool = True,
 
 
 def default_reference(systems: Sequence[SystemSpec]) -> str:
-    """The first adapter, else the zero-shot model, else the first system."""
+    """Pick the reference: the first adapter, else the zero-shot model, else the first system."""
     for kind in (ADAPTER, ZERO_SHOT):
         for s in systems:
             if s.kind == kind:
@@ -280,8 +281,9 @@ def reports_fingerprint(reports: Sequence[Report]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(cfg: ExperimentConfig, spec: SystemSpec, template: str, reports: Sequence[Report]) -> dict[str, Any]:
-    """Everything that decides a generated prediction: base model, adapter bytes, prompt, decoding, reports."""
+def cache_key(cfg: ExperimentConfig, spec: SystemSpec, template: str,
+              reports: Sequence[Report]) -> dict[str, Any]:
+    """Return what decides a generated prediction: base model, adapter bytes, prompt, decoding, reports."""
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "cache_dir"}
     return {
         "model": model, "adapter": adapter_fingerprint(spec.adapter) if spec.adapter else None,
@@ -293,8 +295,10 @@ def cache_key(cfg: ExperimentConfig, spec: SystemSpec, template: str, reports: S
 
 
 def _rag_key(cfg: ExperimentConfig, template: str) -> dict[str, Any]:
-    """What else decides a retrieval-augmented prompt (absent for other templates, so older
-    cache entries stay valid)."""
+    """Return what else decides a retrieval-augmented prompt, as cache-key entries.
+
+    Other templates get none (but a non-default preamble), so older cache entries stay valid.
+    """
     if template not in RAG_TEMPLATES:
         return {} if cfg.data.preamble == "full" else {"preamble": cfg.data.preamble}
     d = cfg.data
@@ -307,7 +311,7 @@ def _key_hash(key: dict[str, Any]) -> str:
 
 
 def load_cached(cache_dir: Path, key: dict[str, Any], reports: Sequence[Report]) -> list[str] | None:
-    """Cached predictions for exactly these reports under this key, or None."""
+    """Load the cached predictions for exactly these reports under this key, or None."""
     path = cache_dir / f"{_key_hash(key)}.json"
     if not path.is_file():
         return None
@@ -321,7 +325,8 @@ def load_cached(cache_dir: Path, key: dict[str, Any], reports: Sequence[Report])
     return [str(preds[r.report_id]) for r in reports]
 
 
-def store_cached(cache_dir: Path, key: dict[str, Any], reports: Sequence[Report], hyps: Sequence[str]) -> Path:
+def store_cached(cache_dir: Path, key: dict[str, Any], reports: Sequence[Report],
+                 hyps: Sequence[str]) -> Path:
     """Write predictions atomically (a killed run leaves no half-written entry)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{_key_hash(key)}.json"
@@ -339,7 +344,7 @@ def _paired_metrics(use_encoder: bool) -> list[str]:
 
 
 def compare_systems(
-    reports: Sequence[Report], predictions: dict[str, Sequence[str]], *, kinds: dict[str, str],
+    reports: Sequence[Report], predictions: Mapping[str, Sequence[str]], *, kinds: Mapping[str, str],
     reference: str, use_encoder: bool = True, n_resamples: int = 1000,
     n_permutations: int = 10000, alpha: float = 0.05, seed: int = 0,
     progress: bool = False,
@@ -383,7 +388,7 @@ def compare_systems(
     rows = {name: score_pairs(refs, list(hyps), body_parts=parts, use_encoder=use_encoder)
             for name, hyps in tqdm(predictions.items(), desc="score", unit="system", disable=not progress)}
     summary_metrics = [m for m in SUMMARY_METRICS if m in metrics or m == "clinical_micro_f1"]
-    systems = {name: {"kind": kinds[name],
+    systems: dict[str, dict[str, Any]] = {name: {"kind": kinds[name],
                       "summary": summarize_scores(rows[name], metrics, n_resamples=n_resamples, seed=seed)}
                for name in predictions}
     for info in systems.values():
@@ -407,7 +412,7 @@ def compare_systems(
 def paired_family(rows: dict[str, list[dict[str, Any]]], reference: str, metrics: Sequence[str], *,
                   alpha: float = 0.05, n_resamples: int = 1000, n_permutations: int = 10000,
                   seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
-    """Reference vs every other system, per metric; Holm across the whole family, per test.
+    """Test the reference against every other system per metric; Holm over the whole family.
 
     Each row: ``system``, ``metric``, ``reference_mean``, ``system_mean``, ``mean_diff`` (with
     ``lo``/``hi``; reference minus system), ``rank_biserial`` (positive: the reference tends
@@ -446,7 +451,7 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: dict[str, str], *,
+def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: Mapping[str, str], *,
                               n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Whether the best fine-tuned system (highest mean ROUGE-L) beats retrieval, in one sentence."""
     from fedmira.common.stats import mean_difference_ci
@@ -473,7 +478,7 @@ def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: dict
 
 def retrieval_verdict(best: str, best_mean: float, retrieval_mean: float, diff_lo: float | None,
                       diff_hi: float | None, metric: str = PAIRED_METRICS[HEADLINE]) -> dict[str, Any]:
-    """The plain sentence: beats retrieval only with a higher mean and a difference CI above 0.
+    """Phrase the plain sentence: beats retrieval only with a higher mean and a difference CI above 0.
 
     Returns
     -------
@@ -481,7 +486,8 @@ def retrieval_verdict(best: str, best_mean: float, retrieval_mean: float, diff_l
         ``beats_retrieval`` (bool), ``best``, ``best_mean``, ``retrieval_mean``, ``diff_ci`` and
         ``sentence``.
     """
-    ci = "" if diff_lo is None or diff_hi is None else f"95% CI of the difference [{diff_lo:+.3f}, {diff_hi:+.3f}]"
+    ci = ("" if diff_lo is None or diff_hi is None
+          else f"95% CI of the difference [{diff_lo:+.3f}, {diff_hi:+.3f}]")
     nums = f"{best_mean:.3f} vs {retrieval_mean:.3f}"
     if best_mean > retrieval_mean and diff_lo is not None and diff_lo > 0:
         beats, sentence = True, (f"The fine-tuned model `{best}` beats retrieval on {metric} "
@@ -518,32 +524,32 @@ def summary_table(result: dict[str, Any]) -> list[str]:
     """Systems x metrics, mean [95% bootstrap CI]."""
     metrics = result["summary_metrics"]
     head = ["system", "kind"] + [SUMMARY_METRICS[m] for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, info in result["systems"].items():
-        cells = [name, info["kind"]] + [_ci(info["summary"].get(m)) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    rows = [[name, info["kind"], *(_ci(info["summary"].get(m)) for m in metrics)]
+            for name, info in result["systems"].items()]
+    return markdown_table(head, rows).splitlines()
 
 
 def comparison_table(result: dict[str, Any]) -> list[str]:
-    """The one table of paired tests with Holm-adjusted p-values (``*``: rejected at alpha)."""
-    lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    """Render the one table of paired tests with Holm-adjusted p-values (``*``: rejected at alpha)."""
+    rows = []
     for row in result["comparisons"]:
         d = row["mean_diff"]
-        star = lambda t, row=row: "*" if row[t]["reject"] else ""  # noqa: E731
-        cells = [
+
+        def star(test: str, row: dict[str, Any] = row) -> str:
+            return "*" if row[test]["reject"] else ""
+
+        rows.append([
             row["system"], PAIRED_METRICS[row["metric"]], _num(row["reference_mean"]),
             _num(row["system_mean"]),
             f"{_num(d['mean_diff'], '+.3f')} [{_num(d['lo'], '+.3f')}, {_num(d['hi'], '+.3f')}]",
             _num(row["rank_biserial"], "+.2f"), _p(row["wilcoxon"]["p_holm"]) + star("wilcoxon"),
             _p(row["randomization"]["p_holm"]) + star("randomization"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        ])
+    return markdown_table(COMPARISON_COLUMNS, rows).splitlines()
 
 
 def compare_markdown(result: dict[str, Any]) -> str:
-    """The comparison as Markdown: verdict, systems, one table of paired tests, notes."""
+    """Render the comparison as Markdown: verdict, systems, one table of paired tests, notes."""
     meta, fam, boot = result.get("meta", {}), result["family"], result["bootstrap"]
     lines = ["# System comparison", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))]
@@ -575,7 +581,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
 
 
 def plot_compare(result: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per metric, one bar per system, 95% bootstrap CIs as error bars."""
+    """Plot grouped bars: one group per metric, one bar per system, 95% bootstrap CIs as errors."""
     os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="fedmira-mpl-"))
     import matplotlib
 
@@ -631,8 +637,9 @@ def write_compare(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 
 # ----------------------------------------------------------------------------- the whole job
-def held_out_and_pool(cfg: ExperimentConfig, limit: int, out: TextIO) -> tuple[list[Report], set[str], list[Report]]:
-    """The evaluation reports (as ``fedmira evaluate`` picks them) and the baselines' training pool.
+def held_out_and_pool(cfg: ExperimentConfig, limit: int,
+                      out: TextIO) -> tuple[list[Report], set[str], list[Report]]:
+    """Select the evaluation reports (as ``fedmira evaluate`` does) and the baselines' training pool.
 
     Raises
     ------
@@ -656,11 +663,14 @@ def held_out_and_pool(cfg: ExperimentConfig, limit: int, out: TextIO) -> tuple[l
     return reports, external, pool
 
 
-def held_out_from_file(cfg: ExperimentConfig, systems: Sequence[SystemSpec], input_path: str, prior_path: str | None,
+def held_out_from_file(cfg: ExperimentConfig, systems: Sequence[SystemSpec], input_path: str,
+                       prior_path: str | None,
                        out: TextIO) -> tuple[list[Report], set[str], list[Report], dict[str, Any]]:
-    """A new hospital's file as the held-out set (every report, all external) and its prior-report
-    file as the baselines' training pool and retrieval index (see
-    :func:`common.evaluation.load_file_set`), plus what the report records about the files.
+    """Load a new hospital's file as the held-out set and its prior reports as the training pool.
+
+    Every report of the file is held out (all external); the prior-report file is the
+    baselines' training pool and retrieval index (see :func:`common.evaluation.load_file_set`).
+    Also returns what the report records about the files.
 
     Raises
     ------
@@ -696,7 +706,9 @@ def predict_system(spec: SystemSpec, cfg: ExperimentConfig, reports: list[Report
         hyps = BASELINES[spec.kind](pool, reports)
         return hyps, {"source": "computed", "seconds": round(time.perf_counter() - t0, 2)}
     if generate_fn is None:
-        from fedmira.common.inference import generate_impressions as generate_fn
+        from fedmira.common.inference import generate_impressions
+
+        generate_fn = generate_impressions
     template = system_template(spec, cfg)
     key = cache_key(cfg, spec, template, reports)
     if template in RAG_TEMPLATES:  # the prompts also depend on the index they retrieve from
@@ -712,10 +724,10 @@ def predict_system(spec: SystemSpec, cfg: ExperimentConfig, reports: list[Report
     return hyps, {**info, "source": "generated", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, reference: str | None = None, limit: int = 200,
-                out_dir: str | Path, cache_dir: str | Path | None = None, use_encoder: bool = True,
-                n_resamples: int = 1000, n_permutations: int = 10000, progress: bool = True,
-                out: TextIO | None = None, input_path: str | None = None,
+def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, reference: str | None = None,
+                limit: int = 200, out_dir: str | Path, cache_dir: str | Path | None = None,
+                use_encoder: bool = True, n_resamples: int = 1000, n_permutations: int = 10000,
+                progress: bool = True, out: TextIO | None = None, input_path: str | None = None,
                 prior_path: str | None = None) -> dict[str, Any]:
     """Predict with every system on the held-out reports, compare them and write the report.
 
@@ -781,7 +793,8 @@ def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, referen
         if overlap:
             raise FedmiraError(
                 f"--system {spec.name} was trained on {overlap} of the {len(reports)} held-out reports "
-                f"(its run split the data differently; see {Path(str(spec.adapter)).parent / 'config.json'}). "
+                "(its run split the data differently; see "
+                f"{Path(str(spec.adapter)).parent / 'config.json'}). "
                 "Compare it under its own split: pass the same data.* and partition.* overrides.")
     preds: dict[str, list[str]] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -835,8 +848,9 @@ def print_compare(result: dict[str, Any], stream: TextIO) -> None:
         print(f"  {key:<11} {path}", file=stream)
 
 
-def final_quality(cfg: ExperimentConfig, adapter: str | Path, out_dir: str | Path, stream: TextIO) -> dict[str, Any]:
-    """A finished run's global adapter beside the baselines on ``eval.final_reports`` held-out reports.
+def final_quality(cfg: ExperimentConfig, adapter: str | Path, out_dir: str | Path,
+                  stream: TextIO) -> dict[str, Any]:
+    """Compare a finished run's adapter with the baselines on ``eval.final_reports`` held-out reports.
 
     The same held-out reports, baselines, paired tests and files as ``fedmira compare`` (written
     to ``out_dir``), without the zero-shot model; prints one line per system (ROUGE-L and, with

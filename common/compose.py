@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.errors import ConfigError
 
 
 def conf_dir() -> Path:
-    """The ``conf/`` folder: $FEDMIRA_CONF, else the one beside the installed sources."""
+    """Locate the ``conf/`` folder: $FEDMIRA_CONF, else the one beside the installed sources."""
     env = os.environ.get("FEDMIRA_CONF")
     path = Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
     if not (path / "config.yaml").is_file():
@@ -24,7 +24,7 @@ def conf_dir() -> Path:
 
 
 def compose_dict(overrides: Sequence[str] = (), config_name: str = "config") -> dict[str, Any]:
-    """Resolved config as a plain dict (Hydra errors become :class:`ConfigError`)."""
+    """Compose the resolved config as a plain dict (Hydra errors become :class:`ConfigError`)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -37,7 +37,7 @@ def compose_dict(overrides: Sequence[str] = (), config_name: str = "config") -> 
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"Config error: {exc}".strip()) from exc
     assert isinstance(data, dict)
-    return data
+    return cast("dict[str, Any]", data)  # a Hydra config's keys are strings
 
 
 def compose_config(overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -67,8 +67,11 @@ def _override_key(override: str) -> str:
 
 
 def given_keys(overrides: Sequence[str], base: Sequence[str] = ()) -> tuple[set[str], dict[str, Any]]:
-    """The leaf keys ``overrides`` set on top of ``base`` (those a plain ``key=value`` names, and
-    those a group choice or experiment overlay changes), and the flat composed config."""
+    """Return the leaf keys ``overrides`` set on top of ``base``, and the flat composed config.
+
+    The keys are those a plain ``key=value`` names and those a group choice or an experiment
+    overlay changes.
+    """
     before = _flat(compose_dict(list(base)))
     after = _flat(compose_dict([*base, *overrides]))
     named = {_override_key(o) for o in overrides}
@@ -78,7 +81,7 @@ def given_keys(overrides: Sequence[str], base: Sequence[str] = ()) -> tuple[set[
 
 def resume_config(recorded: ExperimentConfig, overrides: Sequence[str], base: Sequence[str] = (),
                   where: str = "") -> ExperimentConfig:
-    """The recorded config of a resumed run with the user's ``overrides`` checked against it.
+    """Check the user's ``overrides`` against a resumed run's recorded config and apply them.
 
     Only the keys the user gave are compared (not every default the recorded run had changed);
     :data:`RESUMABLE_KEYS` take the given value, any other difference is refused, naming the
@@ -99,9 +102,9 @@ def resume_config(recorded: ExperimentConfig, overrides: Sequence[str], base: Se
         else:
             refused.append(f"{key} (recorded {old.get(key)!r}, given {given.get(key)!r})")
     if refused:
+        shown = "; ".join(refused[:6]) + (" ..." if len(refused) > 6 else "")
         raise ConfigError(f"run.resume={where} continues the recorded config; these overrides change it: "
-                          f"{'; '.join(refused[:6])}{' ...' if len(refused) > 6 else ''}. Drop them, or start "
-                          "a new run.")
+                          f"{shown}. Drop them, or start a new run.")
     if not moved:
         return recorded
     doc = recorded.to_dict()

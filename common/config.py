@@ -19,9 +19,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 from fedmira.common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: A config section (a dataclass) built by :func:`_build`.
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 MODEL_EMBEDDED = "embedded:smollm2-135m"
 MODEL_TINY = "tiny-random"
@@ -137,7 +143,8 @@ class DataConfig:
                           "example); either replaces the chat template's generic assistant prompt.", "full")
     max_length: int = _help("Max prompt+target tokens; findings are shortened first, never the target.", 256)
     max_target_tokens: int = _help("Max impression tokens kept as the training target.", 96)
-    max_chars: int = _help("Rows whose findings or impression exceed this many characters are rejected.", 20000)
+    max_chars: int = _help(
+        "Rows whose findings or impression exceed this many characters are rejected.", 20000)
     synthetic_sites: int = _help("Hospitals in the embedded synthetic corpus.", 42)
     synthetic_reports: int = _help("Reports in the embedded synthetic corpus (all sites).", 4200)
     synthetic_seed: int = _help("Seed of the synthetic corpus.", 7)
@@ -180,7 +187,8 @@ class PartitionConfig:
         "smallest site size.", 10)
 
     def __post_init__(self) -> None:
-        _check_choice("partition", "method", self.method, ("natural", "iid", "dirichlet", "quantity", "template"))
+        _check_choice("partition", "method", self.method,
+                      ("natural", "iid", "dirichlet", "quantity", "template"))
         _check_range("partition", "alpha", self.alpha, 0.0, 1e6, lo_open=True)
         if not math.isfinite(self.alpha):
             _fail("partition", "alpha", self.alpha, "must be a finite number")
@@ -583,11 +591,12 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ locked part
     def locked_part(self) -> dict[str, Any]:
-        """Settings that make results comparable: split, its seed, eval set, prompt, sites.
+        """Return the settings that make results comparable: split, its seed, eval set, prompt, sites.
 
         A deployment has no split (each hospital holds its own reports): only the prompt and
         evaluation settings the coordinator sends are locked, not the data source or partition
-        keys it never uses."""
+        keys it never uses.
+        """
         prompt = ("template", "max_length", "max_target_tokens", "max_chars")
         source = ("path", "format", "policy", "synthetic_sites", "synthetic_reports", "synthetic_seed")
         evaluation = {k: getattr(self.eval, k) for k in ("max_loss_samples", "rouge_samples")}
@@ -666,7 +675,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type[_Section], data: Mapping[str, Any], prefix: str) -> _Section:
     if not isinstance(data, Mapping):
         raise ConfigError(f"Config section `{prefix or 'root'}` must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
@@ -674,15 +683,15 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"`{prefix}`" if prefix else "the top level"
+        named = ", ".join(f"`{prefix}.{u}`" if prefix else f"`{u}`" for u in unknown)
         raise ConfigError(
-            f"Unknown config key(s) {', '.join(f'`{prefix}{u}`' if not prefix else f'`{prefix}.{u}`' for u in unknown)} "
-            f"in {where}; known keys: {', '.join(sorted(names))}."
+            f"Unknown config key(s) {named} in {where}; known keys: {', '.join(sorted(names))}."
         )
     kwargs: dict[str, Any] = {}
     for name in names & set(data):
         hint = hints[name]
         where = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, data[name], where)
         else:
             kwargs[name] = _coerce(data[name], hint, where)
@@ -698,6 +707,11 @@ def help_table(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(help_table(hints[f.name], key + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"config field `{key}` has no default")
         rows.append((key, json.dumps(default), f.metadata.get("help", "")))
     return rows

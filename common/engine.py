@@ -7,12 +7,11 @@ reports, typed configs, device) and return plain results, so they are tested wit
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +20,9 @@ from tqdm.auto import tqdm
 from fedmira.common.config import DataConfig, GenerateConfig, TrainConfig
 from fedmira.common.model import autocast_context
 from fedmira.common.optim import (  # noqa: F401  (lr_at, round_steps: part of the engine's interface)
-    Schedule,
     lr_at,
-    make_optimizer,
-    optimizer_arrays,
-    restore_optimizer,
     round_steps,
+    start_training,
 )
 
 #: Where a site keeps its AdamW moments between rounds, in its node state (never in a reply).
@@ -60,6 +56,7 @@ class TrainResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """Throughput: tokens (padding excluded) per second; 0 when no time passed."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -79,7 +76,8 @@ def encode_reports(
     ]
 
 
-def _aligned(reports: Sequence[Report], neighbors: Sequence[Sequence[Neighbor]] | None) -> Sequence[Sequence[Neighbor]]:
+def _aligned(reports: Sequence[Report],
+             neighbors: Sequence[Sequence[Neighbor]] | None) -> Sequence[Sequence[Neighbor]]:
     if neighbors is None:
         return [()] * len(reports)
     if len(neighbors) != len(reports):
@@ -88,7 +86,7 @@ def _aligned(reports: Sequence[Report], neighbors: Sequence[Sequence[Neighbor]] 
 
 
 def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over target tokens, and their count.
+    """Compute the summed next-token cross-entropy over target tokens, and their count.
 
     Computed here rather than with HF's ``labels=`` so the caller decides the normalisation
     (HF averages over the whole padded batch, which is wrong for per-sample DP gradients).
@@ -114,8 +112,11 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None when the model's
-    logits are more than ``head(hidden)`` (softcapping, scaling) or it has no such parts."""
+    """Return (decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None.
+
+    None when the model's logits are more than ``head(hidden)`` (softcapping, scaling) or it
+    has no such parts.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is None or getattr(config, "final_logit_softcapping", None) is not None \
@@ -128,14 +129,6 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     if decoder is None or head is None or decoder is base:
         return None
     return decoder, head
-
-
-@contextlib.contextmanager
-def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch (LoRA dropout) for one training run, restoring the caller's RNG state after."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 #: Length grouping sorts windows of this many batches by length, then shuffles the batches.
@@ -205,26 +198,19 @@ def train_steps(
     ``model.parameters()`` order (the global adapter as received). The reported loss stays the
     task loss, so FedProx and FedAvg curves compare like with like.
     """
-    if not examples:
-        raise ValueError("No training examples: this site has no usable reports in its train split.")
-    steps = round_steps(cfg, len(examples), steps)
-    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
-    run_seed = cfg.seed if seed is None else seed
-    rng = random.Random(run_seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
+    run = start_training(model, len(examples), cfg, seed=seed, lr=lr, steps=steps, global_step=global_step,
+                         total_steps=total_steps, optimizer_state=optimizer_state)
+    steps, params, optimizer, scheduler = run.steps, run.params, run.optimizer, run.scheduler
+    rng = run.sampler()
     prox = _proximal_term(params, proximal, device)
-    optimizer, scheduler = make_optimizer(params, cfg, lr, steps, Schedule(global_step, total_steps))
-    keep = cfg.keep_optimizer_state
-    restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
     lengths = [len(e.input_ids) for e in examples] if cfg.group_by_length else None
     batches = _batches(len(examples), cfg.batch_size, rng, lengths)
     model.train()
     seen: set[int] = set()
-    total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, lr, 0.0
+    total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, run.lr, 0.0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
-    with _seeded_torch(run_seed, device):  # dropout masks follow the seed too
+    with run.seeded(device):  # dropout masks follow the seed too
         for step in bar:
             step_loss, step_tokens = torch.zeros((), device=device), 0
             micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -262,16 +248,16 @@ def train_steps(
     model.eval()
     seconds = time.perf_counter() - start
     mean = total_loss / max(total_tokens, 1)
-    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum, padded_tokens=padded,
-                       optimizer_state=optimizer_arrays(optimizer, names) if keep else {},
-                       optimizer_state_restored=restored)
+    return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum,
+                       padded_tokens=padded, optimizer_state=run.optimizer_state(),
+                       optimizer_state_restored=run.restored)
 
 
 def _proximal_term(
     params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None,
     device: torch.device,
 ) -> Callable[[], torch.Tensor] | None:
-    """A closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
+    """Build a closure computing ``(mu / 2) * sum ||p - ref||^2``, or None when there is no term."""
     if proximal is None or proximal[0] == 0:
         return None
     mu, reference = proximal
@@ -281,8 +267,11 @@ def _proximal_term(
     refs = [r.detach().to(device=device, dtype=p.dtype) for p, r in zip(params, reference)]
 
     def term() -> torch.Tensor:
-        squares = sum(((p - r) ** 2).sum() for p, r in zip(params, refs))
-        return 0.5 * mu * squares  # type: ignore[return-value]
+        squares = [((p - r) ** 2).sum() for p, r in zip(params, refs)]
+        total = squares[0]  # added in order, as sum() would (without its leading int 0)
+        for square in squares[1:]:
+            total = total + square
+        return 0.5 * mu * total
 
     return term
 
@@ -325,7 +314,8 @@ def generate(
     ``autocast`` runs decoding in bf16 mixed precision.
     """
     model.eval()
-    max_prompt = max(8, data.max_length - gen.max_new_tokens) if data.max_length > gen.max_new_tokens + 8 else data.max_length
+    max_prompt = (max(8, data.max_length - gen.max_new_tokens) if data.max_length > gen.max_new_tokens + 8
+                  else data.max_length)
     prompts = [prompt_ids(r, tokenizer, data.template, max_prompt, neighbors=n,
                           neighbor_tokens=data.neighbor_tokens, preamble=data.preamble)
                for r, n in zip(reports, _aligned(reports, neighbors))]

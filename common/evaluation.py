@@ -1,5 +1,7 @@
-"""Evaluation as in the study: generated impressions scored overall, per hospital, per modality,
-and on internal vs external (unseen) hospitals, with bootstrap confidence intervals.
+"""Evaluation as in the study, with bootstrap confidence intervals.
+
+Generated impressions are scored overall, per hospital, per modality, and on internal vs
+external (unseen) hospitals.
 
 * :func:`evaluate_predictions` scores aligned reports and generated impressions (pure: no
   model, no files) and returns the report data.
@@ -28,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO, TypedDict
 
 from fedmira.common.clinical import clinical_f1
 from fedmira.common.metrics import (
@@ -39,6 +41,7 @@ from fedmira.common.metrics import (
     summarize_scores,
 )
 from fedmira.common.reports import Report
+from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
@@ -62,6 +65,13 @@ SITES_PNG, MODALITIES_PNG = "sites.png", "modalities.png"
 
 
 # ----------------------------------------------------------------------------- scoring
+class _Bootstrap(TypedDict):
+    """Bootstrap settings of every summary (``summarize_scores`` keywords)."""
+
+    n_resamples: int
+    seed: int
+
+
 def evaluate_predictions(
     reports: Sequence[Report], hyps: Sequence[str], *, external_sites: Iterable[str] = frozenset(),
     use_encoder: bool = True, n_resamples: int = 1000, seed: int = 0,
@@ -97,7 +107,7 @@ def evaluate_predictions(
     parts = [r.body_part for r in reports]
     scores = score_pairs(refs, hyps, body_parts=parts, use_encoder=use_encoder)
     rows = [{**_ids(r, external), **s} for r, s in zip(reports, scores)]
-    opts = {"n_resamples": n_resamples, "seed": seed}
+    opts: _Bootstrap = {"n_resamples": n_resamples, "seed": seed}
     return {
         "n": len(rows),
         "metrics": list(SAMPLE_METRICS),
@@ -119,7 +129,7 @@ def _ids(report: Report, external: set[str]) -> dict[str, str]:
 
 
 def _summary(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str],
-             idx: Iterable[int], opts: dict[str, int]) -> dict[str, Any]:
+             idx: Iterable[int], opts: _Bootstrap) -> dict[str, Any]:
     """Metric summaries of the rows at ``idx`` plus corpus BLEU and the report count."""
     idx = list(idx)
     out: dict[str, Any] = summarize_scores([rows[i] for i in idx], **opts)
@@ -129,7 +139,7 @@ def _summary(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str
 
 
 def _grouped(rows: list[dict[str, Any]], refs: Sequence[str], hyps: Sequence[str], key: str,
-             opts: dict[str, int]) -> dict[str, dict[str, Any]]:
+             opts: _Bootstrap) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(str(row[key]), []).append(i)
@@ -206,26 +216,23 @@ def _fmt(summary: dict[str, Any] | None) -> str:
 
 def _table(groups: dict[str, dict[str, Any]], first: str, metrics: Sequence[str]) -> list[str]:
     head = [first, "n"] + [REPORT_METRICS[m] for m in metrics] + ["corpus BLEU-4"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, s in groups.items():
         bleu = s.get("corpus_bleu4")
-        cells = [name.replace("|", "\\|"), str(s["n_reports"])] + [_fmt(s.get(m)) for m in metrics]
-        cells.append("n/a" if bleu is None else f"{bleu:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append([name, s["n_reports"], *(_fmt(s.get(m)) for m in metrics),
+                     "n/a" if bleu is None else f"{bleu:.3f}"])
+    return markdown_table(head, rows).splitlines()
 
 
 def _clinical_table(clinical: dict[str, Any]) -> list[str]:
-    lines = ["| observation | support | predicted | precision | recall | F1 |", "|---|---|---|---|---|---|"]
-    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for name, s in clinical["per_observation"].items():
-        lines.append(f"| {name} | {s['support']} | {s['predicted']} | {num(s['precision'])} | "
-                     f"{num(s['recall'])} | {num(s['f1'])} |")
-    return lines
+    head = ["observation", "support", "predicted", "precision", "recall", "F1"]
+    rows = [[name, s["support"], s["predicted"], _num(s["precision"]), _num(s["recall"]), _num(s["f1"])]
+            for name, s in clinical["per_observation"].items()]
+    return markdown_table(head, rows).splitlines()
 
 
 def report_markdown(result: dict[str, Any]) -> str:
-    """The evaluation as a Markdown document (numbers, ids of groups; no report text)."""
+    """Render the evaluation as a Markdown document (numbers, ids of groups; no report text)."""
     metrics = list(REPORT_METRICS)
     meta = result.get("meta", {})
     lines = ["# Evaluation", ""]
@@ -319,7 +326,7 @@ def _bars(groups: dict[str, dict[str, Any]], names: list[str],
 # ----------------------------------------------------------------------------- the whole job
 def select_reports(splits: Sequence[Any], *, split: str = "test", limit: int = 200,
                    seed: int = 0) -> tuple[list[Report], set[str]]:
-    """Reports to evaluate: ``split`` of internal sites plus all reports of external sites.
+    """Select the reports to evaluate: ``split`` of internal sites plus all reports of external sites.
 
     Capped at ``limit`` (0: no cap) by a stable hash of ``(seed, report_id)``, so the same
     config gives the same reports, spread over sites in proportion to their size.
@@ -344,7 +351,7 @@ def _rank(seed: int, report_id: str) -> str:
 
 
 def write_predictions(reports: Sequence[Report], hyps: Sequence[str], path: Path) -> None:
-    """Generated impressions as JSONL (report_id, site_id, impression, reference)."""
+    """Write the generated impressions as JSONL (report_id, site_id, impression, reference)."""
     from fedmira.common.inference import write_impressions
 
     with path.open("w", encoding="utf-8") as handle:
@@ -470,7 +477,7 @@ class FileSet:
         return {r.site_id for r in self.reports}
 
     def meta(self) -> dict[str, Any]:
-        """What the evaluation records about the files (paths and counts; no text)."""
+        """Describe what the evaluation records about the files (paths and counts; no text)."""
         from fedmira.common.retrieval import index_sizes
 
         return {"input": self.input_path, "prior": self.prior_path, "rows_skipped": self.rows_skipped,

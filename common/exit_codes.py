@@ -1,5 +1,6 @@
-"""Exit codes of ``fedmira simulate`` and ``fedmira coordinator``: one per kind of failure, so a
-scheduler or a wrapper script can tell "try again later" from "fix the config".
+"""Exit codes of ``fedmira simulate`` and ``fedmira coordinator``: one per kind of failure.
+
+A scheduler or a wrapper script can so tell "try again later" from "fix the config".
 
 The ServerApp records why a run failed in ``RUN_DIR/state.json`` (``failure: {kind, reason}``);
 the launcher prints the reason in one line and exits with the kind's code.
@@ -31,5 +32,5 @@ TABLE = ("exit codes: 0 all rounds committed (or stopped by the byte budget); 1 
 
 
 def exit_code(kind: str | None) -> int:
-    """The exit code of a recorded failure kind (unknown kinds: :data:`FAILED`)."""
+    """Return the exit code of a recorded failure kind (unknown kinds: :data:`FAILED`)."""
     return FAILURE_CODES.get(kind or "", FAILED)

@@ -16,6 +16,7 @@ from typing import Any
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.errors import FedmiraError
 from fedmira.common.rundir import RunDir, excluded_count
+from fedmira.common.tables import markdown_table
 
 
 def _final_adapter(run: RunDir) -> Path:
@@ -37,7 +38,7 @@ def _site_table(run: RunDir) -> list[dict[str, str]]:
 
 
 def training_line(cfg: ExperimentConfig) -> str:
-    """The local training recipe in one line: budget per round, schedule, kept state, batching."""
+    """Describe the local training recipe in one line: budget per round, schedule, kept state, batching."""
     t = cfg.train
     budget = f"{t.epochs:g} local epochs" if t.epochs > 0 else f"{t.steps} steps"
     schedule = "constant" if t.schedule == "constant" else f"{t.schedule} over the run"
@@ -49,11 +50,12 @@ def training_line(cfg: ExperimentConfig) -> str:
 
 
 def privacy_line(cfg: ExperimentConfig) -> str:
-    """The run's privacy settings in one table cell."""
+    """Describe the run's privacy settings in one table cell."""
     p = cfg.privacy
     parts = []
     if p.enabled:
-        plan = (f"target epsilon {p.target_epsilon:g}" if p.target_epsilon else f"noise multiplier {p.noise_multiplier:g}")
+        plan = (f"target epsilon {p.target_epsilon:g}" if p.target_epsilon
+                else f"noise multiplier {p.noise_multiplier:g}")
         parts.append(f"DP-SGD per {p.unit} ({plan}, delta {p.delta:g}, clip {p.max_grad_norm:g}, "
                      f"budget {p.budget:g}, {p.accountant} accountant)")
     if p.site_level:
@@ -69,8 +71,8 @@ def _privacy_section(privacy: dict[str, Any]) -> list[str]:
     lines = ["", "## Privacy spent (as of the last round)", ""]
     record = privacy.get("record_level")
     if record:
-        lines += ["| site | epsilon |", "|---|---|"]
-        lines += [f"| {site} | {eps:.3f} |" for site, eps in record["sites"].items()]
+        lines += markdown_table(["site", "epsilon"],
+                                [[site, f"{eps:.3f}"] for site, eps in record["sites"].items()]).splitlines()
     site = privacy.get("site_level")
     if site:
         lines += ["", f"Site-level: epsilon {site['epsilon']:.3f} at delta {site['delta']:g} after "
@@ -82,43 +84,48 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
     """Markdown model card from the run folder (numbers and ids only, no report text)."""
     rows = run.metrics()
     last = rows[-1] if rows else {}
+    facts = [
+        ["base model", f"`{cfg.model.name_or_path}`"],
+        ["LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules={', '.join(cfg.lora.target_modules)}"],
+        ["prompt template", f"`{cfg.data.template}`"],
+        ["strategy", f"{cfg.strategy.name}, {run.last_round}/{cfg.strategy.rounds} rounds, "
+                     f"fraction_train={cfg.strategy.fraction_train}"],
+        ["local training", training_line(cfg)],
+        ["privacy", privacy_line(cfg)],
+        ["config hash", f"`{doc.get('config_hash', cfg.config_hash())}`"],
+        ["locked-part hash", f"`{doc.get('lock_hash', cfg.lock_hash())}`"],
+    ]
     lines = [
         f"# fedmira adapter: {cfg.experiment_name()}",
         "",
         "LoRA adapter for writing radiology impressions from findings, trained federated with fedmira.",
         "",
-        "| | |", "|---|---|",
-        f"| base model | `{cfg.model.name_or_path}` |",
-        f"| LoRA | r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules={', '.join(cfg.lora.target_modules)} |",
-        f"| prompt template | `{cfg.data.template}` |",
-        f"| strategy | {cfg.strategy.name}, {run.last_round}/{cfg.strategy.rounds} rounds, "
-        f"fraction_train={cfg.strategy.fraction_train} |",
-        f"| local training | {training_line(cfg)} |",
-        f"| privacy | {privacy_line(cfg)} |",
-        f"| config hash | `{doc.get('config_hash', cfg.config_hash())}` |",
-        f"| locked-part hash | `{doc.get('lock_hash', cfg.lock_hash())}` |",
+        *markdown_table(["", ""], facts).splitlines(),
         "",
         "## Evaluation (last evaluated round, weighted over sites)",
         "",
     ]
     evaluated = [r for r in rows if r.get("evaluate")]
     if evaluated:
-        ev = evaluated[-1]
-        lines += ["| round | val loss | ROUGE-L | sites |", "|---|---|---|---|",
-                  f"| {ev['round']} | {ev['evaluate'].get('val-loss', float('nan')):.4f} | "
-                  f"{ev['evaluate'].get('rouge-l', float('nan')):.3f} | {ev['evaluate'].get('num-sites', '')} |"]
+        ev = evaluated[-1]["evaluate"]
+        lines += markdown_table(["round", "val loss", "ROUGE-L", "sites"], [[
+            evaluated[-1]["round"], f"{ev.get('val-loss', float('nan')):.4f}",
+            f"{ev.get('rouge-l', float('nan')):.3f}", ev.get("num-sites", ""),
+        ]]).splitlines()
     else:
         lines.append("No federated evaluation was recorded.")
-    lines += ["", "## Training loss per round", "", "| round | train loss | sites | bytes up |", "|---|---|---|---|"]
+    losses = []
     for r in rows:
         t = r.get("train", {})
-        lines.append(f"| {r['round']} | {t.get('train-loss', float('nan')):.4f} | {t.get('num-sites', '')} | "
-                     f"{t.get('bytes-sent', '')} |")
+        losses.append([r["round"], f"{t.get('train-loss', float('nan')):.4f}", t.get("num-sites", ""),
+                       t.get("bytes-sent", "")])
+    lines += ["", "## Training loss per round", ""]
+    lines += markdown_table(["round", "train loss", "sites", "bytes up"], losses).splitlines()
     sites = _site_table(run)
     if sites:
         cols = list(sites[0])
-        lines += ["", "## Data per site", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(s[c] for c in cols) + " |" for s in sites]
+        lines += ["", "## Data per site", ""]
+        lines += markdown_table(cols, [[s[c] for c in cols] for s in sites]).splitlines()
     lines += _privacy_section(last.get("privacy", {}))
     if last.get("rejected"):
         lines += ["", f"Sites excluded in the last round: {excluded_count(last['rejected'])}."]
@@ -126,8 +133,11 @@ def model_card(run: RunDir, cfg: ExperimentConfig, doc: dict[str, Any]) -> str:
 
 
 def hub_card(cfg: ExperimentConfig, body: str) -> Any:
-    """``body`` as a Hugging Face model card (``huggingface_hub.ModelCard``): YAML metadata the
-    Hub and PEFT read (library, base model when it is a Hub id, tags), then the Markdown."""
+    """Wrap ``body`` as a Hugging Face model card (``huggingface_hub.ModelCard``).
+
+    The card has the YAML metadata the Hub and PEFT read (library, base model when it is a Hub
+    id, tags), then the Markdown.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     base = cfg.model.name_or_path
@@ -157,7 +167,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, merge: bool =
 
 
 def _merge(cfg: ExperimentConfig, adapter: Path, out: Path) -> None:
-    """Base model + adapter merged into one plain Hugging Face folder (no PEFT needed to serve)."""
+    """Merge the base model and adapter into one plain Hugging Face folder (no PEFT to serve)."""
     import dataclasses
 
     from peft import PeftModel

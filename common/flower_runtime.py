@@ -55,7 +55,7 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
+    """Find a TCP port on loopback that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -118,12 +118,12 @@ class SimulationSuperLink:
         return f"{host}:{self.port}"
 
     def connection_toml(self) -> str:
-        """The ``$FLWR_HOME/config.toml`` naming this SuperLink as connection ``fedmira``."""
+        """Return the ``$FLWR_HOME/config.toml`` text naming this SuperLink as connection ``fedmira``."""
         return ('[superlink]\ndefault = "fedmira"\n\n[superlink.fedmira]\n'
                 f'address = "{self.address}"\ninsecure = true\n')
 
     def command(self) -> list[str]:
-        """The ``flower-superlink`` command line."""
+        """Build the ``flower-superlink`` command line."""
         return [
             "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", self.host, "--port", str(self.port),
@@ -132,6 +132,7 @@ class SimulationSuperLink:
         ]
 
     def start(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink (and its reaper) and wait up to ``timeout`` s for it to be ready."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(self.connection_toml())
         start_at = self.log_path.stat().st_size if self.log_path.is_file() else 0
@@ -152,6 +153,7 @@ class SimulationSuperLink:
         raise FedmiraError(f"The Flower SuperLink did not start within {timeout:.0f} s; see {self.log_path}.")
 
     def stop(self) -> None:
+        """Stop the SuperLink, the processes it left behind and the reaper."""
         if self.proc is not None and self.proc.poll() is None:
             stop_group(self.proc.pid)
         self.proc = None
@@ -190,8 +192,10 @@ def stop_group(pid: int, grace: float = 10.0) -> None:
 
 
 def marked_pids(run_dir: Path) -> list[int]:
-    """PIDs of live processes started for ``run_dir``, found by the marker in their environment
-    (psutil: processes of other users, or already gone, are skipped)."""
+    """Find the PIDs of live processes started for ``run_dir`` by the marker in their environment.
+
+    With psutil; processes of other users, or already gone, are skipped.
+    """
     import psutil
 
     found = []
@@ -230,7 +234,7 @@ def kill_marked(run_dir: Path, grace: float = 5.0) -> int:
 
 
 def start_reaper(run_dir: Path) -> subprocess.Popen[bytes]:
-    """A small watchdog that ends the run's processes if the launcher dies (even by SIGKILL)."""
+    """Start a small watchdog that ends the run's processes if the launcher dies (even by SIGKILL)."""
     env = {k: v for k, v in os.environ.items() if k != RUN_MARKER}
     return subprocess.Popen(
         [sys.executable, "-m", "fedmira.common.flower_runtime", str(os.getpid()), str(run_dir)],
@@ -250,6 +254,7 @@ def _reap(parent: int, run_dir: Path) -> None:
 
 
 def record_pids(run_dir: Path, pids: list[int]) -> None:
+    """Record ``pids`` in ``run_dir/processes.json`` for :func:`stop_recorded` after a crash."""
     (run_dir / "processes.json").write_text(json.dumps({"pids": pids}))
 
 
@@ -297,7 +302,7 @@ def stream_run(link: SimulationSuperLink, run_config_toml: Path, extra: list[str
 
 
 def run_status(link: SimulationSuperLink, run_id: int) -> str:
-    """The SuperLink's status of a run (e.g. 'finished:completed', 'finished:failed')."""
+    """Ask the SuperLink for the status of a run (e.g. 'finished:completed', 'finished:failed')."""
     out = subprocess.run(["flwr", "ls", "fedmira", "--run-id", str(run_id), "--format", "json"],
                          env=link.env, capture_output=True, text=True, timeout=60)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Sequence, TextIO
 
 from fedmira.common.adapters import ADAPTER_CONFIG
 from fedmira.common.config import ExperimentConfig
@@ -14,11 +14,14 @@ from fedmira.common.model import load_base_model, model_autocast
 from fedmira.common.reports import Report, load_reports, normalize_modality
 from fedmira.common.retrieval import rag_neighbors
 
+if TYPE_CHECKING:
+    import torch
+
 
 def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple[Any, Any, Any]:
     """(model, tokenizer, device): the base model, with the PEFT adapter at ``adapter`` if given."""
     loaded = load_base_model(cfg.model)
-    model = loaded.model
+    model: torch.nn.Module = loaded.model
     if adapter:
         from peft import PeftModel
 
@@ -30,8 +33,9 @@ def load_model_with_adapter(cfg: ExperimentConfig, adapter: str | None) -> tuple
     return model, loaded.tokenizer, loaded.device
 
 
-def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_part: str, exam: str) -> list[Report]:
-    """Reports from stdin: one JSON report object or one plain findings text per line."""
+def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_part: str,
+                       exam: str) -> list[Report]:
+    """Read reports from stdin: one JSON report object or one plain findings text per line."""
     mod = normalize_modality(modality)
     if mod is None:
         raise DataError(f"--modality {modality[:16]!r} is not a known modality code (e.g. CT, MR, DR).")
@@ -62,7 +66,7 @@ def reports_from_lines(lines: Iterable[str], *, site: str, modality: str, body_p
 
 
 def read_input(path: str, fmt: str, **defaults: str) -> list[Report]:
-    """Reports from a file (any supported format) or from stdin when ``path`` is ``-``."""
+    """Read reports from a file (any supported format) or from stdin when ``path`` is ``-``."""
     import sys
 
     if path == "-":

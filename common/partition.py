@@ -66,18 +66,18 @@ class SiteSplit:
 
 
 def _unit_hash(seed: int, key: str) -> float:
-    """A float in [0, 1) from sha256 of ``(seed, key)``, stable across runs and machines."""
+    """Hash to a float in [0, 1) from sha256 of ``(seed, key)``, stable across runs and machines."""
     digest = hashlib.sha256(f"{seed}\x1f{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _group_key(report: Report) -> str:
-    """The unit kept together in one split: the patient when known, else the report."""
+    """Return the unit kept together in one split: the patient when known, else the report."""
     return f"patient:{report.patient_id}" if report.patient_id else f"report:{report.report_id}"
 
 
 def _hash_order(reports: Iterable[Report], seed: int) -> list[Report]:
-    """Reports sorted by their own hash (ties by id): the deterministic in-split order."""
+    """Sort reports by their own hash (ties by id): the deterministic in-split order."""
     return sorted(reports, key=lambda r: (_unit_hash(seed, f"report:{r.report_id}"), r.report_id))
 
 
@@ -155,7 +155,7 @@ def _iid_sites(reports: list[Report], num_sites: int, seed: int) -> dict[str, li
 
 
 def _seeded_pool(reports: list[Report], seed: int) -> list[Report]:
-    """Reports in id order, then shuffled by ``seed``.
+    """Sort reports by id, then shuffle them by ``seed``.
 
     The shuffle matters: flwr-datasets partitioners cut contiguous runs of their input, and in
     id order those runs would be the original hospitals (ids often start with the site).
@@ -185,7 +185,7 @@ def _size_floor(n_reports: int, num_sites: int, min_site_reports: int) -> int:
 
 
 def is_normal(report: Report) -> bool:
-    """True for a report labelled only ``normal`` (IU Problems "normal", synthetic corpus).
+    """Tell whether a report is labelled only ``normal`` (IU Problems "normal", synthetic corpus).
 
     Parameters
     ----------
@@ -201,7 +201,7 @@ def is_normal(report: Report) -> bool:
 
 
 def label_of(report: Report, label_key: str) -> str:
-    """The value ``dirichlet`` skews: modality, body part or ``normal`` / ``abnormal``."""
+    """Return the value ``dirichlet`` skews: modality, body part or ``normal`` / ``abnormal``."""
     if label_key == "normal":
         return "normal" if is_normal(report) else "abnormal"
     return getattr(report, label_key) or "(none)"
@@ -237,7 +237,7 @@ def _flwr_datasets(method: str) -> tuple[Any, Any]:
 
 def _dirichlet_indices(labels: list[str], num_sites: int, alpha: float, seed: int,
                        floor: int) -> list[list[int]]:
-    """Indices per site from flwr-datasets' ``DirichletPartitioner`` over ``labels``.
+    """Partition indices into sites with flwr-datasets' ``DirichletPartitioner`` over ``labels``.
 
     ``self_balancing=True`` stops a site from receiving more labels once it holds more than the
     average, so this method mostly skews the label mix and ``quantity`` skews the sizes. Its
@@ -332,7 +332,7 @@ _NON_LETTERS = re.compile(r"[^a-z]+")
 
 
 def normalize_exam(exam: str) -> str:
-    """The reporting template of an exam description.
+    """Normalise an exam description to its reporting template.
 
     Lower-case, drop de-identification tokens (``xxxx``), turn punctuation and digits into
     spaces and collapse whitespace: "CHEST 2V FRONTAL/LATERAL XXXX" -> "chest v frontal lateral".
@@ -379,7 +379,7 @@ def _template_sites(reports: list[Report], num_sites: int,
 
 
 def site_templates(splits: list[SiteSplit]) -> dict[str, str]:
-    """The normalised template of every ``template`` site (for the manifest and summaries).
+    """Return the normalised template of every ``template`` site (for the manifest and summaries).
 
     Parameters
     ----------
@@ -419,7 +419,7 @@ def _pick_external(site_ids: list[str], external_sites: int, seed: int) -> set[s
 
 
 def _members(assign: dict[str, str], units: dict[str, float], name: str) -> list[str]:
-    """Unit keys assigned to split ``name``, by ascending hash."""
+    """Return the unit keys assigned to split ``name``, by ascending hash."""
     return sorted((k for k in units if assign[k] == name), key=lambda k: (units[k], k))
 
 
@@ -459,7 +459,8 @@ def _split_site(site_id: str, reports: list[Report], *, external: bool, val_frac
     parts: dict[str, list[Report]] = {name: [] for name in SPLITS}
     for report in reports:
         parts[assign[_group_key(report)]].append(report)
-    return SiteSplit(site_id, *(_hash_order(parts[name], seed) for name in SPLITS), False)
+    train, val, test = (_hash_order(parts[name], seed) for name in SPLITS)
+    return SiteSplit(site_id, train, val, test, False)
 
 
 def _cap_site(split: SiteSplit, max_reports: int) -> SiteSplit:
@@ -477,7 +478,7 @@ def _cap_site(split: SiteSplit, max_reports: int) -> SiteSplit:
 
 def _group_sites(reports: list[Report], method: str, num_sites: int, *, seed: int, alpha: float,
                  label_key: str, min_site_reports: int) -> dict[str, list[Report]]:
-    """Reports grouped into sites by ``method`` (before splitting)."""
+    """Group reports into sites by ``method`` (before splitting)."""
     if method == "natural":
         return _natural_sites(reports, num_sites)
     if method == "iid":
@@ -729,7 +730,7 @@ def summarize(splits: list[SiteSplit]) -> list[dict[str, Any]]:
 
 
 def _mix_counts(splits: list[SiteSplit], mix: str) -> tuple[str, dict[str, list[int]]]:
-    """The second panel's categories: ``(title, {category: count per site})``.
+    """Count the second panel's categories: ``(title, {category: count per site})``.
 
     ``auto`` shows modalities when there are several, else normal vs abnormal (the IU corpus
     is all chest radiographs, so its modality panel would be one colour).
@@ -794,7 +795,8 @@ def plot_sites(splits: list[SiteSplit], path: str | Path, *, mix: str = "auto") 
     # Explicit limit: zero-height stacked bars pin autoscaling at the tallest bar's top.
     top.set_ylim(0, max(totals) * 1.05)
     top.set_title(f"{len(splits)} sites, {sum(totals)} reports")
-    _stack(bottom, x, shares, plt.get_cmap("tab20").colors)
+    palette = plt.get_cmap("tab20")  # qualitative: its 20 colours, in order
+    _stack(bottom, x, shares, [palette(i) for i in range(palette.N)])
     bottom.set_ylabel(f"{title} mix (share)")
     bottom.set_ylim(0, 1)
     bottom.set_xticks(x, [s.site_id for s in splits], rotation=90, fontsize=7)
@@ -812,7 +814,7 @@ DEFAULT_SINGLE_SITE_SPLIT = 8
 
 
 def load_pooled_reports(cfg: ExperimentConfig, out: TextIO = sys.stdout) -> list[Report]:
-    """The reports to split: the file at ``data.path`` or the embedded synthetic corpus."""
+    """Load the reports to split: the file at ``data.path`` or the embedded synthetic corpus."""
     d = cfg.data
     if not d.path:
         return make_synthetic_corpus(d.synthetic_sites, d.synthetic_reports, d.synthetic_seed)

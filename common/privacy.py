@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import secrets
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from fedmira.common.config import PrivacyConfig, TrainConfig
 from fedmira.common.errors import DataError
-from fedmira.common.optim import Schedule, make_optimizer, optimizer_arrays, restore_optimizer, round_steps
+from fedmira.common.optim import require_examples, start_training
 from fedmira.common.prompts import IGNORE_INDEX, Example, collate
 from fedmira.common.reports import Report
 
@@ -73,7 +71,7 @@ def epsilon_for(history: Sequence[Sequence[float]], delta: float, mechanism: str
 
 def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                      mechanism: str = "rdp") -> float:
-    """The noise multiplier that spends ``target_epsilon`` in ``steps`` steps (Opacus' solver)."""
+    """Solve for the noise multiplier that spends ``target_epsilon`` in ``steps`` steps (Opacus' solver)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():  # "optimal order is the largest alpha": a looser bound, noted once here
@@ -93,7 +91,8 @@ def affordable_steps(history: Sequence[Sequence[float]], noise_multiplier: float
         return max(wanted, 0)
 
     def fits(k: int) -> bool:
-        return epsilon_for([*history, (noise_multiplier, sample_rate, k)], delta, mechanism) <= budget * (1 + 1e-9)
+        spent = epsilon_for([*history, (noise_multiplier, sample_rate, k)], delta, mechanism)
+        return spent <= budget * (1 + 1e-9)
 
     if fits(wanted):
         return wanted
@@ -126,13 +125,16 @@ class AccountantState:
 
     @property
     def planned(self) -> bool:
+        """Whether the noise is planned (:func:`plan_state` ran)."""
         return self.units > 0
 
     @property
     def steps(self) -> int:
+        """DP-SGD steps released so far."""
         return int(sum(n for _, _, n in self.history))
 
     def epsilon(self) -> float:
+        """Compute the epsilon spent so far at ``delta`` (:func:`epsilon_for`)."""
         return epsilon_for(self.history, self.delta, self.mechanism)
 
     def record(self, steps: int, global_round: int) -> None:
@@ -148,10 +150,12 @@ class AccountantState:
             self.rounds.append(global_round)
 
     def to_json(self) -> str:
+        """Serialise the ledger as JSON (sorted keys)."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> AccountantState:
+        """Read a ledger written by :meth:`to_json`; a ValueError for another version."""
         data = json.loads(text)
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"privacy ledger version {data.get('version')!r} is not {STATE_VERSION}")
@@ -159,7 +163,7 @@ class AccountantState:
 
 
 def plan_state(privacy: PrivacyConfig, train: TrainConfig, units: int, planned_steps: int) -> AccountantState:
-    """A new ledger with the noise for this site: solved for ``target_epsilon`` or fixed.
+    """Plan a new ledger with the noise for this site: solved for ``target_epsilon`` or fixed.
 
     The sampling rate is the expected logical batch (``batch_size x grad_accum`` units) over the
     site's units; ``planned_steps`` assumes the site trains in every round (the worst case when
@@ -177,7 +181,7 @@ def plan_state(privacy: PrivacyConfig, train: TrainConfig, units: int, planned_s
 
 
 def load_state(path: Path | None, in_memory: str | None) -> AccountantState | None:
-    """The ledger from ``context.state`` or the site's file, whichever has released more steps.
+    """Load the ledger from ``context.state`` or the site's file, whichever released more steps.
 
     Both copies are written after every round; after a SuperNode restart only the file is
     left, and a file can be a round behind the memory copy if writing it failed. The longer
@@ -210,7 +214,7 @@ def ledger_file(state_dir: Path, cfg: ExperimentConfig) -> Path:
 
 
 def unit_ids(reports: Sequence[Report], unit: str) -> list[int]:
-    """The privacy unit of each report: itself (``record``) or its patient (``patient``).
+    """Return the privacy unit of each report: itself (``record``) or its patient (``patient``).
 
     Raises
     ------
@@ -253,10 +257,12 @@ class DPResult:
 
     @property
     def tokens_per_s(self) -> float:
+        """Throughput: tokens (padding excluded) per second; 0 when no time passed."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def budget_spent(self) -> bool:
+        """Whether the budget stopped the call before it took every step it wanted."""
         return self.steps < self.steps_wanted
 
 
@@ -282,21 +288,28 @@ def _members(units: Sequence[int]) -> list[list[int]]:
     return [groups[u] for u in sorted(groups)]
 
 
+#: The attribute Opacus' hooks add to each parameter: its per-sample gradients (a tensor, or a
+#: list of them, one per backward pass). torch's types do not know it, hence getattr/setattr.
+_GRAD_SAMPLE = "grad_sample"
+
+
 def _group_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int,
                         identity: bool) -> torch.Tensor:
     """Turn per-row gradient samples into per-unit ones (a patient's rows summed); unit norms."""
-    norms = []
+    norms: list[torch.Tensor] = []
     for p in params:
-        gs = p.grad_sample
+        gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE)
         if isinstance(gs, list):
             gs = torch.cat(gs, dim=0)
         if gs is None:  # this parameter took no part in the forward pass
             gs = torch.zeros((len(owner), *p.shape), dtype=p.dtype, device=p.device)
         if not identity:
-            gs = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype, device=gs.device).index_add_(0, owner, gs)
-        p.grad_sample = gs
+            per_unit = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
+            gs = per_unit.index_add_(0, owner, gs)
+        setattr(p, _GRAD_SAMPLE, gs)
         norms.append(torch.linalg.vector_norm(gs.reshape(n_units, -1), dim=1, dtype=torch.float32))
-    return torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)  # one norm per unit over all parameters
+    unit_norms: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+    return unit_norms  # one norm per unit over all parameters
 
 
 @dataclass(frozen=True)
@@ -322,9 +335,11 @@ def dp_gradient(
     a noise-only gradient.
     """
     if not gsm.training:
-        raise ValueError("dp_gradient needs the model in training mode (Opacus records activations only then)")
+        raise ValueError(
+            "dp_gradient needs the model in training mode (Opacus records activations only then)")
     rows = [i for unit in sample for i in unit]
-    owner = torch.tensor([pos for pos, unit in enumerate(sample) for _ in unit], dtype=torch.long, device=device)
+    owner = torch.tensor([pos for pos, unit in enumerate(sample) for _ in unit], dtype=torch.long,
+                         device=device)
     loss_sum, n_tok, tokens, clipped = 0.0, 0, 0, 0
     for i in range(0, len(rows), micro_batch):
         chunk = rows[i : i + micro_batch]
@@ -341,7 +356,7 @@ def dp_gradient(
         clipped = int((norms > dp_opt.max_grad_norm).sum())
     else:
         for p in params:  # an empty Poisson sample: a noise-only step
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            setattr(p, _GRAD_SAMPLE, torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))
     dp_opt.pre_step()
     return StepStats(loss_sum, n_tok, tokens, clipped)
 
@@ -400,23 +415,19 @@ def dp_train_steps(
     """
     from opacus import GradSampleModule
 
-    if not examples:
-        raise ValueError("No training examples: this site has no usable reports in its train split.")
+    require_examples(len(examples))
     if len(units) != len(examples):
         raise ValueError("units must give one privacy unit per training example")
     if not state.planned:
         raise ValueError("the privacy ledger has no noise plan; call plan_state first")
-    wanted = round_steps(cfg, len(examples), steps)
-    lr = cfg.lr if lr is None else lr  # `is None`: an explicit lr of 0 means 0
-    run_seed = cfg.seed if seed is None else seed
+    run = start_training(model, len(examples), cfg, seed=seed, lr=lr, steps=steps, global_step=global_step,
+                         total_steps=total_steps, optimizer_state=optimizer_state)
+    wanted, run_seed, params = run.steps, run.seed, run.params
+    optimizer, scheduler = run.optimizer, run.scheduler
     sigma, q = state.noise_multiplier, state.sample_rate
     todo = affordable_steps(state.history, sigma, q, wanted, budget, state.delta, state.mechanism)
     members = _members(units)
-    sampler = secrets.SystemRandom() if secure_mode else random.Random(run_seed)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    optimizer, scheduler = make_optimizer(params, cfg, lr, wanted, Schedule(global_step, total_steps))
-    restored = cfg.keep_optimizer_state and restore_optimizer(optimizer, params, names, optimizer_state)
+    sampler = run.sampler(secure=secure_mode)
     prox = _proximal(params, proximal, device)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_opt = make_dp_optimizer(optimizer, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
@@ -424,12 +435,11 @@ def dp_train_steps(
                                secure_mode=secure_mode)
     seen: set[int] = set()
     total_loss, total_tokens, all_tokens, clipped, sampled = 0.0, 0, 0, 0, 0
-    last_lr, lr_sum = lr, 0.0
+    last_lr, lr_sum = run.lr, 0.0
     start = time.perf_counter()
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            torch.manual_seed(run_seed)  # LoRA dropout follows the seed
+        with run.seeded(device):  # LoRA dropout follows the seed
             for step in tqdm(range(todo), desc="dp-train", unit="step", disable=not progress, leave=False):
                 chosen = [u for u in range(len(members)) if sampler.random() < q]
                 stats = dp_gradient(gsm, dp_opt, params, examples, [members[u] for u in chosen],
@@ -458,14 +468,14 @@ def dp_train_steps(
         mean_loss=total_loss / total_tokens if total_tokens else math.nan, num_examples=len(seen),
         steps=todo, steps_wanted=wanted, tokens=all_tokens, seconds=time.perf_counter() - start,
         clipped_fraction=clipped / sampled if sampled else 0.0, epsilon=state.epsilon(),
-        lr=last_lr, lr_sum=lr_sum, optimizer_state=optimizer_arrays(optimizer, names) if cfg.keep_optimizer_state else {},
-        optimizer_state_restored=restored,
+        lr=last_lr, lr_sum=lr_sum, optimizer_state=run.optimizer_state(),
+        optimizer_state_restored=run.restored,
     )
 
 
 def _proximal(params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[torch.Tensor]] | None,
               device: torch.device) -> Callable[[], None] | None:
-    """Adds FedProx's gradient ``mu (w - w_ref)`` to each parameter's (already noisy) gradient."""
+    """Add FedProx's gradient ``mu (w - w_ref)`` to each parameter's (already noisy) gradient."""
     if proximal is None or proximal[0] == 0:
         return None
     mu, reference = proximal
@@ -474,6 +484,7 @@ def _proximal(params: Sequence[torch.Tensor], proximal: tuple[float, Sequence[to
     def add() -> None:
         with torch.no_grad():
             for p, r in zip(params, refs):
+                assert p.grad is not None  # the DP step left a (noisy) gradient on every parameter
                 p.grad.add_(p.detach() - r, alpha=mu)
 
     return add
@@ -535,19 +546,24 @@ class SiteLevelLedger:
     history: list[list[float]] = field(default_factory=list)
 
     def record(self, sample_rate: float) -> None:
-        if self.history and self.history[-1][0] == self.noise_multiplier and self.history[-1][1] == sample_rate:
+        """Add one round's release at ``sample_rate`` (merged with the last entry when equal)."""
+        last = self.history[-1] if self.history else None
+        if last is not None and last[0] == self.noise_multiplier and last[1] == sample_rate:
             self.history[-1][2] = int(self.history[-1][2]) + 1
         else:
             self.history.append([self.noise_multiplier, sample_rate, 1])
 
     @property
     def rounds(self) -> int:
+        """Rounds released so far."""
         return int(sum(n for _, _, n in self.history))
 
     def epsilon(self) -> float:
+        """Compute the epsilon spent so far at ``delta`` (:func:`epsilon_for`)."""
         return epsilon_for(self.history, self.delta, self.mechanism)
 
     def summary(self) -> dict[str, Any]:
+        """Return the ledger as a JSON-ready dict: epsilon, delta, noise, clip, rounds, history."""
         return {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "clip": self.clip, "rounds": self.rounds, "history": [list(h) for h in self.history]}
 
@@ -555,7 +571,7 @@ class SiteLevelLedger:
 # ============================================================================ secure aggregation
 def secagg_quantization_check(state: dict[str, np.ndarray], clipping_range: float = 8.0,
                               quantization_range: int = 1 << 22) -> dict[str, float | int]:
-    """What Flower's SecAgg+ quantization would do to an adapter (its defaults as arguments).
+    """Check what Flower's SecAgg+ quantization would do to an adapter (its defaults as arguments).
 
     SecAgg+ clips every value to ``[-clipping_range, clipping_range]`` *silently*
     (``np.clip``) and stochastically rounds it to one of ``quantization_range`` levels, so a step

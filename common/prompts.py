@@ -58,7 +58,7 @@ def _neighbor_block(neighbors: Sequence[Neighbor]) -> str:
 def user_message(
     report: Report, template: str, findings: str | None = None, neighbors: Sequence[Neighbor] = (),
 ) -> str:
-    """The instruction for one report (``findings`` overrides the report's, for truncation)."""
+    """Build the instruction for one report (``findings`` overrides the report's, for truncation)."""
     text = report.findings if findings is None else findings
     if template == "plain":
         return f"Write the impression for these findings.\nFindings: {text}"
@@ -95,7 +95,8 @@ def _cut(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 def shorten_neighbors(neighbors: Sequence[Neighbor], tokenizer: Any, max_tokens: int) -> list[Neighbor]:
     """Each neighbour's findings and impression cut to ``max_tokens`` tokens."""
-    return [Neighbor(_cut(tokenizer, n.findings, max_tokens), _cut(tokenizer, n.impression, max_tokens), n.score)
+    return [Neighbor(_cut(tokenizer, n.findings, max_tokens), _cut(tokenizer, n.impression, max_tokens),
+                     n.score)
             for n in neighbors]
 
 
@@ -130,7 +131,7 @@ def _fit_findings(
     report: Report, tokenizer: Any, template: str, max_prompt_tokens: int, near: Sequence[Neighbor],
     preamble: str, floor: int,
 ) -> list[int] | None:
-    """The prompt with the findings shortened (to no fewer than ``floor`` tokens) to fit, or None."""
+    """Tokenize the prompt with the findings cut (to >= ``floor`` tokens) to fit; None if it can't."""
     ids = _ids(tokenizer, render_prompt(report, tokenizer, template, neighbors=near, preamble=preamble))
     if len(ids) <= max_prompt_tokens:
         return ids

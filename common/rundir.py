@@ -56,6 +56,7 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        """Take the lock without waiting; a :class:`FedmiraError` naming the holder if it is taken."""
         import fcntl
         import time
 
@@ -77,6 +78,7 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Release the lock (nothing if it is not held)."""
         if self._fd is not None:
             import fcntl
 
@@ -116,11 +118,13 @@ class RunDir:
 
     # ------------------------------------------------------------------ config
     def write_config(self, config: Mapping[str, Any], config_hash: str, lock_hash: str) -> None:
+        """Write ``config.json`` (the config and its hashes) atomically."""
         self.path.mkdir(parents=True, exist_ok=True)
         doc = {"config": dict(config), "config_hash": config_hash, "lock_hash": lock_hash}
         _atomic_write(self.path / CONFIG_JSON, json.dumps(doc, indent=2, sort_keys=True))
 
     def read_config(self) -> dict[str, Any]:
+        """Read ``config.json``; a :class:`FedmiraError` when this is not a run folder."""
         path = self.path / CONFIG_JSON
         if not path.is_file():
             raise FedmiraError(f"{self.path} is not a fedmira run folder ({CONFIG_JSON} missing).")
@@ -132,7 +136,7 @@ class RunDir:
         _atomic_write(self.path / ALLOWED_NODES, json.dumps({"nodes": dict(nodes)}, indent=2, sort_keys=True))
 
     def allowed_nodes(self) -> frozenset[int]:
-        """The node ids the coordinator allow-listed; an error when it wrote none."""
+        """Read the node ids the coordinator allow-listed; an error when it wrote none."""
         path = self.path / ALLOWED_NODES
         if not path.is_file():
             raise FedmiraError(f"{path} is missing: a deployment's ServerApp takes only the nodes "
@@ -148,14 +152,17 @@ class RunDir:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
+        """Read ``state.json`` (``{"last_round": 0}`` before the first round)."""
         path = self.path / STATE_FILE
         return dict(json.loads(path.read_text())) if path.is_file() else {"last_round": 0}
 
     @property
     def last_round(self) -> int:
+        """The last committed round (0 before the first)."""
         return int(self.state().get("last_round", 0))
 
     def round_dir(self, server_round: int) -> Path:
+        """Return the folder of round ``server_round``."""
         return self.path / "rounds" / f"round_{server_round:04d}"
 
     def commit_round(
@@ -186,10 +193,12 @@ class RunDir:
     def mark(self, **fields: Any) -> None:
         """Merge ``fields`` into state.json (e.g. status, timings)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / STATE_FILE, json.dumps({**self.state(), **fields}, indent=2, sort_keys=True))
+        _atomic_write(self.path / STATE_FILE,
+                      json.dumps({**self.state(), **fields}, indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------ metrics
     def metrics(self) -> list[dict[str, Any]]:
+        """Read the rows of ``metrics.jsonl``, one per committed round, in order (a cut line is skipped)."""
         path = self.path / METRICS_JSONL
         if not path.is_file():
             return []
@@ -253,7 +262,7 @@ def save_strategy_state(folder: str | Path, tensors: Mapping[str, Any], metadata
 
 
 def load_strategy_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """The (tensors, metadata) saved by :func:`save_strategy_state`, or None when absent."""
+    """Load the (tensors, metadata) saved by :func:`save_strategy_state`, or None when absent."""
     from safetensors import safe_open
 
     path = Path(folder) / STRATEGY_STATE
@@ -325,7 +334,9 @@ def write_tensorboard(run: RunDir, record: Mapping[str, Any]) -> None:
 
 
 def excluded_count(rejected: list[dict[str, Any]]) -> int:
-    """Sites excluded in a round: distinct nodes (a site refused twice in one round, e.g. its
-    training timed out and its evaluation failed, counts once); records before node ids were
-    kept count by site name."""
+    """Count the sites excluded in a round: distinct nodes.
+
+    A site refused twice in one round (e.g. its training timed out and its evaluation failed)
+    counts once; records from before node ids were kept count by site name.
+    """
     return len({r.get("node", r.get("site")) for r in rejected})

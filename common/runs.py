@@ -1,7 +1,8 @@
-"""A run folder's life, shared by ``fedmira simulate`` and ``fedmira coordinator``: the lock
-that keeps an experiment's runs comparable, creating and resuming a run folder, the flat run
-config Flower reads, which Flower log lines reach the console, and the closing summary with the
-exit code of the failure kind (``common/exit_codes.py``).
+"""A run folder's life, shared by ``fedmira simulate`` and ``fedmira coordinator``.
+
+The lock that keeps an experiment's runs comparable, creating and resuming a run folder, the
+flat run config Flower reads, which Flower log lines reach the console, and the closing summary
+with the exit code of the failure kind (``common/exit_codes.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def check_lock(cfg: ExperimentConfig) -> None:
     """Refuse a run whose locked part differs from the one recorded for its experiment name."""
     name = cfg.experiment_name()
     path = Path(cfg.run.out_dir) / LOCKS_DIR / f"{name}.json"
-    lock = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
+    lock: dict[str, Any] = {"lock_hash": cfg.lock_hash(), "locked": cfg.locked_part()}
     if path.is_file():
         recorded = json.loads(path.read_text())
         # Keys only one side has (a lock written before a key was locked, or a deployment's
@@ -41,7 +42,8 @@ def check_lock(cfg: ExperimentConfig) -> None:
     path.write_text(json.dumps(lock, indent=2, sort_keys=True))
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "", both: bool = False) -> list[str]:
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                  both: bool = False) -> list[str]:
     """``key: old -> new`` for every differing leaf (``both``: only keys both sides have)."""
     keys: list[str] = []
     for k in sorted(set(old) & set(new) if both else set(old) | set(new)):
@@ -67,8 +69,11 @@ def create_run_folder(cfg: ExperimentConfig) -> tuple[ExperimentConfig, RunDir]:
 
 def resume_run(resume: str, overrides: Sequence[str] = (),
                base: Sequence[str] = ()) -> tuple[ExperimentConfig, RunDir, dict[str, Any]]:
-    """Reopen a run folder with its recorded config; ``overrides`` (the user's, beside
-    ``run.resume``) may not change it, except where the run is served (``RESUMABLE_KEYS``)."""
+    """Reopen a run folder with its recorded config.
+
+    ``overrides`` (the user's, beside ``run.resume``) may not change it, except where the run
+    is served (``RESUMABLE_KEYS``).
+    """
     from fedmira.common.compose import resume_config
 
     run = RunDir(Path(resume).resolve())
@@ -79,7 +84,7 @@ def resume_run(resume: str, overrides: Sequence[str] = (),
 
 
 def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
-    """The nested TOML ``flwr run --run-config`` flattens back to our dotted keys."""
+    """Write the nested TOML that ``flwr run --run-config`` flattens back to our dotted keys."""
     import tomli_w
 
     nested: dict[str, dict[str, Any]] = {}
@@ -92,10 +97,12 @@ def write_run_config(run: RunDir, cfg: ExperimentConfig) -> Path:
 
 
 def shown(line: str) -> bool:
-    """Flower log lines worth the console without ``--verbose``: its errors. Not Flower's
-    "ServerApp raised an exception" / "Traceback" header, and not fedmira's own tagged lines:
-    progress, exclusions and the failure reason come from the run folder (:class:`RunFollower`);
-    the traceback stays in flower.log."""
+    """Tell whether a Flower log line is worth the console without ``--verbose``: its errors.
+
+    Not Flower's "ServerApp raised an exception" / "Traceback" header, and not fedmira's own
+    tagged lines: progress, exclusions and the failure reason come from the run folder
+    (:class:`RunFollower`); the traceback stays in flower.log.
+    """
     if "ServerApp raised an exception" in line or line.lstrip().startswith("Traceback"):
         return False
     return "ERROR" in line and "[fedmira]" not in line
@@ -126,14 +133,16 @@ def round_line(g: int, total: int, record: dict[str, Any]) -> str:
 
 
 class RunFollower:
-    """Follows a run folder while Flower runs it and emits what the ServerApp committed: each
-    round's exclusions and its line (``metrics.jsonl``), the byte-budget warning and the failure
-    (``state.json``). Progress never depends on the wording of Flower's output.
+    """Follow a run folder while Flower runs it and emit what the ServerApp committed.
+
+    That is each round's exclusions and its line (``metrics.jsonl``), the byte-budget warning
+    and the failure (``state.json``). Progress never depends on the wording of Flower's output.
 
     Use as a context manager; leaving it reads the folder one last time.
     """
 
-    def __init__(self, run: RunDir, total: int, emit: Callable[[str, int], None], poll_s: float = 0.5) -> None:
+    def __init__(self, run: RunDir, total: int, emit: Callable[[str, int], None],
+                 poll_s: float = 0.5) -> None:
         self.run, self.total, self.emit, self.poll_s = run, total, emit, poll_s
         self.seen = run.last_round  # rounds committed before this launch were shown then
         self._notes: set[str] = set()
@@ -175,8 +184,10 @@ class RunFollower:
 
 def finish_run(cfg: ExperimentConfig, run: RunDir, status: str, startup_s: float, wall_s: float,
                out: TextIO, command: str = "simulate") -> int:
-    """Print the run's closing summary (rounds, bytes, timings, where the results are, why it
-    failed); returns the exit code (``common/exit_codes.py``)."""
+    """Print the run's closing summary and return the exit code (``common/exit_codes.py``).
+
+    The summary gives rounds, bytes, timings, where the results are and why the run failed.
+    """
     last = run.last_round
     run.mark(flower_status=status, wall_s=round(wall_s, 1), launcher_startup_s=round(startup_s, 1))
     if run.metrics():

@@ -13,14 +13,14 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping, TypedDict
 
 import torch
 
 from fedmira.common.adapters import adapter_num_bytes, get_adapter_state, set_adapter_state
 from fedmira.common.aggregation import LORA_A, adapter_rank, truncate_adapter
 from fedmira.common.config import ExperimentConfig, GenerateConfig, LoraConfig, ModelConfig, stable_hash
-from fedmira.common.engine import encode_reports, evaluate_loss, generate, train_steps
+from fedmira.common.engine import TrainResult, encode_reports, evaluate_loss, generate, train_steps
 from fedmira.common.errors import ConfigError, DataError
 from fedmira.common.metrics import rouge_l
 from fedmira.common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
@@ -43,17 +43,21 @@ class SiteData:
     _indexes: dict[str, SiteIndex] = field(default_factory=dict, repr=False)
 
     def examples(self, split: str, tokenizer: Any, cfg: ExperimentConfig, limit: int = 0) -> list[Example]:
+        """Encode the reports of ``split`` (cached per split, limit and data settings)."""
         reports = self.reports(split, limit)
         key = f"{split}:{limit}:{stable_hash(cfg.locked_part()['data'])}"
         if key not in self._encoded:
-            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data, self.neighbors(split, cfg, limit))
+            near = self.neighbors(split, cfg, limit)
+            self._encoded[key] = encode_reports(reports, tokenizer, cfg.data, near)
         return self._encoded[key]
 
     def reports(self, split: str, limit: int = 0) -> list[Report]:
+        """Return the ``train`` reports or else the ``val`` ones, the first ``limit`` when set."""
         reports = self.train if split == "train" else self.val
         return reports[:limit] if limit else reports
 
-    def neighbors(self, split: str, cfg: ExperimentConfig, limit: int = 0) -> list[tuple[Neighbor, ...]] | None:
+    def neighbors(self, split: str, cfg: ExperimentConfig,
+                  limit: int = 0) -> list[tuple[Neighbor, ...]] | None:
         """Prior cases for ``site_aware_rag`` prompts, from this site's own train split only.
 
         The index is built here, at the site, from the site's reports and never leaves the
@@ -72,7 +76,8 @@ def load_site(folder: str | Path, site_id: str | None = None) -> SiteData:
     folder = Path(folder)
     train_path = folder / "train.jsonl"
     if not train_path.is_file():
-        raise DataError(f"Site folder {folder} has no train.jsonl; run `fedmira partition` or check data-path.")
+        raise DataError(
+            f"Site folder {folder} has no train.jsonl; run `fedmira partition` or check data-path.")
     train = load_reports(train_path, fmt="jsonl").reports
     val_path = folder / "val.jsonl"
     val = load_reports(val_path, fmt="jsonl").reports if val_path.is_file() else []
@@ -98,7 +103,7 @@ class ModelCache:
         self._workers: dict[str, Worker] = {}
 
     def get(self, model_cfg: ModelConfig, lora_cfg: LoraConfig, seed: int = 0) -> tuple[Worker, bool]:
-        """The worker for these configs and whether this call loaded the base model (a cold start).
+        """Get the worker for these configs and whether this call loaded the base model (cold start).
 
         A simulation process serves sites of different LoRA ranks (hetero_svd): another LoRA
         shape only re-wraps the cached base model (PEFT ``unload``), it never reloads it.
@@ -134,12 +139,12 @@ STRATEGY_FLAGS: dict[str, dict[str, bool]] = {
 
 
 def round_flags(strategy: str) -> dict[str, bool]:
-    """The flags a message of ``strategy`` carries (none for most)."""
+    """Return the flags a message of ``strategy`` carries (none for most)."""
     return dict(STRATEGY_FLAGS.get(strategy, {}))
 
 
 def site_rank(cfg: ExperimentConfig, node_config: Mapping[str, Any], index: int, *, own_rank: bool) -> int:
-    """The LoRA rank this site trains at.
+    """Return the LoRA rank this site trains at.
 
     Only when the message allows ``own_rank`` (hetero_svd) may ranks differ: then a deployed
     site's node config ``lora-rank`` wins, else ``strategy.site_ranks`` cycled over the site
@@ -174,8 +179,8 @@ def site_lora(cfg: ExperimentConfig, rank: int) -> LoraConfig:
 
 
 def fit_rank(state: Mapping[str, torch.Tensor], rank: int) -> Mapping[str, torch.Tensor]:
-    """The global adapter cut to this site's rank (hetero_svd's first message is at full rank)."""
-    if adapter_rank(state) <= rank:  # type: ignore[arg-type]  (only shapes are read)
+    """Cut the global adapter to this site's rank (hetero_svd's first message is at full rank)."""
+    if adapter_rank(state) <= rank:
         return state
     arrays = truncate_adapter({k: v.numpy() for k, v in state.items()}, rank)
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -191,6 +196,13 @@ def set_threads(cfg: ExperimentConfig) -> None:
         torch.set_num_threads(cfg.train.threads)
     elif cfg.mode.name == "simulation":
         torch.set_num_threads(cfg.mode.client_cpus)
+
+
+class _Position(TypedDict):
+    """Where a round's training call sits in the run's schedule (``train_steps`` keywords)."""
+
+    global_step: int
+    total_steps: int | None
 
 
 def local_train(
@@ -227,8 +239,9 @@ def local_train(
     schedule = round_schedule(global_round, steps, cfg.strategy.rounds)
     keep = cfg.train.keep_optimizer_state and optimizer_store is not None
     saved = dict(optimizer_store) if keep and optimizer_store else None
-    position = {"global_step": schedule.offset, "total_steps": schedule.total}
+    position: _Position = {"global_step": schedule.offset, "total_steps": schedule.total}
     dp_metrics: dict[str, float | int] = {}
+    result: TrainResult | DPResult
     if cfg.privacy.enabled:
         if ledger is None:
             raise ValueError("privacy.enabled needs the site's privacy ledger (see plan_ledger)")
@@ -241,9 +254,9 @@ def local_train(
             seed=seed, lr=lr, steps=steps, proximal=proximal, autocast=worker.loaded.autocast,
             optimizer_state=saved, **position,
         )
-    if keep and result.optimizer_state:
-        optimizer_store.clear()  # type: ignore[union-attr]  (keep implies a store)
-        optimizer_store.update(result.optimizer_state)  # type: ignore[union-attr]
+    if keep and optimizer_store is not None and result.optimizer_state:
+        optimizer_store.clear()
+        optimizer_store.update(result.optimizer_state)
     state = get_adapter_state(worker.model)
     if ffa:  # A is the shared seeded init the server already holds: sending it is waste
         state = {k: v for k, v in state.items() if not k.endswith(LORA_A)}
@@ -259,7 +272,8 @@ def local_train(
         "steps": result.steps,
         "lr": result.lr,
         "lr-sum": result.lr_sum,
-        **({"opt-state-restored": int(result.optimizer_state_restored)} if cfg.train.keep_optimizer_state else {}),
+        **({"opt-state-restored": int(result.optimizer_state_restored)}
+           if cfg.train.keep_optimizer_state else {}),
         **dp_metrics,
     }
     if dp_metrics and dp_metrics["dp-steps"] == 0:  # budget spent: nothing trained, weight 0
@@ -268,15 +282,17 @@ def local_train(
 
 
 def round_schedule(global_round: int, steps: int, rounds: int) -> Schedule:
-    """Round ``global_round`` (1-based) of ``rounds``, ``steps`` each, in the run's schedule;
-    outside a federated run (round 0) the call's own schedule."""
+    """Place round ``global_round`` (1-based) of ``rounds``, ``steps`` each, in the run's schedule.
+
+    Outside a federated run (round 0) the call has its own schedule.
+    """
     if global_round < 1:
         return Schedule()
     return Schedule(offset=(global_round - 1) * steps, total=max(rounds, global_round) * steps)
 
 
 def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentConfig) -> AccountantState:
-    """The site's ledger, planned at its first DP round (noise solved for its own data size)."""
+    """Return the site's ledger, planned at its first DP round (noise solved for its own data size)."""
     if ledger is not None and ledger.planned:
         return ledger
     units = len(set(unit_ids(site.train, cfg.privacy.unit)))
@@ -287,7 +303,7 @@ def plan_ledger(ledger: AccountantState | None, site: SiteData, cfg: ExperimentC
 def _dp_train(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, examples: list[Example], ledger: AccountantState,
     *, lr: float, steps: int, seed: int, global_round: int,
-    proximal: tuple[float, list[torch.Tensor]] | None, position: dict[str, int | None],
+    proximal: tuple[float, list[torch.Tensor]] | None, position: _Position,
     optimizer_state: dict[str, torch.Tensor] | None,
 ) -> tuple[DPResult, dict[str, float | int]]:
     """DP-SGD for this round; the ledger (updated in place) and the numbers the site reports."""
@@ -296,7 +312,7 @@ def _dp_train(
         worker.model, examples, unit_ids(site.train, p.unit), cfg.train, ledger, worker.loaded.device,
         int(worker.loaded.tokenizer.pad_token_id), max_grad_norm=p.max_grad_norm, budget=p.budget,
         seed=seed, lr=lr, steps=steps, global_round=global_round, secure_mode=p.secure_mode,
-        proximal=proximal, optimizer_state=optimizer_state, **position,  # type: ignore[arg-type]
+        proximal=proximal, optimizer_state=optimizer_state, **position,
     )
     return result, {
         "dp-epsilon": result.epsilon, "dp-delta": ledger.delta, "dp-steps": result.steps,
@@ -309,7 +325,7 @@ def _dp_train(
 def local_evaluate(
     worker: Worker, site: SiteData, cfg: ExperimentConfig, global_state: Mapping[str, torch.Tensor],
 ) -> dict[str, float | int]:
-    """Validation loss (and ROUGE-L on a small decoded sample) of the global adapter."""
+    """Evaluate the global adapter: validation loss (and ROUGE-L on a small decoded sample)."""
     set_threads(cfg)
     set_adapter_state(worker.model, fit_rank(global_state, worker.model.peft_config["default"].r))
     tok, device = worker.loaded.tokenizer, worker.loaded.device
@@ -319,7 +335,8 @@ def local_evaluate(
         return {"num-examples": 0, "eval-s": 0.0}
     loss, n_tokens = evaluate_loss(worker.model, examples, device, int(tok.pad_token_id), cfg.eval.batch_size,
                                    autocast=worker.loaded.autocast)
-    metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss, "val-tokens": n_tokens}
+    metrics: dict[str, float | int] = {"num-examples": len(examples), "val-loss": loss,
+                                       "val-tokens": n_tokens}
     sample = site.val[: cfg.eval.rouge_samples]
     if sample:
         gen = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,

@@ -20,7 +20,7 @@ Every random procedure takes a ``seed`` and gives the same answer for the same i
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, TypedDict, cast
 
 import numpy as np
 
@@ -29,8 +29,21 @@ DEFAULT_PERMUTATIONS = 10000
 # Ties in the randomization statistic are decided with this relative tolerance (floating point).
 _TIE_RTOL = 1e-9
 
+#: Per-sample scores: a sequence (None for a missing value) or a float array (NaN for one).
+Scores = Sequence[float | None] | np.ndarray
+#: The alternative hypothesis of a test, as scipy spells it.
+Alternative = Literal["two-sided", "greater", "less"]
+_ALTERNATIVES = ("two-sided", "greater", "less")
 
-def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+
+def _alternative(value: str) -> Alternative:
+    """``value`` checked to be one of scipy's alternatives."""
+    if value not in _ALTERNATIVES:
+        raise ValueError("alternative must be two-sided, greater or less")
+    return cast(Alternative, value)
+
+
+def _paired(a: Scores, b: Scores) -> tuple[np.ndarray, np.ndarray]:
     """Aligned float arrays; pairs with a missing value (None/NaN) in either are dropped."""
     x = np.asarray([np.nan if v is None else v for v in a], dtype=float)
     y = np.asarray([np.nan if v is None else v for v in b], dtype=float)
@@ -40,15 +53,16 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndar
     return x[keep], y[keep]
 
 
-def _values(values: Sequence[float | None]) -> np.ndarray:
+def _values(values: Scores) -> np.ndarray:
     """Float array without missing values (None/NaN)."""
     arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
-    return arr[~np.isnan(arr)]
+    present: np.ndarray = arr[~np.isnan(arr)]
+    return present
 
 
 # ----------------------------------------------------------------------------- bootstrap
 def bootstrap_ci(
-    columns: Sequence[Sequence[float]],
+    columns: Sequence[Sequence[float] | np.ndarray],
     statistic: Callable[..., np.ndarray],
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
@@ -96,7 +110,7 @@ def bootstrap_ci(
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def mean_ci(values: Sequence[float | None], *, n_resamples: int = DEFAULT_RESAMPLES,
+def mean_ci(values: Scores, *, n_resamples: int = DEFAULT_RESAMPLES,
             confidence: float = 0.95, seed: int = 0) -> dict[str, float | int | None]:
     """Mean with a percentile bootstrap confidence interval; missing values are ignored.
 
@@ -113,7 +127,7 @@ def mean_ci(values: Sequence[float | None], *, n_resamples: int = DEFAULT_RESAMP
     return {"mean": float(arr.mean()), "lo": lo, "hi": hi, "n": int(arr.size)}
 
 
-def mean_difference_ci(a: Sequence[float], b: Sequence[float], *,
+def mean_difference_ci(a: Scores, b: Scores, *,
                        n_resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95,
                        seed: int = 0) -> dict[str, float | int | None]:
     """Mean paired difference ``a - b`` with a bootstrap interval (an effect size in units).
@@ -129,7 +143,7 @@ def mean_difference_ci(a: Sequence[float], b: Sequence[float], *,
 
 
 # ----------------------------------------------------------------------------- Wilcoxon
-def rank_biserial(a: Sequence[float], b: Sequence[float]) -> float:
+def rank_biserial(a: Scores, b: Scores) -> float:
     """Matched-pairs rank-biserial correlation of ``a - b`` (Kerby's simple difference).
 
     ``r = (W+ - W-) / (W+ + W-)`` with ``W+``/``W-`` the rank sums of the positive/negative
@@ -148,7 +162,7 @@ def rank_biserial(a: Sequence[float], b: Sequence[float]) -> float:
     return float((w_plus - w_minus) / (w_plus + w_minus))
 
 
-def wilcoxon_test(a: Sequence[float], b: Sequence[float], *,
+def wilcoxon_test(a: Scores, b: Scores, *,
                   alternative: str = "two-sided") -> dict[str, float | int]:
     """Wilcoxon signed-rank test of paired samples (scipy), with its effect size.
 
@@ -175,7 +189,7 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float], *,
     if nonzero == 0:
         return {"statistic": 0.0, "p_value": 1.0, "n": int(x.size), "n_nonzero": 0,
                 "rank_biserial": 0.0}
-    res = wilcoxon(x, y, zero_method="wilcox", alternative=alternative)
+    res = wilcoxon(x, y, zero_method="wilcox", alternative=_alternative(alternative))
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue), "n": int(x.size),
             "n_nonzero": nonzero, "rank_biserial": rank_biserial(x, y)}
 
@@ -184,24 +198,28 @@ def wilcoxon_test(a: Sequence[float], b: Sequence[float], *,
 def _p_from_null(null: np.ndarray, observed: float, alternative: str) -> np.ndarray:
     """Per-draw indicator that the null statistic is at least as extreme as the observed one."""
     tol = _TIE_RTOL * max(1.0, abs(observed))
+    hits: np.ndarray
     if alternative == "two-sided":
-        return np.abs(null) >= abs(observed) - tol
-    if alternative == "greater":
-        return null >= observed - tol
-    if alternative == "less":
-        return null <= observed + tol
-    raise ValueError("alternative must be two-sided, greater or less")
+        hits = np.abs(null) >= abs(observed) - tol
+    elif alternative == "greater":
+        hits = null >= observed - tol
+    elif alternative == "less":
+        hits = null <= observed + tol
+    else:
+        raise ValueError("alternative must be two-sided, greater or less")
+    return hits
 
 
 def _exact_null(d: np.ndarray) -> np.ndarray:
     """Mean difference under all ``2**n`` sign assignments."""
     n = d.size
     signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-    return (signs * d).mean(axis=1)
+    means: np.ndarray = (signs * d).mean(axis=1)
+    return means
 
 
 def paired_randomization_test(
-    a: Sequence[float], b: Sequence[float], *, n_resamples: int = DEFAULT_PERMUTATIONS,
+    a: Scores, b: Scores, *, n_resamples: int = DEFAULT_PERMUTATIONS,
     seed: int = 0, alternative: str = "two-sided", exact: bool = False,
 ) -> dict[str, float | int | bool]:
     """Paired approximate randomization test of the mean difference ``a - b``.
@@ -245,14 +263,21 @@ def paired_randomization_test(
 
     # One sample under permutation_type="samples": scipy flips the sign of each difference.
     res = permutation_test((d,), lambda v, axis=-1: v.mean(axis=axis), permutation_type="samples",
-                           vectorized=True, n_resamples=n_resamples, alternative=alternative,
+                           vectorized=True, n_resamples=n_resamples, alternative=_alternative(alternative),
                            rng=np.random.default_rng(seed))
     return {"mean_diff": observed, "p_value": float(res.pvalue), "n": int(d.size),
             "n_resamples": n_resamples, "exact": False}
 
 
 # ----------------------------------------------------------------------------- multiplicity
-def holm_bonferroni(p_values: Sequence[float], alpha: float = 0.05) -> dict[str, list]:
+class HolmResult(TypedDict):
+    """Holm-adjusted p-values and rejections, in input order."""
+
+    adjusted: list[float]
+    reject: list[bool]
+
+
+def holm_bonferroni(p_values: Sequence[float], alpha: float = 0.05) -> HolmResult:
     """Holm's step-down adjustment of several p-values (family-wise error rate ``alpha``).
 
     Hand-written: :func:`scipy.stats.false_discovery_control` offers only Benjamini-Hochberg
@@ -280,10 +305,10 @@ def holm_bonferroni(p_values: Sequence[float], alpha: float = 0.05) -> dict[str,
 
 
 def compare_paired(
-    a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], metrics: Sequence[str], *,
+    a: Mapping[str, Scores], b: Mapping[str, Scores], metrics: Sequence[str], *,
     alpha: float = 0.05, n_resamples: int = DEFAULT_RESAMPLES,
     n_permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0,
-) -> dict[str, dict[str, object]]:
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Compare two systems metric by metric; Holm-adjust each test family across metrics.
 
     Parameters
@@ -299,7 +324,7 @@ def compare_paired(
         Metric -> ``mean_diff`` (with ``lo``/``hi``), ``wilcoxon`` and ``randomization``
         results, each with ``p_holm`` and ``reject`` added.
     """
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for metric in metrics:
         out[metric] = {
             "mean_diff": mean_difference_ci(a[metric], b[metric], n_resamples=n_resamples, seed=seed),
@@ -308,7 +333,7 @@ def compare_paired(
                                                        n_resamples=n_permutations, seed=seed),
         }
     for test in ("wilcoxon", "randomization"):
-        holm = holm_bonferroni([out[m][test]["p_value"] for m in metrics], alpha)  # type: ignore[index]
+        holm = holm_bonferroni([out[m][test]["p_value"] for m in metrics], alpha)
         for metric, adj, rej in zip(metrics, holm["adjusted"], holm["reject"]):
-            out[metric][test].update(p_holm=adj, reject=rej)  # type: ignore[union-attr]
+            out[metric][test].update(p_holm=adj, reject=rej)
     return out

@@ -124,7 +124,8 @@ _ABDOMEN: tuple[_Obs, ...] = (
     _Obs("hepatic steatosis", 0.15, ("{degree} diffuse hepatic steatosis.",),
          "{degree} hepatic steatosis", None, ("The liver is normal in size and contour.",),
          {"degree": _DEGREES[:2]}),
-    _Obs("liver lesion", 0.06, ("A {lsize} hypodense lesion in hepatic {segment}, too small to characterize.",),
+    _Obs("liver lesion", 0.06,
+         ("A {lsize} hypodense lesion in hepatic {segment}, too small to characterize.",),
          "{lsize} indeterminate hepatic {segment} lesion", "focal hepatic lesion", (),
          {"lsize": ("5 mm", "8 mm", "1.1 cm"), "segment": ("segment 4", "segment 6", "segment 7")}),
     _Obs("cholelithiasis", 0.1, ("Cholelithiasis without gallbladder wall thickening.",),
@@ -154,7 +155,8 @@ _SPINE: tuple[_Obs, ...] = (
     _Obs("compression fracture", 0.05, ("{percent} loss of height of the {vert} vertebral body.",),
          "{vert} compression fracture with {percent} height loss", "compression fracture",
          ("Vertebral body heights are maintained.",), {"percent": ("20%", "30%", "50%")}),
-    _Obs("degenerative disc disease", 0.3, ("{degree} disc space narrowing and endplate osteophytes at {disc}.",),
+    _Obs("degenerative disc disease", 0.3,
+         ("{degree} disc space narrowing and endplate osteophytes at {disc}.",),
          "{degree} degenerative disc disease at {disc}", None, (), {"degree": _DEGREES}),
     _Obs("disc herniation", 0.2, ("At {disc}, there is a {side} paracentral disc protrusion {effect}.",),
          "{disc} {side} paracentral disc protrusion {effect}", "disc herniation", (),
@@ -461,7 +463,7 @@ def _context(modality: str, part: str, spec: dict[str, str]) -> dict[str, tuple[
 
 def _observe(rng: random.Random, site: _Site, modality: str, part: str,
              spec: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
-    """Findings sentences, impression items and positive labels of one exam."""
+    """Draw the findings sentences, impression items and positive labels of one exam."""
     context = _context(modality, part, spec)
     bank = [o for o in _BANKS[part] if modality in o.modalities]
     sentences: list[str] = []
@@ -488,7 +490,7 @@ def _observe(rng: random.Random, site: _Site, modality: str, part: str,
 
 
 def _negative(rng: random.Random, site: _Site, obs: _Obs) -> str:
-    """A negated or descriptive normal sentence for an absent observation ('' if unmentioned)."""
+    """Phrase a negated or descriptive normal sentence for an absent observation ('' if unmentioned)."""
     if obs.neg and (obs.neg_np is None or rng.random() < site.desc_rate):
         return rng.choice(obs.neg)
     if obs.neg_np is None:
@@ -508,7 +510,7 @@ def _merge_negatives(rng: random.Random, site: _Site, sentences: list[str],
 
 
 def _normal_impression(site: _Site, modality: str, part: str, spec: dict[str, str]) -> str:
-    """The site's phrase for a study without findings."""
+    """Return the site's phrase for a study without findings."""
     region = _part_name(part, modality, spec).replace("left ", "").replace("right ", "")
     phrases = {
         "acute": _ACUTE_NORMAL[part],
@@ -534,7 +536,7 @@ def _format_items(site: _Site, items: list[str]) -> str:
 
 def _impression(site: _Site, items: list[str], modality: str, part: str,
                 spec: dict[str, str]) -> str:
-    """The impression in the site's style."""
+    """Phrase the impression in the site's style."""
     text = _format_items(site, items) if items else _normal_impression(site, modality, part, spec)
     if site.recommend == "always" or (site.recommend == "abnormal" and items):
         text = f"{text} {_RECOMMEND_TEXT}"
@@ -546,8 +548,9 @@ def _impression(site: _Site, items: list[str], modality: str, part: str,
 # --------------------------------------------------------------------------------------------
 
 
-def _patient(rng: random.Random, site: _Site, patients: list[tuple[str, int, str]]) -> tuple[str | None, int, str]:
-    """A new or returning patient (id, age, sex) of the site."""
+def _patient(rng: random.Random, site: _Site,
+             patients: list[tuple[str, int, str]]) -> tuple[str | None, int, str]:
+    """Draw a new or returning patient (id, age, sex) of the site."""
     if patients and rng.random() < 0.2:
         return rng.choice(patients)
     age = min(95, max(18, round(rng.gauss(58.0, 17.0))))

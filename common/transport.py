@@ -31,7 +31,7 @@ _DECODABLE = ("float32", "float16", "float64", "uint16")
 
 
 def encode_tensor(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """A CPU NumPy array of ``tensor`` at the transport ``dtype`` (bfloat16 as uint16 bits)."""
+    """Convert ``tensor`` to a CPU NumPy array at the transport ``dtype`` (bfloat16 as uint16 bits)."""
     t = tensor.detach().to("cpu")
     if dtype == "float32":
         return t.to(torch.float32).contiguous().numpy()
@@ -65,7 +65,7 @@ def decode_array(array: np.ndarray) -> np.ndarray:
 
 
 def npy_values(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """The values of a C-ordered ``.npy`` blob of known dtype and shape, as a read-only view.
+    """View the values of a C-ordered ``.npy`` blob of known dtype and shape (read-only).
 
     Flower's ``Array`` stores ``np.save`` output; ``np.load`` parses every header with
     ``ast.literal_eval`` (~0.2 ms a tensor: a second for 42 sites x 120 tensors). With dtype and

@@ -177,5 +177,5 @@ def test_model_card_states_privacy_and_epsilon_per_site() -> None:
     assert "site-level DP (clip 1" in privacy_line(compose_config(["privacy=site_dp"]))
     lines = _privacy_section({"record_level": {"max_epsilon": 2.5, "sites": {"site_01": 2.5}},
                               "site_level": {"epsilon": 1.25, "delta": 1e-3, "rounds": 3}})
-    assert "| site_01 | 2.500 |" in lines
+    assert "| site_01 | 2.500     |" in lines
     assert any("epsilon 1.250 at delta 0.001 after 3 rounds" in x for x in lines)
