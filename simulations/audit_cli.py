@@ -21,7 +21,6 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 import torch
-from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from fedmira.common.adapters import get_adapter_state, save_adapter_state, set_adapter_state
@@ -40,6 +39,7 @@ from fedmira.common.engine import generate
 from fedmira.common.errors import FedmiraError
 from fedmira.common.privacy import AccountantState
 from fedmira.common.site import ModelCache, SiteData, Worker, local_train, plan_ledger, round_flags
+from fedmira.common.tables import markdown_table
 
 ARMS = ("no_dp", "dp")
 
@@ -194,7 +194,7 @@ def audit_markdown(result: dict[str, Any]) -> str:
         body.append([label, f"{s['mean_exposure']:.2f}", f"{s['max_exposure']:.2f}",
                      f"{s['median_rank']:.0f}", f"{s['extracted']}/{s['canaries']}",
                      f"{s['matched_digits']:.1f}", "-" if eps is None else f"{eps:.2f}"])
-    lines.append(tabulate(body, headers=header, tablefmt="github", disable_numparse=True))
+    lines.append(markdown_table(header, body))
     p = result["privacy"]
     lines += ["", f"DP arm: unit={p['unit']}, target_epsilon={p['target_epsilon']:g}, "
               f"delta={p['delta']:g}, clip={p['max_grad_norm']:g}. With record-level DP a canary repeated "

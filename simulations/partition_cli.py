@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from tabulate import tabulate
-
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.partition import (
     SiteSplit,
@@ -31,6 +29,7 @@ from fedmira.common.partition import (
     write_manifest,
     write_site_folders,
 )
+from fedmira.common.tables import markdown_table
 
 MANIFEST = "manifest.json"
 SUMMARY_CSV = "summary.csv"
@@ -153,10 +152,10 @@ def _title(extra: dict[str, Any], digest: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    """Return a Markdown table cell: ``|`` escaped, booleans as yes / blank."""
+    """Return a table cell's value: booleans as yes / blank (markdown_table escapes ``|``)."""
     if isinstance(value, bool):
         return "yes" if value else ""
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def summary_markdown(rows: list[dict[str, Any]], *, title: str = "Partition") -> str:
@@ -178,7 +177,7 @@ def summary_markdown(rows: list[dict[str, Any]], *, title: str = "Partition") ->
     if rows:
         cols = list(rows[0])
         body = [[_cell(r[c]) for c in cols] for r in rows]
-        lines.append(tabulate(body, headers=cols, tablefmt="github", disable_numparse=True))
+        lines.append(markdown_table(cols, body))
     return "\n".join(lines) + "\n"
 
 

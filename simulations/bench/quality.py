@@ -52,9 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from tabulate import tabulate
-
 from fedmira.common.errors import FedmiraError
+from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
@@ -447,7 +446,7 @@ def _tokens(doc: dict[str, Any], name: str) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Return a GitHub Markdown table of ready-made cells (text kept as it is, no number parsing)."""
-    return tabulate(rows, headers=list(header), tablefmt="github", disable_numparse=True)
+    return markdown_table(header, rows)
 
 
 def results_markdown(doc: dict[str, Any]) -> str:

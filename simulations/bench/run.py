@@ -33,8 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from tabulate import tabulate
-
+from fedmira.common import tables
 from fedmira.simulations.bench.common import BenchRow
 
 # The registry: module names under simulations/bench/, run in this order.
@@ -178,9 +177,8 @@ def format_table(rows_by_bench: Mapping[str, Sequence[BenchRow]], notes: bool = 
 
 def markdown_table(rows_by_bench: Mapping[str, Sequence[BenchRow]]) -> str:
     """Return the rows as a GitHub Markdown table, notes included."""
-    body = [[c.replace("|", "\\|") for c in _cells(bench, row)]
-            for bench, rows in rows_by_bench.items() for row in rows]
-    return tabulate(body, headers=HEADER, tablefmt="github", disable_numparse=True)
+    body = [_cells(bench, row) for bench, rows in rows_by_bench.items() for row in rows]
+    return tables.markdown_table(HEADER, body)
 
 
 def document(results: Mapping[str, BenchResult], machine: Mapping[str, Any], quick: bool,
