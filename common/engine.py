@@ -11,7 +11,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -267,11 +267,8 @@ def _proximal_term(
     refs = [r.detach().to(device=device, dtype=p.dtype) for p, r in zip(params, reference)]
 
     def term() -> torch.Tensor:
-        squares = [((p - r) ** 2).sum() for p, r in zip(params, refs)]
-        total = squares[0]  # added in order, as sum() would (without its leading int 0)
-        for square in squares[1:]:
-            total = total + square
-        return 0.5 * mu * total
+        squares = cast(torch.Tensor, sum(((p - r) ** 2).sum() for p, r in zip(params, refs)))
+        return 0.5 * mu * squares
 
     return term
 

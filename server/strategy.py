@@ -87,11 +87,11 @@ def weighted_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord
     total = sum(weights) or 1.0
     out: dict[str, float | int] = {}
     for key in metrics[0].keys():
-        values = [float(m[key]) for m in metrics if key in m]  # type: ignore[arg-type]
+        values = [m[key] for m in metrics if key in m]
         if key in SUM_KEYS:
-            out[key] = int(sum(values))
+            out[key] = int(sum(values))  # type: ignore[arg-type]  # counts: numbers
         elif key not in NOT_AVERAGED:
-            out[key] = float(sum(w * v for w, v in zip(weights, values)) / total)
+            out[key] = float(sum(w * float(v) for w, v in zip(weights, values)) / total)  # type: ignore[arg-type]
     out["num-sites"] = len(records)
     return MetricRecord(out)  # type: ignore[arg-type]  # MetricRecord's value type is invariant
 
