@@ -1,0 +1,346 @@
+"""SecAgg+ as plain functions: the coordinator learns only the weighted sum of the sites' adapters.
+
+This is the protocol of Bell et al. (CCS 2020), as Flower's legacy ``SecAggPlusWorkflow`` and
+``secaggplus_mod`` run it, taken apart from Flower's messaging so that the Message API
+(``ServerApp`` / ``ClientApp`` with ArrayRecords) can drive it stage by stage:
+
+0. **advertise keys**: each site makes two EC key pairs: ``sk1/pk1`` for the pairwise masks, and
+   ``sk2/pk2`` to encrypt what it sends to other sites. It also draws a seed for its own mask.
+1. **share keys**: each site splits its mask seed and ``sk1`` into Shamir shares, one for each
+   neighbour (itself included), and encrypts each share for that neighbour. The coordinator
+   only routes the ciphertexts.
+2. **masked vectors**: each site weights its adapter by its example count and quantizes it. It
+   then adds its own mask and the pairwise masks it shares with each neighbour that shared keys
+   (``+`` towards a lower node id, ``-`` towards a higher one), mod ``modulus_range``.
+3. **unmask**: each survivor hands over the shares it holds. For a survivor it gives the seed
+   share (the coordinator removes that site's own mask from the sum). For a site that dropped
+   after sharing keys it gives the ``sk1`` share (the coordinator removes the pairwise masks the
+   dropped site's neighbours added for it). A site never gives both for the same site.
+
+In the sum the pairwise masks cancel, so what is left is the sum of the quantized, weighted
+adapters. That sum, and the total weight, is all the coordinator can compute.
+
+Library first: key agreement (ECDH + HKDF), Shamir sharing, Fernet encryption, the plaintext
+layout of a share and stochastic quantization all come from ``flwr.common.secure_aggregation``
+and ``flwr.supercore.primitives``. The **mask generator is the one piece written here**, and on
+purpose. Flower's ``pseudo_rand_gen`` folds the 32-byte key into a 32-bit seed for NumPy's
+Mersenne Twister, so a mask has only 2^32 possible values, and a coordinator can try them all.
+Here each mask is the ChaCha20 keystream of ``cryptography`` (a CSPRNG, keyed with
+SHA-256(key)), read as unsigned integers; the modulus is a power of two, so there is no modulo
+bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from fedmira.common.errors import FedmiraError
+
+Arrays = list[np.ndarray]
+
+
+class SecAggError(FedmiraError):
+    """A SecAgg+ round cannot finish: too few sites or shares left, or a message out of place."""
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Settings of a SecAgg+ round (the names are those of Flower's ``SecAggPlusWorkflow``).
+
+    Parameters
+    ----------
+    num_shares : int
+        Sites each site shares its secrets with, itself included (odd, >= 3).
+    reconstruction_threshold : int
+        Shares needed to rebuild a secret (>= 2, < num_shares). Higher: more colluding sites
+        needed to unmask one site; lower: more dropouts survived.
+    clipping_range : float
+        Adapter values are clipped to [-clipping_range, clipping_range] before quantization.
+    quantization_range : int
+        Integer levels of the quantized range; the error per value is about 2 * clipping_range /
+        quantization_range, divided by the total weight share (see :func:`error_bound`).
+    modulus_range : int
+        Arithmetic is mod this power of two (<= 2**62); it must exceed sites x quantization_range.
+    max_weight : float
+        The largest example count a site may report: weights are count / max_weight.
+    """
+
+    num_shares: int = 3
+    reconstruction_threshold: int = 2
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 100_000.0
+
+    def __post_init__(self) -> None:
+        if self.num_shares < 3 or self.num_shares % 2 == 0:
+            raise ValueError(f"secagg.num_shares must be an odd number >= 3, got {self.num_shares}.")
+        if not 2 <= self.reconstruction_threshold < self.num_shares:
+            raise ValueError(
+                "secagg.reconstruction_threshold must be in [2, num_shares - 1] = "
+                f"[2, {self.num_shares - 1}], got {self.reconstruction_threshold}.")
+        if self.clipping_range <= 0 or self.max_weight <= 0:
+            raise ValueError("secagg.clipping_range and secagg.max_weight must be > 0.")
+        m = self.modulus_range
+        if m & (m - 1) or not 2 <= m <= 2**62:
+            raise ValueError(f"secagg.modulus_range must be a power of two <= 2**62, got {m}.")
+        if not 2 <= self.quantization_range < m:
+            raise ValueError(f"secagg.quantization_range must be in [2, modulus_range), got "
+                             f"{self.quantization_range}.")
+
+    @property
+    def max_sites(self) -> int:
+        """Most sites whose quantized sum still fits the modulus without wrapping."""
+        return self.modulus_range // self.quantization_range - 1
+
+
+def neighbour_graph(node_ids: Sequence[int], num_shares: int, seed: int = 0) -> dict[int, frozenset[int]]:
+    """Map each site to its ``num_shares`` neighbours (itself included) on a shuffled ring.
+
+    With fewer sites than ``num_shares`` every site is every site's neighbour (plain SecAgg).
+    """
+    ids = sorted(set(node_ids))
+    random.Random(seed).shuffle(ids)
+    n = len(ids)
+    if n <= num_shares:
+        return {i: frozenset(ids) for i in ids}
+    half = num_shares // 2
+    return {nid: frozenset(ids[(pos + off) % n] for off in range(-half, half + 1))
+            for pos, nid in enumerate(ids)}
+
+
+def mask(key: bytes, shapes: Sequence[tuple[int, ...]], modulus: int) -> Arrays:
+    """Uniform integers in [0, modulus) for each shape, from the ChaCha20 keystream of ``key``.
+
+    ``modulus`` is a power of two <= 2**62, so masking the low bits of a uint64 is unbiased.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    cipher = Cipher(algorithms.ChaCha20(hashlib.sha256(key).digest(), b"\x00" * 16), mode=None)
+    stream = cipher.encryptor().update(b"\x00" * (8 * sum(sizes)))
+    flat = (np.frombuffer(stream, dtype="<u8") & np.uint64(modulus - 1)).astype(np.int64)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes):
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+def _add(a: Arrays, b: Arrays, sign: int, modulus: int) -> Arrays:
+    return [(x + sign * y) & (modulus - 1) for x, y in zip(a, b)]
+
+
+def _pair_key(sk1: bytes, pk1: bytes) -> bytes:
+    return generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(pk1))
+
+
+@dataclass
+class SiteSecAgg:
+    """One site's side of a SecAgg+ round: what it keeps between the four stages.
+
+    Nothing here is sent except what each stage method returns.
+    """
+
+    node_id: int
+    params: SecAggParams
+    neighbours: frozenset[int]
+    random_bytes: Callable[[int], bytes] = os.urandom
+    _sk1: bytes = b""
+    _sk2: bytes = b""
+    _seed: bytes = b""
+    _pks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    _seed_shares: dict[int, bytes] = field(default_factory=dict)
+    _sk1_shares: dict[int, bytes] = field(default_factory=dict)
+    _masked: bool = False
+
+    def advertise_keys(self) -> tuple[bytes, bytes]:
+        """Stage 0: make the key pairs and the mask seed; return the public keys (pk1, pk2)."""
+        sk1, pk1 = generate_key_pairs()
+        sk2, pk2 = generate_key_pairs()
+        self._sk1, self._sk2 = private_key_to_bytes(sk1), private_key_to_bytes(sk2)
+        self._seed = self.random_bytes(32)
+        return public_key_to_bytes(pk1), public_key_to_bytes(pk2)
+
+    def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Stage 1: encrypted shares of the seed and of sk1, one per neighbour that advertised keys."""
+        self._pks = {nid: pk for nid, pk in public_keys.items() if nid in self.neighbours}
+        if self.node_id not in self._pks or len(self._pks) < self.params.reconstruction_threshold:
+            raise SecAggError(f"site {self.node_id}: {len(self._pks)} neighbours advertised keys; "
+                              f"the threshold is {self.params.reconstruction_threshold}.")
+        ids = sorted(self._pks)
+        t = self.params.reconstruction_threshold
+        seed_shares = create_shares(self._seed, t, len(ids))
+        sk1_shares = create_shares(self._sk1, t, len(ids))
+        out: dict[int, bytes] = {}
+        for nid, b_share, s_share in zip(ids, seed_shares, sk1_shares):
+            plain = share_keys_plaintext_concat(self.node_id, nid, b_share, s_share)
+            if nid == self.node_id:  # a site keeps its own share; it never crosses the wire
+                self._seed_shares[nid], self._sk1_shares[nid] = b_share, s_share
+                continue
+            out[nid] = encrypt(_pair_key(self._sk2, self._pks[nid][1]), plain)
+        return out
+
+    def masked_vector(self, ciphertexts: Mapping[int, bytes], arrays: Arrays, num_examples: int) -> Arrays:
+        """Stage 2: the weighted, quantized adapter plus the own and pairwise masks, mod the modulus.
+
+        ``ciphertexts`` are the shares the neighbours sent this site (source node id -> bytes);
+        the neighbours that sent one are the ones this site masks with.
+        """
+        p = self.params
+        for src, blob in ciphertexts.items():
+            if src not in self._pks or src == self.node_id:
+                raise SecAggError(f"site {self.node_id}: a share from site {src}, not a neighbour.")
+            got_src, dst, b_share, s_share = share_keys_plaintext_separate(
+                decrypt(_pair_key(self._sk2, self._pks[src][1]), blob))
+            if (got_src, dst) != (src, self.node_id):
+                raise SecAggError(f"site {self.node_id}: a share addressed {got_src}->{dst} came as "
+                                  f"{src}->{self.node_id}.")
+            self._seed_shares[src], self._sk1_shares[src] = b_share, s_share
+        if len(self._seed_shares) < p.reconstruction_threshold:
+            raise SecAggError(f"site {self.node_id}: shares from {len(self._seed_shares)} sites; the "
+                              f"threshold is {p.reconstruction_threshold}.")
+        q_ratio, vec = quantize_weighted(arrays, num_examples, p)
+        shapes = [v.shape for v in vec]
+        vec = _add(vec, mask(self._seed, shapes, p.modulus_range), +1, p.modulus_range)
+        for nid in ciphertexts:  # the neighbours that shared keys with this site
+            pair = mask(_pair_key(self._sk1, self._pks[nid][0]), shapes, p.modulus_range)
+            vec = _add(vec, pair, +1 if self.node_id > nid else -1, p.modulus_range)
+        self._masked = True
+        return vec
+
+    def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
+        """Stage 3: seed shares of the surviving neighbours, sk1 shares of the dropped ones."""
+        if not self._masked:
+            raise SecAggError(f"site {self.node_id}: asked to unmask before it sent a masked vector.")
+        both = set(survivors) & set(dropped)
+        if both:  # with both shares of one site the coordinator could unmask its vector alone
+            raise SecAggError(f"site {self.node_id}: sites {sorted(both)} are listed as survivors and as "
+                              "dropped; refusing to reveal both secrets of a site.")
+        out = {nid: self._seed_shares[nid] for nid in survivors if nid in self._seed_shares}
+        out.update({nid: self._sk1_shares[nid] for nid in dropped if nid in self._sk1_shares})
+        return out
+
+
+def quantize_weighted(arrays: Arrays, num_examples: int, params: SecAggParams) -> tuple[int, Arrays]:
+    """Weight ``arrays`` by ``num_examples / max_weight`` and quantize them (weight first, as an array).
+
+    Stochastic rounding (Flower's ``quantize``) makes the quantized value unbiased.
+    """
+    if not 0 < num_examples <= params.max_weight:
+        raise SecAggError(f"num_examples {num_examples} is outside (0, secagg.max_weight="
+                          f"{params.max_weight:g}]; raise secagg.max_weight.")
+    q_ratio = max(1, round(num_examples / params.max_weight * params.quantization_range))
+    scaled = [np.asarray(a, dtype=np.float64) * (q_ratio / params.quantization_range) for a in arrays]
+    # Flower's quantize clips silently; a clipped value would corrupt the sum without a trace.
+    worst = max((float(np.abs(a).max()) for a in scaled if a.size), default=0.0)
+    if worst > params.clipping_range:
+        raise SecAggError(f"An adapter value of {worst:.3g} (after weighting) exceeds secagg.clipping_range="
+                          f"{params.clipping_range:g}; raise secagg.clipping_range.")
+    quant = quantize(scaled, params.clipping_range, params.quantization_range)
+    return q_ratio, [np.array([q_ratio], dtype=np.int64)] + [q.astype(np.int64) for q in quant]
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What the coordinator learns: the weighted mean of the survivors' adapters and their weight."""
+
+    mean: Arrays
+    total_weight: float
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+def unmask_sum(
+    masked: Mapping[int, Arrays],
+    shares: Sequence[Mapping[int, bytes]],
+    public_keys: Mapping[int, tuple[bytes, bytes]],
+    graph: Mapping[int, frozenset[int]],
+    sharers: Sequence[int],
+    params: SecAggParams,
+) -> SecureSum:
+    """Remove the masks from the sum of ``masked`` with the survivors' ``shares``.
+
+    ``sharers`` are the sites that completed stage 1 (the ones others masked with); those of them
+    missing from ``masked`` dropped. ``shares`` are the stage-3 replies (owner node id -> share).
+
+    Raises
+    ------
+    SecAggError
+        Too many survivors for the modulus, or fewer than the threshold of shares for a secret.
+    """
+    p, m = params, params.modulus_range
+    survivors = sorted(masked)
+    dropped = sorted(set(sharers) - set(masked))
+    if not survivors:
+        raise SecAggError("No site sent a masked vector; the round has nothing to aggregate.")
+    if len(survivors) > p.max_sites:
+        raise SecAggError(f"{len(survivors)} sites overflow modulus_range / quantization_range; raise "
+                          "secagg.modulus_range or lower secagg.quantization_range.")
+    total = [np.zeros_like(a) for a in masked[survivors[0]]]
+    for nid in survivors:
+        total = _add(total, masked[nid], +1, m)
+    shapes = [a.shape for a in total]
+    collected: dict[int, list[bytes]] = {}
+    for reply in shares:
+        for owner, share in reply.items():
+            collected.setdefault(owner, []).append(share)
+    for nid in survivors + dropped:
+        got = collected.get(nid, [])
+        if len(got) < p.reconstruction_threshold:
+            raise SecAggError(f"Site {nid}: {len(got)} shares came back, {p.reconstruction_threshold} are "
+                              "needed; too many sites dropped for this round (it can be run again).")
+        secret = combine_shares(got[: p.reconstruction_threshold])
+        if nid in masked:
+            total = _add(total, mask(secret, shapes, m), -1, m)
+            continue
+        for other in graph[nid] & set(survivors):  # masks survivors added for the dropped site
+            pair = mask(_pair_key(secret, public_keys[other][0]), shapes, m)
+            total = _add(total, pair, -1 if other > nid else +1, m)
+    return _finish(total, survivors, dropped, p)
+
+
+def _dequantize_sum(total: Arrays, n: int, p: SecAggParams) -> Arrays:
+    q_total, body = int(total[0][0]), total[1:]
+    values = dequantize(body, p.clipping_range, p.quantization_range)
+    # Each site's values were shifted by +clipping_range; dequantize removed one shift.
+    return [(v - (n - 1) * p.clipping_range) * (p.quantization_range / q_total) for v in values]
+
+
+def _finish(total: Arrays, survivors: list[int], dropped: list[int], p: SecAggParams) -> SecureSum:
+    weight = int(total[0][0]) / p.quantization_range * p.max_weight
+    return SecureSum(_dequantize_sum(total, len(survivors), p), weight, tuple(survivors), tuple(dropped))
+
+
+def error_bound(num_examples: Sequence[int], params: SecAggParams) -> float:
+    """Largest |secure mean - plain weighted mean| per value, for values within the clipping range.
+
+    Two sources: stochastic rounding (< one level, 2c/Q, per site) and the weight's own rounding
+    (|q_i/Q - n_i/W| <= 1/(2Q)), which shifts the mean by at most 2c * sum|dw| / sum(w).
+    """
+    q, c = params.quantization_range, params.clipping_range
+    exact = [n / params.max_weight for n in num_examples]
+    rounded = [max(1, round(w * q)) / q for w in exact]
+    wsum = sum(rounded)
+    rounding = len(num_examples) * (2 * c / q) / wsum
+    weighting = 2 * c * sum(abs(a - b) for a, b in zip(rounded, exact)) / wsum
+    return rounding + weighting
