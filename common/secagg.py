@@ -36,7 +36,7 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -344,3 +344,158 @@ def error_bound(num_examples: Sequence[int], params: SecAggParams) -> float:
     rounding = len(num_examples) * (2 * c / q) / wsum
     weighting = 2 * c * sum(abs(a - b) for a, b in zip(rounded, exact)) / wsum
     return rounding + weighting
+
+
+# ------------------------------------------------------------------------------------------------
+# Between messages: a site's state as ConfigRecord values, and the coordinator's round
+# ------------------------------------------------------------------------------------------------
+#: The stages in order; each is one round trip of Messages between the coordinator and the sites.
+STAGES = ("advertise_keys", "share_keys", "masked_vector", "unmask")
+_PARAM_FIELDS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
+                 "modulus_range", "max_weight")
+
+
+def params_to_record(params: SecAggParams) -> dict[str, int | float]:
+    """Return the settings as ConfigRecord values (what the coordinator sends at stage 0)."""
+    return {f"secagg.{name}": getattr(params, name) for name in _PARAM_FIELDS}
+
+
+def params_from_record(record: Mapping[str, object]) -> SecAggParams:
+    """Rebuild (and so re-validate) the settings a site received."""
+    values: dict[str, Any] = {name: record[f"secagg.{name}"] for name in _PARAM_FIELDS}
+    return SecAggParams(**values)
+
+
+def _pairs(d: Mapping[int, bytes]) -> tuple[list[int], list[bytes]]:
+    ids = sorted(d)
+    return ids, [d[i] for i in ids]
+
+
+def site_to_record(site: SiteSecAgg) -> dict[str, object]:
+    """Return a site's protocol state as ConfigRecord values (ints, bytes and lists of them).
+
+    A ClientApp may be a fresh process for every message, so the state between stages lives in
+    the node's ``context.state``, which never leaves the site.
+    """
+    pk_ids = sorted(site._pks)
+    seed_ids, seed_shares = _pairs(site._seed_shares)
+    sk1_ids, sk1_shares = _pairs(site._sk1_shares)
+    return {**params_to_record(site.params), "node_id": site.node_id, "neighbours": sorted(site.neighbours),
+            "sk1": site._sk1, "sk2": site._sk2, "seed": site._seed, "pk_ids": pk_ids,
+            "pk1": [site._pks[i][0] for i in pk_ids], "pk2": [site._pks[i][1] for i in pk_ids],
+            "seed_share_ids": seed_ids, "seed_shares": seed_shares, "sk1_share_ids": sk1_ids,
+            "sk1_shares": sk1_shares, "masked": int(site._masked)}
+
+
+def site_from_record(record: Mapping[str, object]) -> SiteSecAgg:
+    """Rebuild a site's protocol state saved by :func:`site_to_record`."""
+    r: Mapping[str, Any] = record
+    site = SiteSecAgg(int(r["node_id"]), params_from_record(r), frozenset(r["neighbours"]))
+    site._sk1, site._sk2, site._seed = r["sk1"], r["sk2"], r["seed"]
+    site._pks = {i: (a, b) for i, a, b in zip(r["pk_ids"], r["pk1"], r["pk2"])}
+    site._seed_shares = dict(zip(r["seed_share_ids"], r["seed_shares"]))
+    site._sk1_shares = dict(zip(r["sk1_share_ids"], r["sk1_shares"]))
+    site._masked = bool(r["masked"])
+    return site
+
+
+@dataclass
+class CoordinatorRound:
+    """The coordinator's side of one SecAgg+ round: what to send each site at each stage.
+
+    Each ``on_*`` method takes the replies that came back (node id -> content; a site that failed
+    or timed out is simply absent) and returns the next stage's content per site. The coordinator
+    only routes: public keys to neighbours, ciphertexts to their addressees, and the lists of
+    survivors and dropped sites.
+    """
+
+    node_ids: Sequence[int]
+    params: SecAggParams
+    seed: int = 0
+    graph: dict[int, frozenset[int]] = field(init=False)
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    sharers: list[int] = field(default_factory=list)
+    masked: dict[int, Arrays] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.node_ids) < self.params.reconstruction_threshold:
+            raise SecAggError(f"{len(self.node_ids)} sites sampled; secagg.reconstruction_threshold is "
+                              f"{self.params.reconstruction_threshold}: sample more sites or lower it.")
+        self.graph = neighbour_graph(self.node_ids, self.params.num_shares, self.seed)
+
+    def setup(self) -> dict[int, dict[str, object]]:
+        """Stage 0 content: the settings and each site's neighbours."""
+        return {nid: {**params_to_record(self.params), "neighbours": sorted(self.graph[nid])}
+                for nid in self.node_ids}
+
+    def on_keys(self, replies: Mapping[int, tuple[bytes, bytes]]) -> dict[int, dict[str, object]]:
+        """Stage 1 content: the public keys of each site's neighbours that advertised."""
+        self.public_keys = dict(replies)
+        out: dict[int, dict[str, object]] = {}
+        for nid in self.public_keys:
+            ids = sorted(self.graph[nid] & set(self.public_keys))
+            out[nid] = {"pk_ids": ids, "pk1": [self.public_keys[i][0] for i in ids],
+                        "pk2": [self.public_keys[i][1] for i in ids]}
+        return out
+
+    def on_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[str, object]]:
+        """Stage 2 content: the ciphertexts addressed to each site (source ids and bytes)."""
+        self.sharers = sorted(replies)
+        inbox: dict[int, dict[int, bytes]] = {nid: {} for nid in self.sharers}
+        for src, msgs in replies.items():
+            for dst, blob in msgs.items():
+                if dst in inbox and dst in self.graph[src]:
+                    inbox[dst][src] = blob
+        return {nid: {"src_ids": sorted(box), "ciphertexts": [box[s] for s in sorted(box)]}
+                for nid, box in inbox.items()}
+
+    def on_masked(self, replies: Mapping[int, Arrays]) -> dict[int, dict[str, object]]:
+        """Stage 3 content: each survivor's surviving and dropped neighbours."""
+        self.masked = {nid: vec for nid, vec in replies.items() if nid in self.sharers}
+        if self.masked:  # a vector of another layout would break the sum: treat its site as dropped
+            layouts = [tuple(a.shape for a in v) for v in self.masked.values()]
+            common = max(set(layouts), key=layouts.count)
+            self.masked = {nid: v for nid, v in self.masked.items()
+                           if tuple(a.shape for a in v) == common
+                           and all(np.issubdtype(a.dtype, np.integer) for a in v)}
+        alive, gone = set(self.masked), set(self.sharers) - set(self.masked)
+        return {nid: {"survivors": sorted(self.graph[nid] & alive), "dropped": sorted(self.graph[nid] & gone)}
+                for nid in self.masked}
+
+    def on_unmask(self, replies: Mapping[int, Mapping[int, bytes]]) -> SecureSum:
+        """Finish: the weighted mean of the survivors, from their masked sum and the shares."""
+        return unmask_sum(self.masked, list(replies.values()), self.public_keys, self.graph, self.sharers,
+                          self.params)
+
+
+def site_stage(stage: str, node_id: int, state: Mapping[str, object] | None, content: Mapping[str, object],
+               arrays: Arrays | None = None, num_examples: int = 0) -> tuple[dict[str, object], object]:
+    """Answer one stage at a site: the new state to keep and the reply to send.
+
+    ``stage`` is one of :data:`STAGES`; ``node_id`` is the site's own (the SuperNode's);
+    ``state`` is what the previous stage returned (None at
+    ``advertise_keys``). ``arrays`` and ``num_examples`` (the freshly trained adapter) are needed at
+    ``masked_vector`` only.
+    """
+    c: Mapping[str, Any] = content
+    if stage == "advertise_keys":
+        site = SiteSecAgg(node_id, params_from_record(c), frozenset(c["neighbours"]))
+        reply: object = site.advertise_keys()
+    elif state is None:
+        raise SecAggError(f"stage {stage!r} came before advertise_keys at this site; the coordinator "
+                          "must restart the round.")
+    else:
+        site = site_from_record(state)
+        if site.node_id != node_id:
+            raise SecAggError(f"site {node_id}: the kept SecAgg+ state belongs to site {site.node_id}.")
+        if stage == "share_keys":
+            reply = site.share_keys({i: (a, b) for i, a, b in zip(c["pk_ids"], c["pk1"], c["pk2"])})
+        elif stage == "masked_vector":
+            if arrays is None:
+                raise SecAggError("masked_vector needs the site's trained adapter.")
+            reply = site.masked_vector(dict(zip(c["src_ids"], c["ciphertexts"])), arrays, num_examples)
+        elif stage == "unmask":
+            reply = site.unmask(c["survivors"], c["dropped"])
+        else:
+            raise SecAggError(f"Unknown SecAgg+ stage {stage!r}; expected one of {', '.join(STAGES)}.")
+    return site_to_record(site), reply

@@ -10,8 +10,11 @@ from typing import Sequence
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord
 
 from fedmira.common.secagg import (
+    STAGES,
+    CoordinatorRound,
     SecAggError,
     SecAggParams,
     SecureSum,
@@ -20,6 +23,9 @@ from fedmira.common.secagg import (
     mask,
     neighbour_graph,
     quantize_weighted,
+    site_from_record,
+    site_stage,
+    site_to_record,
     unmask_sum,
 )
 
@@ -177,3 +183,91 @@ def test_mask_is_deterministic_uniform_and_key_dependent() -> None:
     assert not np.array_equal(a, mask(b"k2", [(1000,)], 2**32)[0])
     assert a.min() >= 0 and a.max() < 2**32
     assert abs(a.mean() / 2**32 - 0.5) < 0.05
+
+
+# ---------------------------------------------------------------- coordinator + stateless sites
+def _message_round(n: int, params: SecAggParams, drop_at: dict[int, int] | None = None) -> tuple:
+    """A round as the apps run it: every content and every kept state passes through a ConfigRecord."""
+    np.random.seed(0)
+    drop_at = drop_at or {}
+    adapters = _adapters(n)
+    counts = {nid: 10 * nid for nid in adapters}
+    coord = CoordinatorRound(list(adapters), params, seed=2)
+    kept: dict[int, ConfigRecord] = {}
+
+    def stage(k: int, contents: dict[int, dict]) -> dict[int, object]:
+        replies = {}
+        for nid, content in contents.items():
+            if drop_at.get(nid, 99) <= k:
+                continue
+            state = dict(kept[nid]) if nid in kept else None
+            new, reply = site_stage(STAGES[k], nid, state, dict(ConfigRecord(content)),
+                                    adapters[nid], counts[nid])
+            kept[nid] = ConfigRecord(new)  # what context.state would hold
+            replies[nid] = reply
+        return replies
+
+    keys = stage(0, coord.setup())
+    shares = stage(1, coord.on_keys(keys))
+    masked = stage(2, coord.on_shares(shares))
+    unmask = stage(3, coord.on_masked(masked))
+    return coord.on_unmask(unmask), adapters, counts
+
+
+@pytest.mark.parametrize("drop_at", [{}, {2: 0}, {2: 1}, {2: 2}, {2: 3}, {2: 2, 5: 1}])
+def test_message_round_with_stateless_sites_matches_fedavg(drop_at: dict[int, int]) -> None:
+    params = SecAggParams(num_shares=5, reconstruction_threshold=3)
+    result, adapters, counts = _message_round(6, params, drop_at)
+    counted = [nid for nid in adapters if drop_at.get(nid, 99) > 2]  # sent a masked vector
+    plain = _fedavg(adapters, counts, counted)
+    err = max(float(np.abs(a - b).max()) for a, b in zip(result.mean, plain))
+    assert err <= error_bound([counts[i] for i in counted], params)
+    assert list(result.survivors) == counted
+
+
+def test_message_round_below_threshold_fails_and_names_the_cause() -> None:
+    params = SecAggParams(num_shares=5, reconstruction_threshold=4)
+    with pytest.raises(SecAggError, match="too many sites dropped"):
+        _message_round(5, params, {1: 2, 2: 3})
+
+
+def test_site_state_round_trips_and_guards_its_owner() -> None:
+    params = SecAggParams()
+    site = SiteSecAgg(7, params, frozenset({6, 7, 8}))
+    site.advertise_keys()
+    back = site_from_record(dict(ConfigRecord(site_to_record(site))))
+    assert site_to_record(back) == site_to_record(site)
+    with pytest.raises(SecAggError, match="belongs to site 7"):
+        site_stage("share_keys", 8, site_to_record(site), {"pk_ids": [], "pk1": [], "pk2": []})
+    with pytest.raises(SecAggError, match="before advertise_keys"):
+        site_stage("unmask", 7, None, {})
+
+
+def test_coordinator_refuses_fewer_sites_than_the_threshold() -> None:
+    with pytest.raises(SecAggError, match="reconstruction_threshold"):
+        CoordinatorRound([1], SecAggParams())
+
+
+def test_a_malformed_masked_vector_counts_as_a_dropout() -> None:
+    params = SecAggParams(num_shares=5, reconstruction_threshold=3)
+    np.random.seed(0)
+    adapters = _adapters(5)
+    coord = CoordinatorRound(list(adapters), params)
+    sites: dict[int, SiteSecAgg] = {}
+    keys = {}
+    for nid, content in coord.setup().items():
+        sites[nid] = SiteSecAgg(nid, params, frozenset(content["neighbours"]))
+        keys[nid] = sites[nid].advertise_keys()
+    shares = {nid: sites[nid].share_keys(dict(zip(c["pk_ids"], zip(c["pk1"], c["pk2"]))))
+              for nid, c in coord.on_keys(keys).items()}
+    masked = {nid: sites[nid].masked_vector(dict(zip(c["src_ids"], c["ciphertexts"])), adapters[nid], 10)
+              for nid, c in coord.on_shares(shares).items()}
+    masked[4] = [a[:1] for a in masked[4]]  # wrong shapes
+    asks = coord.on_masked(masked)
+    assert 4 not in asks and all(a["dropped"] == [4] for a in asks.values())  # 5 sites: all neighbours
+    result = coord.on_unmask({nid: sites[nid].unmask(a["survivors"], a["dropped"])
+                              for nid, a in asks.items()})
+    plain = _fedavg(adapters, {n: 10 for n in adapters}, [1, 2, 3, 5])
+    err = max(float(np.abs(a - b).max()) for a, b in zip(result.mean, plain))
+    assert err <= error_bound([10] * 4, params)
+    assert result.dropped == (4,)
