@@ -164,14 +164,15 @@ class SiteSecAgg:
     node_id: int
     params: SecAggParams
     neighbours: frozenset[int]
-    random_bytes: Callable[[int], bytes] = os.urandom
-    _sk1: bytes = b""
-    _sk2: bytes = b""
-    _seed: bytes = b""
-    _pks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    _seed_shares: dict[int, bytes] = field(default_factory=dict)
-    _sk1_shares: dict[int, bytes] = field(default_factory=dict)
-    _masked: bool = False
+    random_bytes: Callable[[int], bytes] = field(default=os.urandom, repr=False)
+    # Secrets: never in a repr (so never in a log line or an exception message).
+    _sk1: bytes = field(default=b"", init=False, repr=False)
+    _sk2: bytes = field(default=b"", init=False, repr=False)
+    _seed: bytes = field(default=b"", init=False, repr=False)
+    _pks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, init=False, repr=False)
+    _seed_shares: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
+    _sk1_shares: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)
+    _masked: bool = field(default=False, init=False)
 
     def advertise_keys(self) -> tuple[bytes, bytes]:
         """Stage 0: make the key pairs and the mask seed; return the public keys (pk1, pk2)."""

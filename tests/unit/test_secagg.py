@@ -271,3 +271,10 @@ def test_a_malformed_masked_vector_counts_as_a_dropout() -> None:
     err = max(float(np.abs(a - b).max()) for a, b in zip(result.mean, plain))
     assert err <= error_bound([10] * 4, params)
     assert result.dropped == (4,)
+
+
+def test_a_sites_secrets_never_appear_in_its_repr() -> None:
+    site = SiteSecAgg(1, SecAggParams(), frozenset({1, 2, 3}), random_bytes=lambda n: b"S" * n)
+    site.advertise_keys()
+    text = repr(site)
+    assert "SSSS" not in text and "PRIVATE" not in text and "node_id=1" in text
