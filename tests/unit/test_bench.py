@@ -238,3 +238,15 @@ def test_number_formatting() -> None:
     table = runner.format_table({"b": [BenchRow("x", 1.0, "s", baseline=2.0)]})
     assert table.splitlines()[0].split()[:3] == ["benchmark", "measurement", "value"]
     assert "0.5" in table.splitlines()[2]
+
+
+def test_secagg_rows_measure_a_real_round_within_its_bound() -> None:
+    from fedmira.simulations.bench import secagg
+
+    m = secagg.measure(3)
+    assert 0 < m["error"] <= m["bound"]
+    assert m["plain_bytes"] == 460_800 * 4  # SmolLM2-135M r=8 q,v in float32
+    assert m["bytes_up"] > 2 * m["plain_bytes"]  # int64 masked vector plus keys and shares
+    rows = secagg.rows_for(3, m)
+    assert [r.unit for r in rows] == ["ms", "ms", "MB", "1e-6"]
+    assert rows[3].met is True and rows[2].ratio == pytest.approx(m["bytes_up"] / m["plain_bytes"])
