@@ -227,7 +227,9 @@ class SiteSecAgg:
             pair = mask(_pair_key(self._sk1, self._pks[nid][0]), shapes, p.modulus_range)
             vec = _add(vec, pair, +1 if self.node_id > nid else -1, p.modulus_range)
         self._masked = True
-        return vec
+        # Every value is < modulus: with the default 2**32 it travels as uint32, as small as float32.
+        wire = np.uint32 if p.modulus_range <= 2**32 else np.int64
+        return [v.astype(wire) for v in vec]
 
     def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
         """Stage 3: seed shares of the surviving neighbours, sk1 shares of the dropped ones."""
@@ -297,9 +299,9 @@ def unmask_sum(
     if len(survivors) > p.max_sites:
         raise SecAggError(f"{len(survivors)} sites overflow modulus_range / quantization_range; raise "
                           "secagg.modulus_range or lower secagg.quantization_range.")
-    total = [np.zeros_like(a) for a in masked[survivors[0]]]
-    for nid in survivors:
-        total = _add(total, masked[nid], +1, m)
+    total = [np.zeros(a.shape, dtype=np.int64) for a in masked[survivors[0]]]
+    for nid in survivors:  # int64 here: uint32 wire values would wrap, or turn float when negated
+        total = _add(total, [a.astype(np.int64) for a in masked[nid]], +1, m)
     shapes = [a.shape for a in total]
     collected: dict[int, list[bytes]] = {}
     for reply in shares:

@@ -98,7 +98,7 @@ def rows_for(sites: int, m: dict[str, float]) -> list[BenchRow]:
         BenchRow(f"SecAgg+ coordinator unmask / NumPy weighted mean ({sites} sites)", m["server_s"] * 1e3,
                  "ms", m["mean_s"] * 1e3, note="sum, seed + mask rebuild, dequantize"),
         BenchRow(f"SecAgg+ bytes up per site / plain float32 reply ({sites} sites)", m["bytes_up"] / 1e6,
-                 "MB", m["plain_bytes"] / 1e6, note="keys + ciphertexts + masked int64 + shares"),
+                 "MB", m["plain_bytes"] / 1e6, note="keys + ciphertexts + masked uint32 + shares"),
         BenchRow(f"SecAgg+ max error / stated bound ({sites} sites)", m["error"] * 1e6, "1e-6",
                  m["bound"] * 1e6,
                  target="<= 1", note="vs plain example-weighted mean; quantization_range 2^22, clip 8"),

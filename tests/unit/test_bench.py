@@ -246,7 +246,8 @@ def test_secagg_rows_measure_a_real_round_within_its_bound() -> None:
     m = secagg.measure(3)
     assert 0 < m["error"] <= m["bound"]
     assert m["plain_bytes"] == 460_800 * 4  # SmolLM2-135M r=8 q,v in float32
-    assert m["bytes_up"] > 2 * m["plain_bytes"]  # int64 masked vector plus keys and shares
+    # The uint32 masked vector is as large as the float32 reply; keys and shares add a little.
+    assert m["plain_bytes"] < m["bytes_up"] < 1.01 * m["plain_bytes"]
     rows = secagg.rows_for(3, m)
     assert [r.unit for r in rows] == ["ms", "ms", "MB", "1e-6"]
     assert rows[3].met is True and rows[2].ratio == pytest.approx(m["bytes_up"] / m["plain_bytes"])

@@ -108,6 +108,7 @@ def test_no_single_adapter_can_be_read_from_what_the_server_receives() -> None:
         _, plain = quantize_weighted(adapters[nid], 10 * nid, params)
         # A masked vector looks uniform over the modulus, nothing like the quantized adapter.
         assert all(not np.array_equal(m, q) for m, q in zip(vec, plain))
+        assert all(v.dtype == np.uint32 for v in vec)  # modulus 2**32: 4 bytes per value on the wire
         spread = np.concatenate([v.ravel() for v in vec[1:]]) / params.modulus_range
         assert 0.35 < spread.mean() < 0.65 and spread.std() > 0.2
     # With nobody dropped, stage 3 hands over seed shares of survivors only (no sk1 share).
