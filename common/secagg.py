@@ -322,16 +322,14 @@ def unmask_sum(
     return _finish(total, survivors, dropped, p)
 
 
-def _dequantize_sum(total: Arrays, n: int, p: SecAggParams) -> Arrays:
+def _finish(total: Arrays, survivors: list[int], dropped: list[int], p: SecAggParams) -> SecureSum:
+    """Dequantize the unmasked sum: the weighted mean and the total weight (the first array)."""
     q_total, body = int(total[0][0]), total[1:]
     values = dequantize(body, p.clipping_range, p.quantization_range)
     # Each site's values were shifted by +clipping_range; dequantize removed one shift.
-    return [(v - (n - 1) * p.clipping_range) * (p.quantization_range / q_total) for v in values]
-
-
-def _finish(total: Arrays, survivors: list[int], dropped: list[int], p: SecAggParams) -> SecureSum:
-    weight = int(total[0][0]) / p.quantization_range * p.max_weight
-    return SecureSum(_dequantize_sum(total, len(survivors), p), weight, tuple(survivors), tuple(dropped))
+    mean = [(v - (len(survivors) - 1) * p.clipping_range) * (p.quantization_range / q_total) for v in values]
+    weight = q_total / p.quantization_range * p.max_weight
+    return SecureSum(mean, weight, tuple(survivors), tuple(dropped))
 
 
 def error_bound(num_examples: Sequence[int], params: SecAggParams) -> float:

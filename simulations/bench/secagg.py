@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 
-from fedmira.common.secagg import CoordinatorRound, SecAggParams, SiteSecAgg, error_bound
+from fedmira.common.secagg import STAGES, CoordinatorRound, SecAggParams, error_bound, site_stage
 from fedmira.simulations.bench.aggregation import adapter, near
 from fedmira.simulations.bench.common import BenchRow
 
@@ -47,32 +48,33 @@ def measure(sites: int, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     glob = adapter(8, rng)
     keys = sorted(glob)
-    arrays = {nid: [near(glob, 8, rng)[k].astype(np.float64) for k in keys] for nid in range(1, sites + 1)}
+    arrays = {}
+    for nid in range(1, sites + 1):
+        reply = near(glob, 8, rng)  # one site's reply: the global adapter plus its own update
+        arrays[nid] = [reply[k].astype(np.float64) for k in keys]
     counts = {nid: int(c) for nid, c in zip(arrays, rng.integers(50, 1300, sites))}
     shares = min(5, sites if sites % 2 else sites - 1)
     params = SecAggParams(num_shares=shares, reconstruction_threshold=min(3, shares - 1), max_weight=2000)
     coord = CoordinatorRound(list(arrays), params, seed=seed)
     site_s = {nid: 0.0 for nid in arrays}
     sent = {nid: 0 for nid in arrays}
+    kept: dict[int, dict[str, object]] = {}
 
-    def at_sites(contents: dict, act: object) -> dict:
+    def at_sites(stage: int, contents: dict[int, dict[str, object]]) -> dict[int, Any]:
+        """Answer one stage at every site through ``site_stage``, as the ClientApp will."""
         replies = {}
         for nid, content in contents.items():
             t0 = time.perf_counter()
-            replies[nid] = act(nid, content)  # type: ignore[operator]
+            kept[nid], replies[nid] = site_stage(STAGES[stage], nid, kept.get(nid), content,
+                                                 arrays[nid], counts[nid])
             site_s[nid] += time.perf_counter() - t0
             sent[nid] += _nbytes(replies[nid])
         return replies
 
-    setup = coord.setup()
-    sites_ = {nid: SiteSecAgg(nid, params, frozenset(c["neighbours"])) for nid, c in setup.items()}
-    pks = at_sites(setup, lambda nid, c: sites_[nid].advertise_keys())
-    shares = at_sites(coord.on_keys(pks), lambda nid, c: sites_[nid].share_keys(
-        dict(zip(c["pk_ids"], zip(c["pk1"], c["pk2"])))))
-    masked = at_sites(coord.on_shares(shares), lambda nid, c: sites_[nid].masked_vector(
-        dict(zip(c["src_ids"], c["ciphertexts"])), arrays[nid], counts[nid]))
-    reveal = at_sites(coord.on_masked(masked),
-                      lambda nid, c: sites_[nid].unmask(c["survivors"], c["dropped"]))
+    pks = at_sites(0, coord.setup())
+    shared = at_sites(1, coord.on_keys(pks))
+    masked = at_sites(2, coord.on_shares(shared))
+    reveal = at_sites(3, coord.on_masked(masked))
     t0 = time.perf_counter()
     result = coord.on_unmask(reveal)
     server_s = time.perf_counter() - t0
