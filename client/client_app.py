@@ -16,6 +16,11 @@ With ``privacy.enabled`` each round is DP-SGD; the site's privacy ledger (accoun
 the node's Flower state and in a file under node config ``state-dir`` (default: the site's data
 folder), so epsilon keeps counting across rounds and across a SuperNode restart.
 
+With ``strategy.secure_aggregation=secaggplus`` the train message carries a ``secagg``
+ConfigRecord and the reply holds the adapter only masked (SecAgg+, ``common/secagg.py``); the
+key-exchange and unmask stages come as ``train.secagg`` messages (:func:`secagg_stage`). The
+site's protocol secrets stay in the node's Flower state and are dropped after each round.
+
 Only LoRA tensors and numeric metrics go back; never report text, never base weights.
 """
 
@@ -24,7 +29,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -32,6 +39,7 @@ from flwr.clientapp import ClientApp
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.engine import OPTIMIZER_KEY
 from fedmira.common.privacy import LEDGER_KEY, AccountantState, ledger_file, load_state, save_state
+from fedmira.common.secagg import RECORD, WEIGHT_KEY, SecAggError, site_stage
 from fedmira.common.site import (
     ModelCache,
     SiteData,
@@ -128,13 +136,83 @@ def train(msg: Message, context: Context) -> Message:
     if store:  # the site's own AdamW moments: node state only, never in the reply
         context.state[OPTIMIZER_KEY] = ArrayRecord(dict(store))
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})
-    payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
+    secagg = msg.content.config_records.get(RECORD)
+    if secagg is not None:  # SecAgg+: the adapter leaves this site only masked
+        arrays = _masked(context, secagg, state, int(metrics["num-examples"]))
+        metrics["bytes-sent"] = sum(a.numpy().nbytes for a in arrays.values())
+    else:
+        payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
+        arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+        "arrays": arrays,
         "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
         "site": ConfigRecord({"site-id": site.site_id}),
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.train("secagg")
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """Answer a SecAgg+ key-exchange or unmask stage (``common.secagg.site_stage``).
+
+    The site's keys, mask seed and the shares it holds stay in this node's ``context.state``;
+    only public keys, ciphertexts addressed to other sites and, at unmask, the shares the
+    protocol asks for are sent. The state is dropped once the round is unmasked.
+    """
+    record = msg.content.config_records[RECORD]
+    stage, g = str(record["stage"]), int(record["global-round"])
+    content = dict(record)
+    if stage == "advertise_keys":
+        cfg = ExperimentConfig.from_run_config(context.run_config)
+        site, _, _ = _site(context, cfg)
+        kept, extra = None, {"num-examples": len(site.reports("train"))}  # an upper bound of the weight
+    else:
+        kept, extra = _kept_secagg(context, g, stage), {}
+    state, reply = site_stage(stage, int(context.node_id), kept, content)
+    if stage == "unmask":
+        del context.state[RECORD]  # the round is over: forget its secrets
+    else:
+        context.state[RECORD] = ConfigRecord({**state, "global-round": g})  # type: ignore[dict-item]
+    out = ConfigRecord({"stage": stage, **_stage_reply(stage, reply), **extra})  # type: ignore[arg-type]
+    return Message(content=RecordDict({RECORD: out}), reply_to=msg)
+
+
+def _stage_reply(stage: str, reply: Any) -> dict[str, Any]:
+    """Return a stage's reply as ConfigRecord values (public keys, or ids and blobs)."""
+    if stage == "advertise_keys":
+        return {"pk1": reply[0], "pk2": reply[1]}
+    ids = sorted(reply)
+    names = ("dst_ids", "ciphertexts") if stage == "share_keys" else ("owner_ids", "shares")
+    return {names[0]: ids, names[1]: [reply[i] for i in ids]}
+
+
+def _kept_secagg(context: Context, g: int, stage: str) -> dict[str, Any] | None:
+    """Return this site's SecAgg+ state of round ``g`` (None when it has none: site_stage refuses)."""
+    kept = context.state.config_records.get(RECORD)
+    if kept is None:
+        return None
+    if int(kept["global-round"]) != g:  # type: ignore[call-overload]
+        raise SecAggError(f"SecAgg+ {stage} of round {g} came, but this site's SecAgg+ state is of "
+                          f"round {kept['global-round']}; the coordinator must restart the round.")
+    return dict(kept)
+
+
+def _masked(context: Context, record: ConfigRecord, state: dict[str, torch.Tensor], n: int) -> ArrayRecord:
+    """Return the trained adapter masked for SecAgg+ (uint32 under the adapter's keys + the weight).
+
+    A site that trained no step (privacy budget spent, ``n`` 0) masks zeros at weight 0: nothing
+    computed from its reports leaves it, and it stays in the protocol (its shares are needed to
+    unmask its neighbours), rather than becoming a dropout.
+    """
+    g = int(record["global-round"])  # type: ignore[call-overload]
+    names = sorted(state)
+    arrays = [state[k].detach().to("cpu", torch.float32).numpy() for k in names]
+    if n == 0:
+        arrays = [np.zeros_like(a) for a in arrays]
+    kept = _kept_secagg(context, g, "masked_vector")
+    new_state, vec = site_stage("masked_vector", int(context.node_id), kept, dict(record), arrays, n)
+    context.state[RECORD] = ConfigRecord({**new_state, "global-round": g})  # type: ignore[dict-item]
+    return ArrayRecord({WEIGHT_KEY: Array(vec[0]), **{k: Array(v) for k, v in zip(names, vec[1:])}})  # type: ignore[index]
 
 
 @app.evaluate()

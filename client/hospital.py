@@ -47,6 +47,7 @@ from fedmira.common.flower_runtime import (
     start_reaper,
     stop_group,
 )
+from fedmira.common.secagg import STAGE_MESSAGE_TYPE
 
 ISOLATIONS = ("warm", "subprocess")
 CONNECT_TIMEOUT_S = 10.0
@@ -358,8 +359,9 @@ class SuperNodeProcess:
         if m := re.search(r"SuperNode ID: (\d+)", line):
             self.node_id = m.group(1)
             self.connected.set()
-        elif m := re.search(r"Receiving: (\w+) message", line):
-            print(f"{time.strftime('%H:%M:%S')} task received: {m.group(1)}", file=self.out, flush=True)
+        elif m := re.search(r"Receiving: ([\w.]+) message", line):
+            kind = m.group(1) + (" (SecAgg+ key or unmask stage)" if m.group(1) == STAGE_MESSAGE_TYPE else "")
+            print(f"{time.strftime('%H:%M:%S')} task received: {kind}", file=self.out, flush=True)
         for needle, text in FAILURES:
             if needle in line and self.failure is None:
                 self.failure = text.format(line=line.strip(), key=self.h.key, root=self.h.root_cert)

@@ -269,6 +269,7 @@ class GenerateConfig:
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "hetero_svd")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
+SECURE_AGGREGATIONS = ("none", "secaggplus")
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,34 @@ class StrategyConfig:
         "Precision of the adapters sites send: float32 | bfloat16 | float16 (16 bits halve the "
         "upload; the server aggregates in float32). bfloat16 travels as its raw bits (uint16), "
         "since NumPy, which Flower serialises with, has no bfloat16.", "float32")
+    secure_aggregation: str = _help(
+        "none | secaggplus. secaggplus: SecAgg+ (Bell et al. 2020) on the Message API: each site "
+        "masks its quantized, example-weighted adapter, so the coordinator learns only the sum "
+        "over the sites that survive the round (see the README's privacy section). Needs "
+        "aggregation=mean, no privacy.site_level and not hetero_svd; norm-outlier rejection is "
+        "off, since no single update is visible; transport_dtype does not apply (quantized).",
+        "none")
+    secagg_num_shares: int = _help(
+        "SecAgg+: sites each site shares its secrets with, itself included (odd, >= 3). More: "
+        "more dropouts survived, more key bytes per site.", 3)
+    secagg_reconstruction_threshold: int = _help(
+        "SecAgg+: shares that rebuild a secret, in [2, num_shares - 1]. It takes this many "
+        "colluding sites (with the coordinator) to unmask one site; a round survives while "
+        "every site keeps this many neighbours.", 2)
+    secagg_clipping_range: float = _help(
+        "SecAgg+: every adapter value (after weighting) must lie in [-c, c]; a site holding a "
+        "larger one fails its round with an error saying so. Smaller: less quantization error.",
+        2.0)
+    secagg_quantization_range: int = _help(
+        "SecAgg+: integer levels over [-c, c]. Error per value <= 2c x sites / (levels x sum of "
+        "weights); at most 2**32 / levels - 1 sites per round.", 2**24)
+    secagg_max_weight: float = _help(
+        "SecAgg+: largest example count a site may report (its weight is count / max_weight). "
+        "0: the largest count the round's sites advertise at key exchange (the best precision).",
+        0.0)
+    secagg_timeout_s: float = _help(
+        "SecAgg+: seconds the server waits for each key-exchange or unmask stage; the training "
+        "stage waits round_timeout_s.", 300.0)
 
     def __post_init__(self) -> None:
         _check_choice("strategy", "name", self.name, STRATEGY_NAMES)
@@ -345,6 +374,7 @@ class StrategyConfig:
                   "same-shaped adapters); use strategy=hetero_svd or site_ranks=[]")
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.site_ranks):
             _fail("strategy", "site_ranks", self.site_ranks, "must be a list of integers >= 1")
+        self._check_secagg()
 
     def _check_optimizer(self) -> None:
         _check_range("strategy", "proximal_mu", self.proximal_mu, 0.0)
@@ -352,6 +382,34 @@ class StrategyConfig:
         _check_range("strategy", "beta_1", self.beta_1, 0.0, 1.0)
         _check_range("strategy", "beta_2", self.beta_2, 0.0, 1.0)
         _check_range("strategy", "tau", self.tau, 0.0, lo_open=True)
+
+    def _check_secagg(self) -> None:
+        _check_choice("strategy", "secure_aggregation", self.secure_aggregation, SECURE_AGGREGATIONS)
+        if self.secure_aggregation == "none":
+            return
+        if self.name == "hetero_svd":
+            _fail("strategy", "secure_aggregation", self.secure_aggregation,
+                  "hetero_svd needs every site's own update B·A to build the exact sum, and a "
+                  "masked sum of factors of different ranks has no meaning; use another strategy "
+                  "(e.g. ffa_lora, whose averaging is exact too) or secure_aggregation=none")
+        if self.aggregation != "mean":
+            _fail("strategy", "secure_aggregation", self.secure_aggregation,
+                  f"aggregation={self.aggregation} needs every site's values one by one, which "
+                  "SecAgg+ hides by design; use aggregation=mean (rejecting a poisoned update is "
+                  "then the sites' and the allow-list's job) or secure_aggregation=none")
+        _check_range("strategy", "secagg_max_weight", self.secagg_max_weight, 0.0)
+        _check_range("strategy", "secagg_timeout_s", self.secagg_timeout_s, 0.0, lo_open=True)
+        from fedmira.common.secagg import SecAggParams  # lazy: flwr's crypto only when used
+
+        try:
+            SecAggParams(num_shares=self.secagg_num_shares,
+                         reconstruction_threshold=self.secagg_reconstruction_threshold,
+                         clipping_range=self.secagg_clipping_range,
+                         quantization_range=self.secagg_quantization_range,
+                         max_weight=self.secagg_max_weight or 1.0)
+        except (TypeError, ValueError) as exc:  # names the field as secagg.<name>
+            name = str(exc).split(" ", 1)[0].removeprefix("secagg.")
+            _fail("strategy", f"secagg_{name}", getattr(self, f"secagg_{name}", None), str(exc))
 
     def _check_robustness(self) -> None:
         _check_choice("strategy", "aggregation", self.aggregation, AGGREGATIONS)
@@ -535,6 +593,12 @@ class ExperimentConfig:
                   "DP-SGD draws each step's batch by Poisson sampling (the privacy accountant "
                   "assumes it), so batches cannot be grouped by length; set "
                   "train.group_by_length=false with privacy.enabled")
+        if self.privacy.site_level and self.strategy.secure_aggregation != "none":
+            _fail("privacy", "site_level", True,
+                  "site-level DP clips each site's update at the server, which SecAgg+ hides "
+                  "from it; keep strategy.secure_aggregation and use record-level DP-SGD at the "
+                  "sites instead (privacy.enabled=true, noise added before masking), or set "
+                  "strategy.secure_aggregation=none")
         if self.privacy.site_level and self.strategy.name == "hetero_svd":
             _fail("privacy", "site_level", True,
                   "site-level DP clips same-shaped adapter updates and cannot be combined with "

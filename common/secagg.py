@@ -32,6 +32,7 @@ bias.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
@@ -247,18 +248,22 @@ class SiteSecAgg:
 def quantize_weighted(arrays: Arrays, num_examples: int, params: SecAggParams) -> tuple[int, Arrays]:
     """Weight ``arrays`` by ``num_examples / max_weight`` and quantize them (weight first, as an array).
 
-    Stochastic rounding (Flower's ``quantize``) makes the quantized value unbiased.
+    Stochastic rounding (Flower's ``quantize``) makes the quantized value unbiased. A site that
+    trained nothing (``num_examples`` 0: its privacy budget is spent) sends weight 0, and its
+    vector (zeros) sums to nothing; it still takes part in the protocol, so it is no dropout.
     """
-    if not 0 < num_examples <= params.max_weight:
-        raise SecAggError(f"num_examples {num_examples} is outside (0, secagg.max_weight="
-                          f"{params.max_weight:g}]; raise secagg.max_weight.")
-    q_ratio = max(1, round(num_examples / params.max_weight * params.quantization_range))
+    if not 0 <= num_examples <= params.max_weight:
+        raise SecAggError(f"num_examples {num_examples} is outside [0, strategy.secagg_max_weight="
+                          f"{params.max_weight:g}]; raise strategy.secagg_max_weight.")
+    q_ratio = 0
+    if num_examples:  # a trained site keeps at least one level of weight
+        q_ratio = max(1, round(num_examples / params.max_weight * params.quantization_range))
     scaled = [np.asarray(a, dtype=np.float64) * (q_ratio / params.quantization_range) for a in arrays]
     # Flower's quantize clips silently; a clipped value would corrupt the sum without a trace.
     worst = max((float(np.abs(a).max()) for a in scaled if a.size), default=0.0)
     if worst > params.clipping_range:
-        raise SecAggError(f"An adapter value of {worst:.3g} (after weighting) exceeds secagg.clipping_range="
-                          f"{params.clipping_range:g}; raise secagg.clipping_range.")
+        raise SecAggError(f"An adapter value of {worst:.3g} (after weighting) exceeds "
+                          f"strategy.secagg_clipping_range={params.clipping_range:g}; raise it.")
     quant = quantize(scaled, params.clipping_range, params.quantization_range)
     return q_ratio, [np.array([q_ratio], dtype=np.int64)] + [q.astype(np.int64) for q in quant]
 
@@ -298,7 +303,7 @@ def unmask_sum(
         raise SecAggError("No site sent a masked vector; the round has nothing to aggregate.")
     if len(survivors) > p.max_sites:
         raise SecAggError(f"{len(survivors)} sites overflow modulus_range / quantization_range; raise "
-                          "secagg.modulus_range or lower secagg.quantization_range.")
+                          "the modulus or lower strategy.secagg_quantization_range.")
     total = [np.zeros(a.shape, dtype=np.int64) for a in masked[survivors[0]]]
     for nid in survivors:  # int64 here: uint32 wire values would wrap, or turn float when negated
         total = _add(total, [a.astype(np.int64) for a in masked[nid]], +1, m)
@@ -325,6 +330,8 @@ def unmask_sum(
 def _finish(total: Arrays, survivors: list[int], dropped: list[int], p: SecAggParams) -> SecureSum:
     """Dequantize the unmasked sum: the weighted mean and the total weight (the first array)."""
     q_total, body = int(total[0][0]), total[1:]
+    if q_total == 0:
+        raise SecAggError("The survivors' total weight is 0 (every site trained nothing): no mean to take.")
     values = dequantize(body, p.clipping_range, p.quantization_range)
     # Each site's values were shifted by +clipping_range; dequantize removed one shift.
     mean = [(v - (len(survivors) - 1) * p.clipping_range) * (p.quantization_range / q_total) for v in values]
@@ -340,7 +347,7 @@ def error_bound(num_examples: Sequence[int], params: SecAggParams) -> float:
     """
     q, c = params.quantization_range, params.clipping_range
     exact = [n / params.max_weight for n in num_examples]
-    rounded = [max(1, round(w * q)) / q for w in exact]
+    rounded = [max(1, round(w * q)) / q if w else 0.0 for w in exact]
     wsum = sum(rounded)
     rounding = len(num_examples) * (2 * c / q) / wsum
     weighting = 2 * c * sum(abs(a - b) for a, b in zip(rounded, exact)) / wsum
@@ -352,6 +359,13 @@ def error_bound(num_examples: Sequence[int], params: SecAggParams) -> float:
 # ------------------------------------------------------------------------------------------------
 #: The stages in order; each is one round trip of Messages between the coordinator and the sites.
 STAGES = ("advertise_keys", "share_keys", "masked_vector", "unmask")
+#: Message type of the key and unmask stages (the ClientApp's ``@app.train("secagg")``); the
+#: masked-vector stage rides on the strategy's own ``train`` message.
+STAGE_MESSAGE_TYPE = "train.secagg"
+#: The ConfigRecord that carries a stage's content both ways, and a site's state between stages.
+RECORD = "secagg"
+#: The masked vector's first array (in an ArrayRecord): the site's quantized weight.
+WEIGHT_KEY = "secagg.weight"
 _PARAM_FIELDS = ("num_shares", "reconstruction_threshold", "clipping_range", "quantization_range",
                  "modulus_range", "max_weight")
 
@@ -420,8 +434,8 @@ class CoordinatorRound:
 
     def __post_init__(self) -> None:
         if len(self.node_ids) < self.params.reconstruction_threshold:
-            raise SecAggError(f"{len(self.node_ids)} sites sampled; secagg.reconstruction_threshold is "
-                              f"{self.params.reconstruction_threshold}: sample more sites or lower it.")
+            raise SecAggError(f"{len(self.node_ids)} sites sampled; strategy.secagg_reconstruction_threshold "
+                              f"is {self.params.reconstruction_threshold}: sample more sites or lower it.")
         self.graph = neighbour_graph(self.node_ids, self.params.num_shares, self.seed)
 
     def setup(self) -> dict[int, dict[str, object]]:
@@ -439,15 +453,29 @@ class CoordinatorRound:
                         "pk2": [self.public_keys[i][1] for i in ids]}
         return out
 
+    def fit_weight(self, counts: Mapping[int, float]) -> None:
+        """Set ``max_weight`` to the largest example count the sites advertised.
+
+        Weights are count / max_weight, and a smaller weight gets fewer quantization levels, so
+        the largest count itself is the best precision. The counts are the ones each site also
+        reports in the clear with its metrics; the new value travels to the sites at stage 2.
+        """
+        top = max((float(c) for c in counts.values()), default=0.0)
+        self.params = dataclasses.replace(self.params, max_weight=max(top, 1.0))
+
     def on_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[str, object]]:
-        """Stage 2 content: the ciphertexts addressed to each site (source ids and bytes)."""
+        """Return stage 2's content: each site's inbox of ciphertexts, and the round's ``max_weight``.
+
+        The inbox holds the source ids and the ciphertexts addressed to the site.
+        """
         self.sharers = sorted(replies)
         inbox: dict[int, dict[int, bytes]] = {nid: {} for nid in self.sharers}
         for src, msgs in replies.items():
             for dst, blob in msgs.items():
                 if dst in inbox and dst in self.graph[src]:
                     inbox[dst][src] = blob
-        return {nid: {"src_ids": sorted(box), "ciphertexts": [box[s] for s in sorted(box)]}
+        return {nid: {"src_ids": sorted(box), "ciphertexts": [box[s] for s in sorted(box)],
+                      "max_weight": float(self.params.max_weight)}
                 for nid, box in inbox.items()}
 
     def on_masked(self, replies: Mapping[int, Arrays]) -> dict[int, dict[str, object]]:
@@ -494,6 +522,8 @@ def site_stage(stage: str, node_id: int, state: Mapping[str, object] | None, con
         elif stage == "masked_vector":
             if arrays is None:
                 raise SecAggError("masked_vector needs the site's trained adapter.")
+            if "max_weight" in c:  # the coordinator's fit_weight after stage 0
+                site.params = dataclasses.replace(site.params, max_weight=float(c["max_weight"]))
             reply = site.masked_vector(dict(zip(c["src_ids"], c["ciphertexts"])), arrays, num_examples)
         elif stage == "unmask":
             reply = site.unmask(c["survivors"], c["dropped"])

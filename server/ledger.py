@@ -122,11 +122,15 @@ class RoundLedger:
     # ------------------------------------------------------------------ communication
     def count(self, g: int, direction: str, messages: list[Message]) -> None:
         """Add each message's adapter bytes to its node's tally for round ``g`` (``up`` | ``down``)."""
-        tally = self.comm.setdefault(g, {"up": {}, "down": {}})[direction]
         for m in messages:
             node = m.metadata.dst_node_id if direction == "down" else m.metadata.src_node_id
             size = sum(record_bytes(r) for r in m.content.array_records.values())
-            tally[node] = tally.get(node, 0) + size
+            self.add_bytes(g, direction, int(node), size)
+
+    def add_bytes(self, g: int, direction: str, node: int, size: int) -> None:
+        """Add ``size`` bytes to ``node``'s tally for round ``g`` (also SecAgg+'s key and share bytes)."""
+        tally = self.comm.setdefault(g, {"up": {}, "down": {}})[direction]
+        tally[node] = tally.get(node, 0) + size
 
     def comm_record(self, g: int) -> dict[str, Any]:
         """Return adapter bytes up/down in round ``g``, per site, and cumulative since the run began."""

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.privacy import SiteLevelLedger
+from fedmira.common.secagg import SecAggParams
 from fedmira.server.fedadagrad import FedmiraFedAdagrad
 from fedmira.server.fedadam import FedmiraFedAdam
 from fedmira.server.fedavg import FedmiraFedAvg
@@ -17,6 +18,7 @@ from fedmira.server.fedprox import FedmiraFedProx
 from fedmira.server.fedyogi import FedmiraFedYogi
 from fedmira.server.ffa_lora import FedmiraFFALoRA
 from fedmira.server.hetero_svd import FedmiraHeteroSVD
+from fedmira.server.secaggplus import SecAggPlusRounds
 from fedmira.server.strategy import FedmiraStrategy
 
 
@@ -43,6 +45,20 @@ def round_settings(cfg: ExperimentConfig) -> Callable[[int], dict[str, Any]]:
     return lambda g: {"lr": cfg.train.lr, "local-steps": cfg.train.steps}
 
 
+def secagg_rounds(cfg: ExperimentConfig) -> SecAggPlusRounds | None:
+    """Return the SecAgg+ stages of ``strategy.secure_aggregation=secaggplus``, else None."""
+    s = cfg.strategy
+    if s.secure_aggregation == "none":
+        return None
+    params = SecAggParams(num_shares=s.secagg_num_shares,
+                          reconstruction_threshold=s.secagg_reconstruction_threshold,
+                          clipping_range=s.secagg_clipping_range,
+                          quantization_range=s.secagg_quantization_range,
+                          max_weight=s.secagg_max_weight or 1.0)
+    return SecAggPlusRounds(params, timeout=s.secagg_timeout_s, seed=cfg.run.seed,
+                            auto_weight=s.secagg_max_weight == 0)
+
+
 def build_strategy(
     cfg: ExperimentConfig, *, round_offset: int = 0, comm_offset: tuple[int, int] = (0, 0),
 ) -> FedmiraStrategy:
@@ -62,7 +78,7 @@ def build_strategy(
     site_dp = (SiteLevelLedger(noise_multiplier=p.site_noise_multiplier, clip=p.site_clip,
                                delta=p.site_delta, mechanism=p.accountant) if p.site_level else None)
     return cls(
-        site_dp=site_dp, secure_mode=p.secure_mode,
+        site_dp=site_dp, secure_mode=p.secure_mode, secagg=secagg_rounds(cfg),
         round_config_fn=round_settings(cfg), round_offset=round_offset, evaluate_every=cfg.eval.every,
         total_rounds=s.rounds, seed=cfg.run.seed, aggregation=s.aggregation, trim_fraction=s.trim_fraction,
         norm_factor=s.norm_factor, comm_offset=comm_offset,

@@ -54,6 +54,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedmira.common.aggregation import ArrayDict
 from fedmira.common.privacy import SiteLevelLedger
+from fedmira.common.secagg import SecAggError
 from fedmira.server.allow_list import AllowedGrid, listed_replies, refuse_node
 from fedmira.server.fedopt import fedopt_state, load_fedopt_state
 from fedmira.server.ledger import RoundLedger
@@ -70,6 +71,7 @@ from fedmira.server.replies import (
     site_of,
 )
 from fedmira.server.rules import AdapterRule, Combiner, RobustMean
+from fedmira.server.secaggplus import SecAggPlusRounds, masked_vector
 from fedmira.server.site_dp import SiteLevelDP
 
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
@@ -167,6 +169,9 @@ class FedmiraStrategy(Strategy):
         accounted per round. Norm-outlier rejection is off then (clipping bounds every site).
     secure_mode : bool
         Server noise from OS entropy instead of the run seed.
+    secagg : SecAggPlusRounds, optional
+        SecAgg+ (``server/secaggplus.py``): sites send masked vectors and the strategy learns
+        only their weighted mean; per-site norms cannot be seen, so ``norm_factor`` is unused.
     **algorithm_kwargs
         Flower's arguments for :attr:`algorithm_cls` (``fraction_train``, ``min_train_nodes``,
         ``proximal_mu``, ``eta``, ...).
@@ -191,6 +196,7 @@ class FedmiraStrategy(Strategy):
         comm_offset: tuple[int, int] = (0, 0),
         site_dp: SiteLevelLedger | None = None,
         secure_mode: bool = False,
+        secagg: SecAggPlusRounds | None = None,
         **algorithm_kwargs: Any,
     ) -> None:
         self.algorithm = self.algorithm_cls(train_metrics_aggr_fn=weighted_metrics,
@@ -200,6 +206,10 @@ class FedmiraStrategy(Strategy):
         self.seed = seed
         self.aggregation, self.trim_fraction, self.norm_factor = aggregation, trim_fraction, norm_factor
         self.site_dp = site_dp
+        if secagg is not None and (site_dp is not None or aggregation != "mean"):
+            raise ValueError("SecAgg+ needs aggregation=mean and no site-level DP (the server sees no "
+                             "single update); see strategy.secure_aggregation")
+        self.secagg = secagg
         self.ledger = RoundLedger(comm_offset)
         combiner: Combiner = (SiteLevelDP(site_dp, seed=seed, secure_mode=secure_mode) if site_dp is not None
                               else RobustMean(aggregation, trim_fraction))
@@ -239,6 +249,11 @@ class FedmiraStrategy(Strategy):
         """Log what the strategy is made of, then Flower's summary of its algorithm."""
         log(INFO, "\t├──> fedmira: %s with %s, norm_factor %g%s", type(self.rule).__name__,
             type(self.rule.combiner).__name__, self.norm_factor, ", site-level DP" if self.site_dp else "")
+        if self.secagg is not None:
+            p = self.secagg.params
+            log(INFO, "\t├──> SecAgg+: %d shares, threshold %d, clipping %g, %d levels; the server "
+                      "sees only the sum (norm-outlier rejection off)", p.num_shares,
+                p.reconstruction_threshold, p.clipping_range, p.quantization_range)
         self.algorithm.summary()
 
     # ------------------------------------------------------------------ server state
@@ -284,10 +299,12 @@ class FedmiraStrategy(Strategy):
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), **self.client_flags,
                                "global-round": g})
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
-        grid = self._allowed_grid(g, grid)
+        real_grid, grid = grid, self._allowed_grid(g, grid)
         sampled = list(self.algorithm.configure_train(server_round, arrays, config, grid))
         messages = self.rule.personalize(sampled)
         self.available = max(len(list(grid.get_node_ids())), len(messages), 1)
+        if self.secagg is not None:
+            messages = self._secagg_keys(g, real_grid, messages)
         self.sent_train = {m.metadata.dst_node_id for m in messages}
         self._instructions = messages
         self.ledger.count(g, "down", messages)
@@ -301,6 +318,8 @@ class FedmiraStrategy(Strategy):
         self.current_round = g
         listed = self._listed_replies(g, list(replies))
         self._note_replies(g, listed)
+        if self.secagg is not None:
+            return self._aggregate_secure(g, listed)
         checked = [c for m in listed if not m.has_error() and (c := self.check_reply(g, m)) is not None]
         self.ledger.note_epsilons([c.msg for c in checked])
         idle = [c for c in checked if c.weight == 0]
@@ -310,19 +329,10 @@ class FedmiraStrategy(Strategy):
         norms: dict[int, float] = {}
         if self.site_dp is None:
             valid, norms = self._drop_outliers(g, valid)
-        if len(valid) + len(idle) < self.min_train_nodes:  # a spent budget is an answer, not a failure
-            raise RoundFailed(
-                f"Round {g}: only {len(valid) + len(idle)} of {max(len(self.sent_train), len(listed))} "
-                f"sampled sites returned a usable adapter, fewer than strategy.min_train_sites="
-                f"{self.min_train_nodes}{self.ledger.exclusions(g)}. Bring the sites back (or lower "
-                "strategy.min_train_sites), then resume the run."
-            )
+        self._require(g, len(valid) + len(idle), len(listed))  # a spent budget is an answer, not a failure
         self.ledger.keep_site_metrics("train", g, [c.msg for c in valid + idle], norms)
         if not valid:
-            log(WARNING, "Round %d: every sampled site has spent its privacy budget; the global "
-                         "adapter is unchanged", g)
-            self.ledger.aggregates["train"][g] = None
-            return ArrayRecord({k: Array(v) for k, v in self.global_arrays.items()}), None
+            return self._unchanged(g)
         merged = self.rule.combine([c.state for c in valid], [c.weight for c in valid], self.global_arrays, g)
         arrays = self._server_step(g, merged)
         metrics = weighted_metrics([c.msg.content for c in valid], self.weighted_by_key)
@@ -330,6 +340,93 @@ class FedmiraStrategy(Strategy):
             self.site_dp.record(max(len(self.sent_train), len(valid)) / self.available)  # sampling rate
         self.ledger.aggregates["train"][g] = metrics
         return _as_float32(arrays), metrics
+
+    # ------------------------------------------------------------------ SecAgg+
+    def _secagg_keys(self, g: int, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Run SecAgg+'s key stages; return the train messages of the sites that shared keys."""
+        assert self.secagg is not None
+        try:
+            out = self.secagg.before_train(
+                g, grid, messages, lambda r: self._listed_replies(g, r),
+                lambda node, why: self.ledger.reject(g, self.ledger.name_of(node), node, why),
+                lambda d, node, n: self.ledger.add_bytes(g, d, node, n))
+        except SecAggError as exc:
+            raise RoundFailed(f"Round {g}: SecAgg+ could not start: {exc}") from exc
+        if len(out) < self.min_train_nodes:
+            raise RoundFailed(
+                f"Round {g}: only {len(out)} of {len(messages)} sampled sites finished the SecAgg+ key "
+                f"exchange, fewer than strategy.min_train_sites={self.min_train_nodes}"
+                f"{self.ledger.exclusions(g)}. Bring the sites back (or lower strategy.min_train_sites), "
+                "then resume the run.")
+        return out
+
+    def _aggregate_secure(self, g: int, listed: list[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the masked replies and take the algorithm's server step on its mean.
+
+        Each reply's structure is checked (keys, shapes and integer dtypes of the masked vector:
+        its values are random by design); a malformed one is excluded and, to the protocol, a
+        dropout. A site whose privacy budget is spent masks zeros at weight 0 (it stays in the
+        protocol); when every site is spent the sum is known to be zero and nothing is unmasked.
+        """
+        assert self.secagg is not None
+        masked: dict[int, list[np.ndarray]] = {}
+        answered: list[Message] = []
+        for m in listed:
+            if m.has_error():
+                continue
+            why = check_structure(m, self.weighted_by_key)
+            vec = masked_vector(m, self.expected) if why is None else why
+            if isinstance(vec, str):
+                self._reject(g, m, vec)
+                continue
+            masked[int(m.metadata.src_node_id)] = vec
+            answered.append(m)
+        idle = [m for m in answered if num_examples(m, self.weighted_by_key) == 0]
+        for m in idle:
+            log(INFO, "Round %d: %s trained no step: its privacy budget is spent", g, site_of(m))
+        self._require(g, len(answered), len(listed))
+        if len(idle) == len(answered):  # the spent sites' epsilons and metrics are still the round's
+            self.ledger.note_epsilons(idle)
+            self.ledger.keep_site_metrics("train", g, idle, {})
+            return self._unchanged(g)
+        try:
+            total = self.secagg.unmask(g, masked, lambda r: self._listed_replies(g, r),
+                                       lambda d, node, n: self.ledger.add_bytes(g, d, node, n))
+        except SecAggError as exc:
+            raise RoundFailed(f"Round {g}: SecAgg+ could not unmask the sum: {exc} Resume the run to "
+                              "repeat the round.") from exc
+        summed = [m for m in answered if int(m.metadata.src_node_id) in total.survivors]
+        for m in answered:
+            if int(m.metadata.src_node_id) not in total.survivors:
+                self._reject(g, m, "masked vector of another layout than the other sites'")
+        self._require(g, len(summed), len(listed))
+        spent = {id(m) for m in idle}
+        valid, idle = [m for m in summed if id(m) not in spent], [m for m in summed if id(m) in spent]
+        self.ledger.note_epsilons(valid + idle)
+        self.ledger.keep_site_metrics("train", g, valid + idle, {})
+        mean = dict(zip(sorted(self.expected), total.mean))
+        merged = self.rule.combine([mean], [total.total_weight], self.global_arrays, g)
+        arrays = self._server_step(g, merged)
+        metrics = weighted_metrics([m.content for m in valid], self.weighted_by_key)
+        self.ledger.aggregates["train"][g] = metrics
+        return _as_float32(arrays), metrics
+
+    def _require(self, g: int, usable: int, heard: int) -> None:
+        """Fail the round when fewer than ``min_train_sites`` usable replies came."""
+        if usable < self.min_train_nodes:
+            raise RoundFailed(
+                f"Round {g}: only {usable} of {max(len(self.sent_train), heard)} "
+                f"sampled sites returned a usable adapter, fewer than strategy.min_train_sites="
+                f"{self.min_train_nodes}{self.ledger.exclusions(g)}. Bring the sites back (or lower "
+                "strategy.min_train_sites), then resume the run.")
+
+    def _unchanged(self, g: int) -> tuple[ArrayRecord, None]:
+        """Every sampled site has spent its privacy budget: keep the global adapter."""
+        log(WARNING, "Round %d: every sampled site has spent its privacy budget; the global "
+                     "adapter is unchanged", g)
+        self.ledger.aggregates["train"][g] = None
+        return ArrayRecord({k: Array(v) for k, v in self.global_arrays.items()}), None
 
     def _server_step(self, g: int, merged: ArrayDict) -> ArrayRecord:
         """Return Flower's algorithm's new global adapter from the round's combined one.

@@ -1,15 +1,20 @@
-"""A real deployment on loopback: coordinator + 3 hospitals, TLS and SuperNode authentication.
+"""A real deployment on loopback: coordinator + 3 hospitals, TLS, SuperNode authentication, SecAgg+.
 
 Every process is started with the commands of docs/deployment.md (``python -m
 fedmira coordinator|hospital``, the same functions as ``fedmira coordinator`` /
 ``fedmira hospital``), on free ports of 127.0.0.1, and every process (Flower's too) is ended at
 the end of each test (``simulations.loopback.Federation`` marks them all).
 
+The run uses secure aggregation (``strategy.secure_aggregation=secaggplus``): the coordinator
+only ever unmasks the sum of the hospitals' adapters. (The plain path runs in
+test_deployment_security.py and in every simulation test.)
+
 One scenario, since every start costs about a minute of imports on 2 cores:
 
 1. a 4th SuperNode whose key is not on the allow-list is refused with a message that says so;
 2. round 1 with the 3 hospitals and the tiny model; the run folder is a simulation's;
-3. a hospital killed mid-round does not stop the round: the other two finish it
+3. a hospital killed mid-round (it has shared its SecAgg+ keys and is training) does not stop
+   the round: the other two finish it, and its masks are removed with their shares
    (strategy.min_train_sites=2; the dead one is excluded once the SuperLink reports it
    unavailable or after strategy.round_timeout_s), and they reuse the model they loaded (warm
    executor);
@@ -33,7 +38,10 @@ from fedmira.simulations.loopback import Federation
 pytestmark = pytest.mark.integration
 
 TINY = "+debug=tiny"
-QUICK = "--no-dry-run"  # the dry run is exercised once, by the first hospital
+QUICK = "--no-dry-run"
+SECAGG = ("strategy.secure_aggregation=secaggplus", "strategy.secagg_timeout_s=20")
+#: A hospital's log line for the strategy's own train message (not a SecAgg+ train.secagg stage).
+TRAIN_TASK = r"task received: train$"  # the dry run is exercised once, by the first hospital
 
 
 @pytest.fixture
@@ -63,7 +71,7 @@ def _run_dir(fed: Federation, timeout: float = 60) -> RunDir:
 def test_deployment_tls_auth_dropout_and_restart(fed: Federation) -> None:
     """One scenario (each phase costs a minute of start-up on 2 cores): see the module docstring."""
     fed.coordinator(TINY, "strategy.rounds=4", "strategy.min_train_sites=2", "strategy.min_evaluate_sites=2",
-                    "strategy.round_timeout_s=20")
+                    "strategy.round_timeout_s=20", *SECAGG)
     intruder_key = fed.root / "intruder_key"
     intruder_key.write_bytes(make_node_key("intruder")[0])
     intruder_key.chmod(0o600)
@@ -91,9 +99,13 @@ def test_deployment_tls_auth_dropout_and_restart(fed: Federation) -> None:
         "hospital_01", "hospital_02", "hospital_03"]
     log = fed.log("hospital1")
     assert "LoRA tensors" in log and "never: report text" in log
+    assert "SecAgg+: 3 shares, threshold 2" in (run.path / "flower.log").read_text()
+    assert "task received: train.secagg (SecAgg+ key or unmask stage)" in log
+    up = {s: c["up_bytes"] for s, c in first["comm"]["sites"].items()}
+    assert all(b > first["train_sites"][s]["bytes-sent"] for s, b in up.items())  # + keys and shares
 
     # 3. A hospital dies in the middle of round 2: the other two finish the round.
-    assert fed.wait_log("hospital3", r"(?s)(task received: train.*){2}", timeout=60)
+    assert fed.wait_log("hospital3", rf"(?ms)({TRAIN_TASK}.*){{2}}", timeout=60)
     fed.kill("hospital3")
     _wait_round(run, 2, fed, timeout=90)
     second = run.metrics()[1]
