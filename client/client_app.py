@@ -136,19 +136,29 @@ def train(msg: Message, context: Context) -> Message:
     if store:  # the site's own AdamW moments: node state only, never in the reply
         context.state[OPTIMIZER_KEY] = ArrayRecord(dict(store))
     metrics.update({"setup-s": setup_s, "cold-start": int(cold), "site-index": index})
-    secagg = msg.content.config_records.get(RECORD)
-    if secagg is not None:  # SecAgg+: the adapter leaves this site only masked
-        arrays = _masked(context, secagg, state, int(metrics["num-examples"]))
-        metrics["bytes-sent"] = sum(a.numpy().nbytes for a in arrays.values())
-    else:
-        payload = encode_state(state, cfg.strategy.transport_dtype)  # bfloat16 as uint16 bits
-        arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
+    arrays = adapter_reply(msg, context, state, int(metrics["num-examples"]), cfg.strategy.transport_dtype)
+    metrics["bytes-sent"] = sum(a.numpy().nbytes for a in arrays.values())
     content = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
         "site": ConfigRecord({"site-id": site.site_id}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def adapter_reply(msg: Message, context: Context, state: dict[str, torch.Tensor], num_examples: int,
+                  transport_dtype: str) -> ArrayRecord:
+    """Return the trained adapter as it leaves the site: masked (SecAgg+) or at the transport dtype.
+
+    With a ``secagg`` record in the train message (``strategy.secure_aggregation=secaggplus``)
+    the adapter leaves only masked; otherwise it is encoded at ``transport_dtype`` (bfloat16
+    travels as its uint16 bits).
+    """
+    secagg = msg.content.config_records.get(RECORD)
+    if secagg is not None:
+        return _masked(context, secagg, state, num_examples)
+    payload = encode_state(state, transport_dtype)
+    return ArrayRecord({k: Array(v) for k, v in payload.items()})
 
 
 @app.train("secagg")

@@ -44,7 +44,7 @@ BENCHMARKS: tuple[str, ...] = (
     "sim_overhead",     # 4. Flower simulation round wall time vs the sites' compute (N = 8, 42)
     "aggregation",      # 5. each strategy's aggregation vs a bare NumPy weighted mean (42 sites)
     "recipe",           # 6. bf16 autocast, target-only logits, short preamble: a local step's speed-ups
-    "secagg",           # 7. a SecAgg+ round's protocol compute, bytes and error vs a plain round (8, 42)
+    "secagg",           # 7. a Flower round with SecAgg+ vs a plain round: wall, CPU, bytes, error (8, 42)
 )
 
 README_START = "<!-- bench:start -->"
