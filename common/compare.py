@@ -17,7 +17,8 @@ on the same reports, chosen exactly as ``fedmira evaluate`` chooses them, so the
   the baselines' pool is that hospital's prior-report file (:func:`held_out_from_file`).
 
 Only ids, system names and numbers reach the console and the report files; the generated
-impressions go to ``predictions/<system>.jsonl`` and the prediction cache, which stay on the
+impressions go to ``predictions/<system>.jsonl`` and the prediction cache, and the held-out
+reports to ``cases.jsonl`` (for ``fedmira reader-study create --compare``), which stay on the
 researcher's machine with the reports they came from.
 """
 
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from fedmira.common.adapters import ADAPTER_CONFIG
 from fedmira.common.errors import FedmiraError
 from fedmira.common.prompts import RAG_TEMPLATES, TEMPLATES
-from fedmira.common.reports import Report
+from fedmira.common.reports import Report, write_jsonl
 from fedmira.common.tables import markdown_table
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ COMPARISON_COLUMNS: tuple[str, ...] = (
 COMPARE_MD, COMPARE_JSON, COMPARE_PNG, PER_SAMPLE_CSV = (
     "compare.md", "compare.json", "compare.png", "per_sample.csv")
 PREDICTIONS_DIR, CACHE_DIR = "predictions", "cache"
+#: The held-out reports themselves (canonical JSONL), beside the predictions: stays on this machine.
+CASES_FILE = "cases.jsonl"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
@@ -803,6 +806,7 @@ def run_compare(cfg: ExperimentConfig, systems: Sequence[SystemSpec], *, referen
                                                            progress=progress)
         print(f"  {spec.name}: {info[spec.name]['source']} in {info[spec.name]['seconds']} s", file=stream)
     _write_predictions(root / PREDICTIONS_DIR, reports, preds)
+    write_jsonl(reports, root / CASES_FILE)  # findings for `fedmira reader-study create --compare`
     t0 = time.perf_counter()
     result = compare_systems(reports, preds, kinds={s.name: s.kind for s in systems}, reference=reference,
                              use_encoder=use_encoder, n_resamples=n_resamples,

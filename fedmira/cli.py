@@ -276,6 +276,72 @@ def add_deploy_commands(sub: Any) -> None:
     ce.set_defaults(func=cmd_certs)
 
 
+def cmd_reader_study(args: argparse.Namespace) -> int:
+    """Run ``fedmira reader-study create | serve | analyze``."""
+    from fedmira.simulations import reader_study_cli as rs
+
+    action: Callable[[argparse.Namespace], int] = {"create": rs.create, "serve": rs.serve_cmd,
+                                                   "analyze": rs.analyze_cmd}[args.study_command]
+    return action(args)
+
+
+def add_reader_study_commands(sub: Any) -> None:
+    """``fedmira reader-study create | serve | analyze``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    rs = sub.add_parser(
+        "reader-study", formatter_class=fmt,
+        help="radiologists judge the impressions, blinded, in a web page",
+        description="A reader study on a hospital's own reports, as in the study fedmira follows:\n"
+                    "  create   sample cases, assign readers (balanced, seeded), make login tokens\n"
+                    "  serve    the reading page (pairwise A/B judgments; drafting with or without the "
+                    "model's draft)\n"
+                    "  analyze  shares at least as good (Wilson CIs), chi-square + Holm, time saved, "
+                    "agreement\n\n"
+                    "  fedmira reader-study create --compare outputs/compare/STAMP \\\n"
+                    "      --reader 'Dr A@Centre 1' \\\n"
+                    "      --reader 'Dr B@Centre 2' --reader 'Dr C@Centre 1' --reader 'Dr D@Centre 2' \\\n"
+                    "      --draft-cases 10 --draft-system fedavg --out studies/s1\n"
+                    "  fedmira reader-study serve studies/s1\n"
+                    "  fedmira reader-study analyze studies/s1")
+    rs_sub = rs.add_subparsers(dest="study_command", metavar="ACTION", required=True)
+    cr = rs_sub.add_parser("create", help="sample cases and assign readers; write the study folder",
+                           description="Write OUT/study.sqlite (cases, arms, readers, tasks) and "
+                                       "OUT/tokens.csv (each reader's login link; owner-readable only).")
+    src = cr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--compare", metavar="DIR", help="a `fedmira compare` output folder (its cases.jsonl "
+                                                       "and predictions/*.jsonl)")
+    src.add_argument("--cases", metavar="FILE", help="JSONL: report_id, site_id, modality, findings, "
+                                                      "reference, candidates {system: impression}")
+    cr.add_argument("--arm", action="append", default=[], metavar="SYSTEM:OTHER",
+                    help="a pairwise arm, e.g. fedavg:reference or fedavg:central (repeat; default: "
+                         "every system against the reference)")
+    cr.add_argument("--reader", action="append", default=[], metavar="NAME[@CENTRE]",
+                    help="a reader (repeat)")
+    cr.add_argument("--readers", metavar="CSV", help="readers from a CSV with columns name,centre")
+    cr.add_argument("--n-cases", type=int, default=40,
+                    help="cases of the pairwise task (default 40), stratified by site and modality")
+    cr.add_argument("--draft-cases", type=int, default=0, help="cases of the drafting task (default 0: none)")
+    cr.add_argument("--draft-system", help="the system whose impression is the draft")
+    cr.add_argument("--readers-per-item", type=int, default=2,
+                    help="readers per pairwise item and per drafting condition (default 2, for agreement)")
+    cr.add_argument("--seed", type=int, default=0, help="sampling and assignment seed")
+    cr.add_argument("--out", required=True, help="the study folder to create (must not hold a study)")
+    se = rs_sub.add_parser("serve", help="run the reading page",
+                           description="Serve the reading page for STUDY. Loopback only unless --host "
+                                       "names another address, which needs --tls-cert/--tls-key.")
+    se.add_argument("study", help="the study folder")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    se.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    se.add_argument("--tls-cert", help="TLS certificate (e.g. the coordinator's certs/superlink.crt)")
+    se.add_argument("--tls-key", help="TLS private key")
+    an = rs_sub.add_parser("analyze", help="the study's statistics: report.md, CSV, JSON, plots",
+                           description="Analyze STUDY's answers so far into STUDY/analysis/ (or --out).")
+    an.add_argument("study", help="the study folder")
+    an.add_argument("--out", help="output folder (default: STUDY/analysis)")
+    for p in (cr, se, an):
+        p.set_defaults(func=cmd_reader_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``fedmira`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(
@@ -456,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     add_deploy_commands(sub)  # coordinator, hospital, certs
+    add_reader_study_commands(sub)
 
     conf = sub.add_parser("config", formatter_class=fmt, epilog=EPILOG_OVERRIDES,
                           help="print every config key with its value and meaning")

@@ -247,6 +247,11 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     rows = list(csv.DictReader((tmp_path / "cmp" / "per_sample.csv").open()))
     assert len(rows) == 6 * 6
+    # The folder is a reader study's input: cases.jsonl + one prediction file per system.
+    from fedmira.simulations.reader_study_cli import cases_from_compare
+
+    cases = cases_from_compare(tmp_path / "cmp")
+    assert len(cases) == 6 and set(cases[0].candidates) == set(doc["systems"])
     # No report text on the console or in the report files (predictions/ holds the model output).
     reports, _, pool = held_out_and_pool(compose_config(overrides), 6, io.StringIO())
     texts = {t for r in [*reports, *pool] for t in (r.findings, r.impression) if len(t) > 12}
