@@ -84,6 +84,11 @@ class ModelConfig:
         "Where converted models are cached (empty: $FEDMIRA_CACHE or ~/.cache/fedmira).", ""
     )
     seed: int = _help("Seed of the random initialisation of `tiny-random` models.", 0)
+    quantization: str = _help(
+        "none | nf4 | int8: load the frozen base model in 4-bit NF4 (QLoRA: bf16 compute, double "
+        "quantization) or 8-bit with bitsandbytes (`pip install 'fedmira[qlora]'`) and train LoRA on "
+        "top; only the LoRA tensors travel, as without it. Needs a Hugging Face folder (not a "
+        ".gguf file); built for CUDA, also runs on CPU with bitsandbytes >= 0.45.", "none")
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
@@ -93,6 +98,14 @@ class ModelConfig:
             _fail("model", "device", dev, "must be auto, cpu, cuda, cuda:N or mps")
         _check_choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_choice("model", "autocast", self.autocast, ("auto", "bfloat16", "off"))
+        _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
+        if self.quantization != "none" and self.device == "mps":
+            _fail("model", "quantization", self.quantization,
+                  "bitsandbytes has no Apple MPS kernels; use model.device=cpu or cuda, or quantization=none")
+        if self.quantization != "none" and (self.name_or_path.endswith(".gguf") or self.gguf_file):
+            _fail("model", "quantization", self.quantization,
+                  "quantizes a Hugging Face safetensors folder, and a .gguf file is already quantized in "
+                  "its own format; convert it to a folder (save_pretrained) or use the embedded model")
 
 
 @dataclass(frozen=True)
@@ -266,6 +279,7 @@ class GenerateConfig:
         _check_range("generate", "batch_size", self.batch_size, 1)
 
 
+QUANTIZATIONS = ("none", "nf4", "int8")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ffa_lora", "hetero_svd")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")

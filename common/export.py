@@ -174,7 +174,9 @@ def _merge(cfg: ExperimentConfig, adapter: Path, out: Path) -> None:
 
     from fedmira.common.model import _make_plain, load_base_model
 
-    loaded = load_base_model(dataclasses.replace(cfg.model, device="cpu"))
+    # Merge into the full-precision base even when the run trained on a 4/8-bit one: the LoRA
+    # update is exact, and folding it into quantized weights would re-quantize it away.
+    loaded = load_base_model(dataclasses.replace(cfg.model, device="cpu", quantization="none"))
     merged = PeftModel.from_pretrained(loaded.model, str(adapter)).merge_and_unload()
     _make_plain(merged)
     merged.save_pretrained(str(out), safe_serialization=True)

@@ -155,12 +155,86 @@ def load_base_model(cfg: ModelConfig) -> LoadedModel:
     start = time.perf_counter()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.quantization != "none":
+        model, tokenizer, source = _load_quantized(cfg, device)
+        _prepare_tokenizer(tokenizer)
+        model.eval()
+        # prepare_model_for_kbit_training keeps the unquantized parts (norms, embeddings) in fp32
+        return LoadedModel(model, tokenizer, device, torch.float32, time.perf_counter() - start, source, None)
     model, tokenizer, source = _load_on_cpu(cfg, dtype)
     _prepare_tokenizer(tokenizer)
     _module(model).to(device)  # move before wrapping with PEFT/Opacus (wrapping first breaks LoRA updates)
     model.eval()
     autocast = model_autocast(cfg, device, dtype)
     return LoadedModel(model, tokenizer, device, dtype, time.perf_counter() - start, source, autocast)
+
+
+def bnb_config(quantization: str) -> Any:
+    """Return the ``BitsAndBytesConfig`` of ``model.quantization`` (QLoRA's settings for nf4).
+
+    Raises
+    ------
+    ModelError
+        When bitsandbytes is not installed, with the command that installs it.
+    """
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; fail here with the fix)
+    except ImportError as exc:
+        raise ModelError(f"model.quantization={quantization} needs bitsandbytes, which is not installed: "
+                         "pip install 'fedmira[qlora]' (or pip install bitsandbytes), or set "
+                         "model.quantization=none.") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _load_quantized(cfg: ModelConfig, device: torch.device) -> tuple[PreTrainedModel, Any, str]:
+    """Load the base model quantized by bitsandbytes straight onto ``device``, ready for LoRA."""
+    from peft import prepare_model_for_kbit_training
+
+    folder, tokenizer = _quantizable_folder(cfg)
+    quant = bnb_config(cfg.quantization)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant,
+                                                     device_map={"": str(device)}, dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, ValueError, OSError, ImportError) as exc:
+        raise ModelError(
+            f"model.quantization={cfg.quantization} could not load {folder} on {device} "
+            f"({type(exc).__name__}: {str(exc)[:300]}). bitsandbytes is built for CUDA; on this "
+            "device set model.quantization=none, or model.device=cuda on a GPU machine.") from exc
+    # Casts norms and embeddings to fp32 and lets gradients reach the LoRA inputs through the
+    # frozen quantized layers (what QLoRA training needs).
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
+    return model, tokenizer, f"{folder} ({cfg.quantization})"
+
+
+def _quantizable_folder(cfg: ModelConfig) -> tuple[Path, Any]:
+    """Return the Hugging Face folder (and tokenizer) to load: bitsandbytes quantizes at load."""
+    name = cfg.name_or_path
+    if name == MODEL_TINY:  # built in memory: saved once under the cache so it can be loaded quantized
+        from filelock import FileLock
+
+        folder = cache_root(cfg) / f"tiny-random-seed{cfg.seed}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / "model.safetensors").is_file():
+                tokenizer = build_tiny_tokenizer()
+                tmp = folder.with_name(folder.name + ".tmp")
+                build_tiny_model(tokenizer, seed=cfg.seed).save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                tmp.rename(folder)
+        return folder, AutoTokenizer.from_pretrained(folder)
+    if name == MODEL_EMBEDDED:
+        folder = ensure_embedded_model(cfg)
+        return folder, AutoTokenizer.from_pretrained(folder)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, AutoTokenizer.from_pretrained(path)
+    raise ModelError(f"model.quantization={cfg.quantization} needs a local Hugging Face folder; "
+                     f"`{name}` is not one. Set model.name_or_path=/path/to/the/model/folder.")
 
 
 def _module(model: PreTrainedModel) -> torch.nn.Module:

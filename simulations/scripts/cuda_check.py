@@ -11,6 +11,8 @@ Run on a CUDA machine (no data, no downloads: random models built from configs):
    (same seeded batches), so a site's GPU does not change what it contributes.
 4. Timing on a SmolLM2-135M-shaped random model (30 layers, hidden 576), batch 8 and 32 x 128
    tokens: a plain step, a DP-SGD step and their ratio, fp32 and bf16.
+5. QLoRA: a Llama-2-7B-shaped random model loaded in nf4 by fedmira's loader, LoRA r=8 q,v:
+   weight footprint (vs bf16), peak memory and tokens/s of a training step (batch 4 x 512).
 Prints one JSON document (also written to ``--out``).
 """
 
@@ -152,6 +154,59 @@ def time_dp_cost(dtype: torch.dtype, pairs: int = 5, batch: int = 8, length: int
     }
 
 
+def check_qlora(layers: int = 32, batch: int = 4, length: int = 512, steps: int = 3,
+                device: str = "cuda") -> dict[str, Any]:
+    """QLoRA on a Llama-2-7B-shaped random model (``layers`` of its 32 blocks) loaded in nf4.
+
+    The model is built in bf16, saved to a temporary folder and loaded by fedmira's own loader
+    with ``model.quantization=nf4`` (then LoRA r=8 on q,v): weight footprint against bf16's, peak
+    GPU memory and tokens/s of a training step.
+    """
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedmira.common.config import LoraConfig, ModelConfig
+    from fedmira.common.model import apply_lora, build_tiny_tokenizer, load_base_model
+
+    cuda = device.startswith("cuda")
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32)
+    with tempfile.TemporaryDirectory(prefix="fedmira-qlora-") as tmp:
+        with torch.device(device):
+            full = LlamaForCausalLM(config).to(torch.bfloat16)
+        bf16_bytes = full.get_memory_footprint()
+        full.save_pretrained(tmp, safe_serialization=True)
+        del full
+        build_tiny_tokenizer().save_pretrained(tmp)  # any tokenizer: the inputs below are ids
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        loaded = load_base_model(ModelConfig(name_or_path=tmp, device=device, quantization="nf4"))
+        nf4_bytes = loaded.model.get_memory_footprint()
+        model = apply_lora(loaded.model, LoraConfig(r=8, alpha=16, dropout=0.0), seed=0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = torch.randint(0, 32000, (batch, length), device=device)
+        times = []
+        for _ in range(steps):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
+        return {"ok": bool(torch.isfinite(loss)), "layers": layers, "batch": batch, "length": length,
+                "bf16_weights_gb": round(bf16_bytes / 1e9, 3),
+                "nf4_weights_gb": round(nf4_bytes / 1e9, 3),
+                "peak_gb": round(peak, 2),
+                "tokens_per_s": round(batch * length / statistics.median(times[1:]))}
+
+
 def main() -> None:
     """Run the checks on the GPU and print (and with ``--out`` write) the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -164,7 +219,8 @@ def main() -> None:
     for name, fn in (("bf16_site_path", check_bf16_site_path), ("cpu_cuda_agree", check_cpu_cuda_agree),
                      ("dp_cost_fp32", lambda: time_dp_cost(torch.float32)),
                      ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16)),
-                     ("dp_cost_bf16_batch32", lambda: time_dp_cost(torch.bfloat16, batch=32))):
+                     ("dp_cost_bf16_batch32", lambda: time_dp_cost(torch.bfloat16, batch=32)),
+                     ("qlora_nf4_7b_shape", check_qlora)):
         t = time.perf_counter()
         try:
             report[name] = {**fn(), "seconds": round(time.perf_counter() - t, 1)}
