@@ -245,6 +245,10 @@ class TrainConfig:
     max_grad_norm: float = _help("Clip the global gradient norm (0: off).", 1.0)
     seed: int = _help("Seed of batching, dropout and initialisation.", 0)
     threads: int = _help("torch CPU threads (0: leave torch's default).", 0)
+    gradient_checkpointing: bool = _help(
+        "Recompute each decoder block's activations in the backward pass instead of keeping them: "
+        "less GPU memory for long reports or large models, about a third more compute; the "
+        "gradients are the same. Not with privacy.enabled.", False)
 
     def __post_init__(self) -> None:
         _check_range("train", "steps", self.steps, 1)
@@ -607,6 +611,11 @@ class ExperimentConfig:
                   "DP-SGD draws each step's batch by Poisson sampling (the privacy accountant "
                   "assumes it), so batches cannot be grouped by length; set "
                   "train.group_by_length=false with privacy.enabled")
+        if self.privacy.enabled and self.train.gradient_checkpointing:
+            _fail("train", "gradient_checkpointing", True,
+                  "the recomputed forward pass would run Opacus' per-sample hooks a second time, so "
+                  "DP-SGD's per-sample gradients would be wrong; set train.gradient_checkpointing=false "
+                  "with privacy.enabled (use a smaller train.batch_size with train.grad_accum instead)")
         if self.privacy.site_level and self.strategy.secure_aggregation != "none":
             _fail("privacy", "site_level", True,
                   "site-level DP clips each site's update at the server, which SecAgg+ hides "

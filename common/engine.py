@@ -7,11 +7,12 @@ reports, typed configs, device) and return plain results, so they are tested wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, Callable, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -210,7 +211,7 @@ def train_steps(
     total_loss, total_tokens, all_tokens, padded, last_lr, lr_sum = 0.0, 0, 0, 0, run.lr, 0.0
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
-    with run.seeded(device):  # dropout masks follow the seed too
+    with run.seeded(device), gradient_checkpointing(model, cfg.gradient_checkpointing):
         for step in bar:
             step_loss, step_tokens = torch.zeros((), device=device), 0
             micro = [next(batches) for _ in range(cfg.grad_accum)]
@@ -251,6 +252,25 @@ def train_steps(
     return TrainResult(mean, len(seen), steps, all_tokens, seconds, lr=last_lr, lr_sum=lr_sum,
                        padded_tokens=padded, optimizer_state=run.optimizer_state(),
                        optimizer_state_restored=run.restored)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: Any, enabled: bool) -> Iterator[None]:
+    """Recompute activations in backward while inside (``train.gradient_checkpointing``).
+
+    Non-reentrant checkpointing (PyTorch's recommended mode) needs no gradient on the inputs,
+    which a frozen base would not give; the RNG state is restored for the recomputation, so
+    dropout draws the same masks and the gradients equal those without checkpointing. Switched
+    off again on exit: generation and evaluation keep their KV cache.
+    """
+    if not enabled:
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
 
 
 def _proximal_term(

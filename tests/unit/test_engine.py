@@ -206,3 +206,33 @@ def test_autocast_choice() -> None:
     assert resolve_autocast("bfloat16", cpu, torch.bfloat16) is None  # 16-bit weights gain nothing
     assert resolve_autocast("auto", cpu, torch.float32) is (torch.bfloat16 if cpu_has_fast_bf16() else None)
     assert model_autocast(ModelConfig(name_or_path="tiny-random"), cpu, torch.float32) is None
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_and_is_switched_off_after(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example]
+) -> None:
+    """Recomputed activations (dropout masks included: the RNG state is restored) change nothing."""
+    model = new_lora()
+    initial = get_adapter_state(model)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=5e-3)
+    plain = _train(model, tiny, examples, cfg, seed=3)
+    want = get_adapter_state(model)
+    set_adapter_state(model, initial)
+    base = model.base_model.model
+    during: list[bool] = []
+    ckpt_cfg = TrainConfig(steps=3, batch_size=4, lr=5e-3, gradient_checkpointing=True)
+    ckpt = _train(model, tiny, examples, ckpt_cfg, seed=3,
+                  on_step=lambda step, loss: during.append(base.is_activation_checkpointing))
+    got = get_adapter_state(model)
+    assert during == [True, True, True]  # it really recomputed
+    assert ckpt.mean_loss == pytest.approx(plain.mean_loss, rel=1e-6)
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    assert not base.is_activation_checkpointing  # switched off: generation keeps its KV cache
+
+
+def test_gradient_checkpointing_is_refused_with_dp_sgd() -> None:
+    from fedmira.common.compose import compose_config
+    from fedmira.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):
+        compose_config(["+debug=tiny", "privacy=dp", "train.gradient_checkpointing=true"])
