@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -77,7 +78,7 @@ def make_app(study: Path, *, secure_cookie: bool = False) -> Any:
     async def login(request: Request) -> JSONResponse:
         payload = await body(request)
         token = payload.get("token") if isinstance(payload, dict) else None
-        with _conn(study) as conn:
+        with closing(connect(study)) as conn:  # one per request; WAL lets readers overlap
             row = authenticate(conn, token if isinstance(token, str) else None)
             done, total = progress(conn, int(row["reader_id"]))
         response = JSONResponse(
@@ -95,7 +96,7 @@ def make_app(study: Path, *, secure_cookie: bool = False) -> Any:
 
     @app.get("/api/me")
     def me(request: Request) -> JSONResponse:
-        with _conn(study) as conn:
+        with closing(connect(study)) as conn:
             row = authenticate(conn, request.cookies.get(COOKIE))
             done, total = progress(conn, int(row["reader_id"]))
         return JSONResponse({"name": row["name"], "centre": row["centre"], "answered": done, "total": total})
@@ -108,38 +109,24 @@ def make_app(study: Path, *, secure_cookie: bool = False) -> Any:
 
     @app.get("/api/task")
     def task(request: Request, task_id: str | None = None) -> JSONResponse:
-        with _conn(study) as conn:
+        with closing(connect(study)) as conn:
             me = reader(request, conn)
-            view = task_view(conn, me, task_id)
-            done, total = progress(conn, me)
-        return JSONResponse(
-            view if view is not None else {"done_all": True, "answered": done, "total": total}
-        )
+            view = task_view(conn, me, task_id)  # carries the progress itself
+            if view is None:
+                done, total = progress(conn, me)
+                view = {"done_all": True, "answered": done, "total": total}
+        return JSONResponse(view)
 
     @app.post("/api/answer")
     async def answer(request: Request) -> JSONResponse:
         payload = await body(request)
-        with _conn(study) as conn:
+        with closing(connect(study)) as conn:
             me = reader(request, conn)
             submit_answer(conn, me, payload)
             done, total = progress(conn, me)
         return JSONResponse({"ok": True, "answered": done, "total": total})
 
     return app
-
-
-class _conn:
-    """One connection per request (SQLite connections are cheap; WAL lets readers overlap)."""
-
-    def __init__(self, study: Path) -> None:
-        self.study = study
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn = connect(self.study)
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        self.conn.close()
 
 
 def serve(

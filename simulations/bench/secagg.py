@@ -29,6 +29,7 @@ scaled by a factor of its own, so the values have a trained adapter's magnitudes
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,10 +95,12 @@ class SerdeGrid:
         return replies
 
 
-def trained_adapter(quick: bool, root: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+@functools.lru_cache(maxsize=2)
+def trained_adapter(quick: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """Return (initial, trained) LoRA states of the bench model and its label.
 
-    The trained one comes from the real ``client_app.train`` at one synthetic site.
+    The trained one comes from the real ``client_app.train`` at one synthetic site; trained
+    once per process (the 8- and 42-site rounds share it). Callers must not modify the arrays.
     """
     import fedmira.client.client_app as client_app
     from fedmira.common.adapters import get_adapter_state
@@ -107,11 +110,12 @@ def trained_adapter(quick: bool, root: Path) -> tuple[dict[str, np.ndarray], dic
     base = ["+debug=tiny"] if quick else ["train.batch_size=2", "train.threads=2"]
     steps, lr = (4, 5e-3) if quick else (4, 2e-3)
     cfg = compose_config([*base, f"train.steps={steps}"])
-    folder = _site_folder(root / "trainer", 24, seed=3)
     model = apply_lora(load_base_model(cfg.model).model, cfg.lora, seed=cfg.train.seed)
     initial = {k: v.detach().float().numpy() for k, v in get_adapter_state(model).items()}
     del model
-    reply = client_app.train(_train_message(initial, lr, steps), _context(cfg, 1, folder))
+    with tempfile.TemporaryDirectory(prefix="fedmira-bench-secagg-") as tmp:
+        folder = _site_folder(Path(tmp) / "trainer", 24, seed=3)
+        reply = client_app.train(_train_message(initial, lr, steps), _context(cfg, 1, folder))
     trained = {k: a.numpy().astype(np.float32) for k, a in reply.content["arrays"].items()}
     return initial, trained, "tiny random model" if quick else "embedded SmolLM2-135M"
 
@@ -147,7 +151,7 @@ def measure(sites: int, quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """One plain and one SecAgg+ round over ``sites`` sites: times, bytes and the error."""
     with tempfile.TemporaryDirectory(prefix="fedmira-bench-secagg-") as tmp:
         root = Path(tmp)
-        initial, trained, label = trained_adapter(quick, root)
+        initial, trained, label = trained_adapter(quick)
         rng = np.random.default_rng(seed)
         counts = {FIRST_NODE + i: int(c) for i, c in enumerate(rng.integers(8, 40, sites))}
         scale = {nid: float(s) for nid, s in zip(counts, rng.uniform(0.5, 1.5, sites))}

@@ -14,9 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import socket
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +23,7 @@ import pytest
 
 from fedmira.cli import main
 from fedmira.common.reports import Report, write_jsonl
+from tests.unit.test_reader_study_web import page_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +65,6 @@ def _compare_folder(root: Path) -> Path:
 def page(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     """A 2-reader study on a live server; yields (base url, study folder, reader0's token)."""
     _need_browser()
-    import uvicorn
-
-    from fedmira.simulations.reader_study_web import make_app
-
     folder = tmp_path / "study"
     assert (
         main(
@@ -100,19 +95,8 @@ def page(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     )
     with (folder / "tokens.csv").open() as f:
         token = next(row["token"] for row in csv.DictReader(f) if row["name"] == "Dr A")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(folder), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", folder, token
-    server.should_exit = True
-    thread.join(timeout=10)
+    with page_in_thread(folder) as port:
+        yield f"http://127.0.0.1:{port}", folder, token
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ The browser itself is driven in tests/integration/test_reader_study_browser.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import socket
@@ -182,27 +183,39 @@ def test_serve_refuses_an_exposed_page_without_tls(study: tuple[Path, dict[str, 
         serve(folder, tls_cert="cert.pem")
 
 
-@pytest.fixture
-def live(study: tuple[Path, dict[str, str]]) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    """The page on a real uvicorn server in a thread, on a free loopback port."""
+@contextlib.contextmanager
+def page_in_thread(study: Path, **ssl: str) -> Iterator[int]:
+    """The reading page of ``study`` on a real uvicorn server in a thread; yields its loopback port.
+
+    ``ssl``: ``ssl_certfile`` and ``ssl_keyfile``; the login cookie is then Secure.
+    """
     import uvicorn
 
-    folder, tokens = study
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(folder), host="127.0.0.1", port=port, log_level="warning")
-    )
+    config = uvicorn.Config(make_app(study, secure_cookie=bool(ssl)), host="127.0.0.1", port=port,
+                            log_level="warning", ws="none", **ssl)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline, "the reading page did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", folder, tokens
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live(study: tuple[Path, dict[str, str]]) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """The page on a real uvicorn server in a thread, on a free loopback port."""
+    folder, tokens = study
+    with page_in_thread(folder) as port:
+        yield f"http://127.0.0.1:{port}", folder, tokens
 
 
 def _read_everything(base: str, token: str, errors: list[BaseException]) -> None:
@@ -226,8 +239,6 @@ def _read_everything(base: str, token: str, errors: list[BaseException]) -> None
 
 
 def test_24_readers_at_once_lose_no_answer(tmp_path: Path) -> None:
-    import uvicorn
-
     folder = _compare_folder(tmp_path / "compare", n=60)
     readers = [a for i in range(24) for a in ("--reader", f"r{i}")]
     assert (
@@ -252,18 +263,8 @@ def test_24_readers_at_once_lose_no_answer(tmp_path: Path) -> None:
     )
     with (tmp_path / "s" / "tokens.csv").open() as f:
         tokens = [row["token"] for row in csv.DictReader(f)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(tmp_path / "s"), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        errors: list[BaseException] = []
+    errors: list[BaseException] = []
+    with page_in_thread(tmp_path / "s") as port:
         workers = [
             threading.Thread(target=_read_everything, args=(f"http://127.0.0.1:{port}", t, errors))
             for t in tokens
@@ -272,10 +273,7 @@ def test_24_readers_at_once_lose_no_answer(tmp_path: Path) -> None:
             w.start()
         for w in workers:
             w.join()
-        assert not errors, errors[:3]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    assert not errors, errors[:3]
     import sqlite3
 
     with sqlite3.connect(tmp_path / "s" / "study.sqlite") as conn:
@@ -315,30 +313,12 @@ def test_the_page_serves_over_tls_with_the_deployments_certificates(
 ) -> None:
     import ssl
 
-    import uvicorn
-
     from fedmira.server.certs import make_dev_pki
 
     folder, tokens = study
     pki = make_dev_pki(tmp_path / "pki", hospitals=1)  # what `fedmira certs` writes for the coordinator
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        make_app(folder, secure_cookie=True),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        ssl_certfile=str(pki.server_cert),
-        ssl_keyfile=str(pki.server_key),
-        ws="none",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    certs = {"ssl_certfile": str(pki.server_cert), "ssl_keyfile": str(pki.server_key)}
+    with page_in_thread(folder, **certs) as port:
         verify = ssl.create_default_context(cafile=str(pki.ca_cert))
         with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=verify) as c:
             login = c.post("/api/login", json={"token": tokens["reader3"]})
@@ -346,6 +326,3 @@ def test_the_page_serves_over_tls_with_the_deployments_certificates(
             assert c.get("/api/task").json()["kind"] == "pairwise"
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA is refused
             httpx.get(f"https://127.0.0.1:{port}/")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
