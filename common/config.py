@@ -249,6 +249,12 @@ class TrainConfig:
         "Recompute each decoder block's activations in the backward pass instead of keeping them: "
         "less GPU memory for long reports or large models, about a third more compute; the "
         "gradients are the same. Not with privacy.enabled.", False)
+    devices: int = _help(
+        "Data-parallel training processes at a site: 1 (one process), N (one per GPU on CUDA, "
+        "gloo processes on CPU) or 0 (every visible GPU; 1 without CUDA). Each optimizer step's "
+        "rows are split over the processes and the gradients summed, so the adapter is the one "
+        "a single process gives up to reduction order (exactly so with lora.dropout=0). Not "
+        "with privacy.enabled.", 1)
 
     def __post_init__(self) -> None:
         _check_range("train", "steps", self.steps, 1)
@@ -267,6 +273,7 @@ class TrainConfig:
         _check_choice("train", "schedule", self.schedule, ("constant", "linear", "cosine"))
         _check_range("train", "max_grad_norm", self.max_grad_norm, 0.0)
         _check_range("train", "threads", self.threads, 0, 1024)
+        _check_range("train", "devices", self.devices, 0, 64)
 
 
 @dataclass(frozen=True)
@@ -479,6 +486,10 @@ class PrivacyConfig:
     secure_mode: bool = _help(
         "Production randomness: noise and sampling from the OS's CSPRNG (not reproducible). "
         "Off: seeded from `train.seed` for reproducible research runs.", False)
+    clipping: str = _help(
+        "How DP-SGD clips and noises a step's per-unit gradients: `flat` (one buffer for every "
+        "LoRA tensor: a handful of GPU kernels per step) or `opacus` (Opacus' DPOptimizer, per "
+        "tensor). The same mechanism and accounting; `flat` is faster on a GPU.", "flat")
     site_level: bool = _help(
         "Site-level DP at the server: clip each site's adapter update to `site_clip`, average "
         "unweighted, add Gaussian noise; epsilon over sites is reported every round.", False)
@@ -490,6 +501,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _check_choice("privacy", "unit", self.unit, PRIVACY_UNITS)
         _check_choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
+        _check_choice("privacy", "clipping", self.clipping, ("flat", "opacus"))
         _check_range("privacy", "target_epsilon", self.target_epsilon, 0.0)
         _check_range("privacy", "delta", self.delta, 0.0, 1.0, lo_open=True)
         _check_range("privacy", "noise_multiplier", self.noise_multiplier, 0.0)
@@ -616,6 +628,11 @@ class ExperimentConfig:
                   "the recomputed forward pass would run Opacus' per-sample hooks a second time, so "
                   "DP-SGD's per-sample gradients would be wrong; set train.gradient_checkpointing=false "
                   "with privacy.enabled (use a smaller train.batch_size with train.grad_accum instead)")
+        if self.privacy.enabled and self.train.devices != 1:
+            _fail("train", "devices", self.train.devices,
+                  "DP-SGD clips each unit's gradient and adds the noise once per step in one "
+                  "process; split over processes, a patient's rows could be clipped apart and the "
+                  "noise added twice. Set train.devices=1 with privacy.enabled")
         if self.privacy.site_level and self.strategy.secure_aggregation != "none":
             _fail("privacy", "site_level", True,
                   "site-level DP clips each site's update at the server, which SecAgg+ hides "

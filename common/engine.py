@@ -12,7 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ OPTIMIZER_KEY = "fedmira.optimizer"
 from fedmira.common.prompts import IGNORE_INDEX, Example, collate, collate_left, encode_example, prompt_ids
 from fedmira.common.reports import Report
 from fedmira.common.retrieval import Neighbor
+
+if TYPE_CHECKING:
+    from fedmira.common.parallel import Shard
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     if parts is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, :-1, :].float()
@@ -112,7 +115,7 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
 
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """Return (decoder stack, output head) of a causal LM (PEFT-wrapped or not), or None.
 
     None when the model's logits are more than ``head(hidden)`` (softcapping, scaling) or it
@@ -181,6 +184,7 @@ def train_steps(
     global_step: int = 0,
     total_steps: int | None = None,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps of LoRA training on ``examples``.
 
@@ -198,6 +202,11 @@ def train_steps(
     step's loss, ``reference`` holding one tensor per trainable parameter in
     ``model.parameters()`` order (the global adapter as received). The reported loss stays the
     task loss, so FedProx and FedAvg curves compare like with like.
+
+    ``shard`` (set by :mod:`common.parallel` in each of ``train.devices`` processes): every
+    process draws the same batches, runs its slice of each micro-batch, and the step's
+    gradients and loss are summed over processes before clipping and the optimizer step, so
+    every process steps alike and the result counts all processes' rows.
     """
     run = start_training(model, len(examples), cfg, seed=seed, lr=lr, steps=steps, global_step=global_step,
                          total_steps=total_steps, optimizer_state=optimizer_state)
@@ -213,13 +222,16 @@ def train_steps(
     bar = tqdm(range(steps), desc="train", unit="step", disable=not progress, leave=False)
     with run.seeded(device), gradient_checkpointing(model, cfg.gradient_checkpointing):
         for step in bar:
-            step_loss, step_tokens = torch.zeros((), device=device), 0
+            step_loss, step_tokens, step_all, step_padded = torch.zeros((), device=device), 0, 0, 0
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             n_target = sum(
                 sum(1 for t in examples[i].labels[1:] if t != IGNORE_INDEX) for m in micro for i in m
             )
             for idx in micro:
                 seen.update(idx)
+                idx = shard.rows(idx) if shard is not None else idx
+                if not idx:  # more processes than rows in this micro-batch
+                    continue
                 batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
                 # Autocast per micro-batch, never around the loop: autocast caches its bf16 copies
                 # of the weights until its context exits, so one context over several optimizer
@@ -229,8 +241,16 @@ def train_steps(
                 (loss_sum / max(n_target, 1)).backward()  # token mean over the whole accumulated step
                 step_loss += loss_sum.detach()
                 step_tokens += n_tok
-                all_tokens += int(batch["attention_mask"].sum())
-                padded += int((batch["attention_mask"] == 0).sum())
+                step_all += int(batch["attention_mask"].sum())
+                step_padded += int((batch["attention_mask"] == 0).sum())
+            if shard is not None:  # one collective per step: gradients, loss and token counts
+                counts = torch.tensor([float(step_tokens), float(step_all), float(step_padded)],
+                                      device=device)
+                summed = shard.all_reduce(params, torch.cat([step_loss.reshape(1).float(), counts]))
+                step_loss = summed[0]
+                step_tokens, step_all, step_padded = int(summed[1]), int(summed[2]), int(summed[3])
+            all_tokens += step_all
+            padded += step_padded
             if prox is not None:
                 prox().backward()  # once per optimizer step, not per micro-batch
             if cfg.max_grad_norm > 0:

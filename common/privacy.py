@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedmira.common.config import PrivacyConfig, TrainConfig
+from fedmira.common.engine import decoder_and_head
 from fedmira.common.errors import DataError
 from fedmira.common.optim import require_examples, start_training
 from fedmira.common.prompts import IGNORE_INDEX, Example, collate
@@ -270,15 +271,36 @@ def sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """Per-row mean target-token loss ``[B]`` and per-row target-token counts ``[B]``.
 
     Padding and prompt tokens carry ``IGNORE_INDEX`` and count for nothing, so each row's loss
-    (and so its per-sample gradient) does not depend on how long its batch-mates are.
+    (and so its per-sample gradient) does not depend on how long its batch-mates are. As in
+    ``engine.token_loss``, the vocabulary head runs only at target positions when the model
+    allows it (the frozen head has no Opacus hooks, so its input's shape does not matter to
+    them): the same losses as full logits (tested), without the ``[B, T, vocab]`` fp32 buffer
+    that made a DP step cost far more than a plain one on a GPU.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :].float()
     labels = batch["labels"][:, 1:]
-    tok = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    counts = (labels != IGNORE_INDEX).sum(dim=1)
-    return tok.sum(dim=1) / counts.clamp(min=1), counts
+    keep = labels != IGNORE_INDEX
+    counts = keep.sum(dim=1)
+    parts = decoder_and_head(_unwrapped(model))
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1, :].float()
+        tok = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return tok.sum(dim=1) / counts.clamp(min=1), counts
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep]).float()
+    tok = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]
+    per_row = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
+    return per_row / counts.clamp(min=1), counts
+
+
+def _unwrapped(model: Any) -> Any:
+    """Return the model inside Opacus' GradSampleModule (its hooks sit on the inner modules)."""
+    from opacus import GradSampleModule
+
+    return model._module if isinstance(model, GradSampleModule) else model
 
 
 def _members(units: Sequence[int]) -> list[list[int]]:
@@ -323,15 +345,16 @@ class StepStats:
 
 
 def dp_gradient(
-    gsm: Any, dp_opt: Any, params: Sequence[torch.nn.Parameter], examples: Sequence[Example],
+    gsm: Any, dp_opt: DPRelease, params: Sequence[torch.nn.Parameter], examples: Sequence[Example],
     sample: Sequence[Sequence[int]], micro_batch: int, pad_id: int, device: torch.device,
 ) -> StepStats:
     """Leave the DP gradient of one step in ``p.grad``: per-unit clipped, summed, noised, scaled.
 
     ``sample`` lists the sampled units, each as its example rows. Rows are run in micro-batches
     of ``micro_batch`` (a patient's rows may straddle two); Opacus' hooks give per-row
-    gradients, which are summed per unit before ``dp_opt`` clips each unit to its
-    ``max_grad_norm``, adds noise and divides by its expected batch size. An empty sample gives
+    gradients, which ``dp_opt`` (:func:`make_dp_optimizer`) sums per unit, clips each unit to
+    its ``max_grad_norm``, noises and divides by its expected batch size (over one flat buffer,
+    or per tensor with Opacus' ``DPOptimizer``: the same mechanism). An empty sample gives
     a noise-only gradient.
     """
     if not gsm.training:
@@ -340,7 +363,7 @@ def dp_gradient(
     rows = [i for unit in sample for i in unit]
     owner = torch.tensor([pos for pos, unit in enumerate(sample) for _ in unit], dtype=torch.long,
                          device=device)
-    loss_sum, n_tok, tokens, clipped = 0.0, 0, 0, 0
+    loss_sum, n_tok, tokens = 0.0, 0, 0
     for i in range(0, len(rows), micro_batch):
         chunk = rows[i : i + micro_batch]
         batch = {k: v.to(device) for k, v in collate([examples[j] for j in chunk], pad_id).items()}
@@ -351,24 +374,147 @@ def dp_gradient(
         loss_sum += float((per_row.detach() * counts).sum())
         n_tok += int(counts.sum())
         tokens += int(batch["attention_mask"].sum())
-    if rows:
-        norms = _group_grad_samples(params, owner, len(sample), identity=len(sample) == len(rows))
-        clipped = int((norms > dp_opt.max_grad_norm).sum())
-    else:
-        for p in params:  # an empty Poisson sample: a noise-only step
-            setattr(p, _GRAD_SAMPLE, torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))
-    dp_opt.pre_step()
+    clipped = dp_opt.release(params, owner, len(sample))
     return StepStats(loss_sum, n_tok, tokens, clipped)
 
 
+#: ``privacy.clipping`` choices: how a step's per-unit gradients are clipped, summed and noised.
+CLIPPINGS = ("flat", "opacus")
+
+
+class DPRelease:
+    """Turns the per-row gradient samples Opacus' hooks left on ``params`` into a DP gradient.
+
+    Subclasses differ only in how they compute it; the mechanism (clip each unit's gradient to
+    ``max_grad_norm``, sum, add N(0, (sigma C)^2) per coordinate, divide by the expected
+    number of units) and so the accounting are the same, which the tests check.
+    """
+
+    max_grad_norm: float
+    #: The last step's per-unit gradient norms before clipping (diagnostics and tests).
+    norms: torch.Tensor | None = None
+
+    def release(self, params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int) -> int:
+        """Set each ``p.grad`` to the noisy clipped mean; return how many units were clipped."""
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop gradients and gradient samples before the next step."""
+        raise NotImplementedError
+
+
+class OpacusRelease(DPRelease):
+    """Opacus' own ``DPOptimizer``: clipping, noise and scaling one parameter at a time."""
+
+    def __init__(self, dp_optimizer: Any) -> None:
+        self.dp_optimizer = dp_optimizer
+        self.max_grad_norm = float(dp_optimizer.max_grad_norm)
+
+    def release(self, params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int) -> int:
+        """Group and clip per unit, then Opacus' ``pre_step`` (clip, noise, scale per tensor)."""
+        if n_units:
+            norms = _group_grad_samples(params, owner, n_units, identity=n_units == len(owner))
+            clipped = int((norms > self.max_grad_norm).sum())
+            self.norms = norms.detach()
+        else:
+            clipped, self.norms = 0, torch.zeros(0)
+            for p in params:  # an empty Poisson sample: a noise-only step
+                setattr(p, _GRAD_SAMPLE, torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device))
+        self.dp_optimizer.pre_step()
+        return clipped
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and gradient samples (Opacus' ``zero_grad``)."""
+        self.dp_optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class FlatRelease(DPRelease):
+    """The same mechanism over one flat buffer of every LoRA parameter's gradient samples.
+
+    Written by hand (Opacus' ``DPOptimizer`` works per parameter) because a LoRA adapter is
+    ~100 small tensors: per parameter, a step launches a norm, an einsum, a noise draw, an add
+    and a divide, so on a GPU the fixed cost of ~500 tiny kernels, not the arithmetic, made a
+    DP step about twice a plain one. Here a step is one concatenation, one norm, one
+    matrix-vector product, one noise draw (Opacus' ``_generate_noise``, so ``secure_mode``
+    keeps its floating-point-attack protection) and one scale, whatever the parameter count.
+    The per-unit norms are those of the whole gradient (all parameters), exactly as Opacus'
+    flat clipping; the extra memory is one copy of the step's gradient samples.
+    """
+
+    def __init__(self, *, noise_multiplier: float, max_grad_norm: float, expected_units: float,
+                 generator: torch.Generator, secure_mode: bool) -> None:
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_units = float(expected_units)
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.params: list[torch.nn.Parameter] = []
+
+    def release(self, params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int) -> int:
+        """Clip, sum, noise and scale the whole step's gradient samples in one buffer."""
+        from opacus.optimizers.optimizer import _generate_noise
+
+        self.params = list(params)
+        samples = _flat_grad_samples(self.params, len(owner))  # [rows, D], fp32
+        if n_units != len(owner):  # patient units: a unit's rows summed before clipping
+            samples = torch.zeros((n_units, samples.shape[1]), dtype=samples.dtype,
+                                  device=samples.device).index_add_(0, owner, samples)
+        norms = torch.linalg.vector_norm(samples, dim=1)
+        self.norms = norms.detach()
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
+        summed = factor @ samples if n_units else samples.new_zeros(samples.shape[1])
+        noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm, reference=summed,
+                                generator=self.generator, secure_mode=self.secure_mode)
+        flat = (summed + noise) / self.expected_units
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+            setattr(p, _GRAD_SAMPLE, None)
+        return int((norms > self.max_grad_norm).sum())
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the views of the last step's buffer and any gradient samples."""
+        for p in self.params:
+            p.grad = None
+            setattr(p, _GRAD_SAMPLE, None)
+
+
+def _flat_grad_samples(params: Sequence[torch.nn.Parameter], rows: int) -> torch.Tensor:
+    """Every parameter's per-row gradients side by side: ``[rows, sum of numel]`` in fp32."""
+    parts = []
+    for p in params:
+        gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE, None)
+        if isinstance(gs, list):  # one tensor per backward pass (a step's micro-batches)
+            gs = torch.cat(gs, dim=0)
+        if gs is None:  # this parameter took no part in the forward pass
+            gs = torch.zeros((rows, *p.shape), dtype=torch.float32, device=p.device)
+        parts.append(gs.reshape(rows, p.numel()).float())
+    return torch.cat(parts, dim=1) if parts else torch.zeros((rows, 0))
+
+
 def make_dp_optimizer(optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                      expected_units: float, device: torch.device, seed: int, secure_mode: bool) -> Any:
-    """Opacus' DPOptimizer around ``optimizer`` (noise from a seeded or OS-entropy generator)."""
+                      expected_units: float, device: torch.device, seed: int, secure_mode: bool,
+                      clipping: str = "flat") -> DPRelease:
+    """Make the DP release for ``optimizer``'s parameters (noise seeded, or from OS entropy).
+
+    ``clipping="flat"``: :class:`FlatRelease` (one buffer); ``"opacus"``: Opacus'
+    ``DPOptimizer`` around ``optimizer``. Either way the caller steps ``optimizer`` after
+    :meth:`DPRelease.release`.
+    """
+    generator = _noise_generator(device, seed, secure_mode)
+    expected = max(expected_units, 1e-12)
+    if clipping == "flat":
+        return FlatRelease(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                           expected_units=expected, generator=generator, secure_mode=secure_mode)
+    if clipping != "opacus":
+        raise ValueError(f"clipping must be one of {CLIPPINGS}, not {clipping!r}")
     from opacus.optimizers import DPOptimizer
 
-    return DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                       expected_batch_size=max(expected_units, 1e-12), loss_reduction="mean",
-                       generator=_noise_generator(device, seed, secure_mode), secure_mode=secure_mode)
+    return OpacusRelease(DPOptimizer(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected, loss_reduction="mean", generator=generator, secure_mode=secure_mode))
 
 
 def _noise_generator(device: torch.device, seed: int, secure: bool) -> torch.Generator:
@@ -399,6 +545,7 @@ def dp_train_steps(
     global_step: int = 0,
     total_steps: int | None = None,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    clipping: str = "flat",
 ) -> DPResult:
     """DP-SGD on the trainable (LoRA) parameters, recording every released step in ``state``.
 
@@ -432,7 +579,7 @@ def dp_train_steps(
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     dp_opt = make_dp_optimizer(optimizer, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                                expected_units=q * len(members), device=device, seed=run_seed,
-                               secure_mode=secure_mode)
+                               secure_mode=secure_mode, clipping=clipping)
     seen: set[int] = set()
     total_loss, total_tokens, all_tokens, clipped, sampled = 0.0, 0, 0, 0, 0
     last_lr, lr_sum = run.lr, 0.0

@@ -25,6 +25,7 @@ from fedmira.common.errors import ConfigError, DataError
 from fedmira.common.metrics import rouge_l
 from fedmira.common.model import LoadedModel, apply_lora, load_base_model, set_lora_a_trainable
 from fedmira.common.optim import Schedule, round_steps
+from fedmira.common.parallel import parallel_train_steps, site_devices
 from fedmira.common.privacy import AccountantState, DPResult, dp_train_steps, plan_state, unit_ids
 from fedmira.common.prompts import RAG_TEMPLATES, Example
 from fedmira.common.reports import Report, load_reports
@@ -248,6 +249,15 @@ def local_train(
         result, dp_metrics = _dp_train(worker, site, cfg, examples, ledger, lr=lr, steps=steps, seed=seed,
                                        global_round=global_round, proximal=proximal, position=position,
                                        optimizer_state=saved)
+    elif len(devices := site_devices(cfg.train.devices, cfg.model.device)) > 1:
+        # train.devices: the round runs in one process per device; the site's own model takes
+        # the result, so what follows (the reply, evaluation) is as after a one-process round.
+        result, trained = parallel_train_steps(
+            cfg.model, site_lora(cfg, rank), get_adapter_state(worker.model), examples, cfg.train, devices,
+            int(tok.pad_token_id), freeze_a=ffa, seed=seed, lr=lr, steps=steps, proximal=proximal,
+            autocast=worker.loaded.autocast, optimizer_state=saved, **position,
+        )
+        set_adapter_state(worker.model, trained)
     else:
         result = train_steps(
             worker.model, examples, cfg.train, worker.loaded.device, int(tok.pad_token_id),
@@ -312,7 +322,7 @@ def _dp_train(
         worker.model, examples, unit_ids(site.train, p.unit), cfg.train, ledger, worker.loaded.device,
         int(worker.loaded.tokenizer.pad_token_id), max_grad_norm=p.max_grad_norm, budget=p.budget,
         seed=seed, lr=lr, steps=steps, global_round=global_round, secure_mode=p.secure_mode,
-        proximal=proximal, optimizer_state=optimizer_state, **position,
+        proximal=proximal, optimizer_state=optimizer_state, clipping=p.clipping, **position,
     )
     return result, {
         "dp-epsilon": result.epsilon, "dp-delta": ledger.delta, "dp-steps": result.steps,

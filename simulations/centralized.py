@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from fedmira.common.adapters import save_adapter
+from fedmira.common.adapters import get_adapter_state, save_adapter, set_adapter_state
 from fedmira.common.config import ExperimentConfig
 from fedmira.common.engine import encode_reports, evaluate_loss, train_steps
 from fedmira.common.errors import ConfigError
 from fedmira.common.model import apply_lora, count_trainable, load_base_model
+from fedmira.common.parallel import parallel_train_steps, site_devices
 from fedmira.common.partition import load_pooled_reports, split_sites
 from fedmira.common.retrieval import rag_neighbors
 
@@ -57,8 +58,19 @@ def train_centralized(cfg: ExperimentConfig, site: str | None = None, val_limit:
         if step + 1 in checkpoints:  # on_step counts from 0
             saved.append(str(save_adapter(model, folder / "checkpoints" / f"step_{step + 1}")))
 
-    result = train_steps(model, train_ex, cfg.train, device, pad, progress=True, on_step=keep,
-                         autocast=loaded.autocast)
+    devices = site_devices(cfg.train.devices, cfg.model.device)
+    if len(devices) > 1:
+        if checkpoints:
+            raise ConfigError("checkpoints during training need one process; drop them or set "
+                              "train.devices=1.")
+        print(f"training data-parallel over {len(devices)} processes ({devices[0].type}, train.devices)",
+              file=out, flush=True)
+        result, trained = parallel_train_steps(cfg.model, cfg.lora, get_adapter_state(model), train_ex,
+                                               cfg.train, devices, pad, autocast=loaded.autocast)
+        set_adapter_state(model, trained)
+    else:
+        result = train_steps(model, train_ex, cfg.train, device, pad, progress=True, on_step=keep,
+                             autocast=loaded.autocast)
     after, _ = evaluate_loss(model, val_ex, device, pad, cfg.eval.batch_size, progress=True,
                              autocast=loaded.autocast)
     summary = {

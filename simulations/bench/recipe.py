@@ -49,12 +49,12 @@ def full_logits() -> Iterator[None]:
     """Use the previous loss path inside the block: logits over the whole vocabulary at every position."""
     import fedmira.common.engine as engine
 
-    saved = engine._decoder_and_head
-    engine._decoder_and_head = lambda model: None  # token_loss falls back to model(...).logits
+    saved = engine.decoder_and_head
+    engine.decoder_and_head = lambda model: None  # token_loss falls back to model(...).logits
     try:
         yield
     finally:
-        engine._decoder_and_head = saved
+        engine.decoder_and_head = saved
 
 
 def _setup(settings: Settings) -> dict[str, Any]:

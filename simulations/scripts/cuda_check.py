@@ -10,9 +10,12 @@ Run on a CUDA machine (no data, no downloads: random models built from configs):
 3. With LoRA dropout off and fp32, training on CUDA gives the same adapter as on the CPU
    (same seeded batches), so a site's GPU does not change what it contributes.
 4. Timing on a SmolLM2-135M-shaped random model (30 layers, hidden 576), batch 8 and 32 x 128
-   tokens: a plain step, a DP-SGD step and their ratio, fp32 and bf16.
+   tokens: a plain step, a DP-SGD step with ``privacy.clipping=flat`` (the default) and with
+   ``opacus``, and their ratios to the plain step, fp32 and bf16 (target: flat <= 1.2x).
 5. QLoRA: a Llama-2-7B-shaped random model loaded in nf4 by fedmira's loader, LoRA r=8 q,v:
    weight footprint (vs bf16), peak memory and tokens/s of a training step (batch 4 x 512).
+6. ``train.devices=2`` (when two GPUs are visible): the adapter equals one process's (bf16, so
+   within 1% of its largest value) and tokens/s of 1 vs 2 processes.
 Prints one JSON document (also written to ``--out``).
 """
 
@@ -129,28 +132,34 @@ def time_dp_cost(dtype: torch.dtype, pairs: int = 5, batch: int = 8, length: int
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / cfg.steps
 
-    def dp() -> float:
+    def dp(clipping: str) -> float:
         ledger = AccountantState(units=batch, noise_multiplier=1.0, sample_rate=1.0, planned_steps=3)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        dp_train_steps(model, ex, list(range(batch)), cfg, ledger, device, 0, max_grad_norm=1.0, seed=0)
+        dp_train_steps(model, ex, list(range(batch)), cfg, ledger, device, 0, max_grad_norm=1.0, seed=0,
+                       clipping=clipping)
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / cfg.steps
 
-    plain(), dp()
-    results = [(dp(), plain()) if i % 2 == 0 else tuple(reversed((plain(), dp()))) for i in range(pairs)]
-    torch.cuda.reset_peak_memory_stats()
-    dp()
-    dp_mem = torch.cuda.max_memory_allocated() / 2 ** 20
-    torch.cuda.reset_peak_memory_stats()
-    plain()
-    plain_mem = torch.cuda.max_memory_allocated() / 2 ** 20
+    calls = {"flat": lambda: dp("flat"), "opacus": lambda: dp("opacus"), "plain": plain}
+    for call in calls.values():
+        call()  # warm-up
+    names = list(calls)
+    rounds = [{n: calls[n]() for n in names[i % 3:] + names[: i % 3]} for i in range(pairs)]
+    peaks = {}
+    for name, call in calls.items():
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        peaks[name] = round(torch.cuda.max_memory_allocated() / 2 ** 20)
+    flat_ratio = statistics.median(r["flat"] / r["plain"] for r in rounds)
     return {
         "dtype": str(dtype), "batch": batch, "length": length,
-        "plain_s_per_step": statistics.median(b for _, b in results),
-        "dp_s_per_step": statistics.median(a for a, _ in results),
-        "ratio_median_of_pairs": statistics.median(a / b for a, b in results),
-        "peak_mb_plain": round(plain_mem), "peak_mb_dp": round(dp_mem),
+        "plain_s_per_step": statistics.median(r["plain"] for r in rounds),
+        "dp_flat_s_per_step": statistics.median(r["flat"] for r in rounds),
+        "dp_opacus_s_per_step": statistics.median(r["opacus"] for r in rounds),
+        "ratio_flat_median": flat_ratio,
+        "ratio_opacus_median": statistics.median(r["opacus"] / r["plain"] for r in rounds),
+        "peak_mb": peaks, "ok": flat_ratio <= 1.2,  # issue 18's target: DP step <= 1.2x a plain one
     }
 
 
@@ -207,6 +216,50 @@ def check_qlora(layers: int = 32, batch: int = 4, length: int = 512, steps: int 
                 "tokens_per_s": round(batch * length / statistics.median(times[1:]))}
 
 
+def check_data_parallel(batch: int = 16, length: int = 128, steps: int = 6) -> dict[str, Any]:
+    """``train.devices=2`` on two GPUs: the same adapter as one process, and tokens/s of each.
+
+    A SmolLM2-shaped random model saved in bf16 to a temporary folder (the processes load the
+    base model by config, as a site's do), LoRA dropout off; tokens/s from the training loop of
+    rank 0 (process start and model load excluded: they are paid once per round).
+    """
+    import tempfile
+
+    from fedmira.common.adapters import get_adapter_state
+    from fedmira.common.config import LoraConfig, ModelConfig, TrainConfig
+    from fedmira.common.engine import train_steps
+    from fedmira.common.model import apply_lora, build_tiny_tokenizer, load_base_model
+    from fedmira.common.parallel import parallel_train_steps
+    from fedmira.common.prompts import IGNORE_INDEX, Example
+
+    if torch.cuda.device_count() < 2:
+        return {"ok": None, "skipped": f"{torch.cuda.device_count()} GPU visible; needs 2"}
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for _ in range(batch * 2):
+        ids = torch.randint(5, 49000, (length,), generator=g).tolist()
+        ex.append(Example(ids, [IGNORE_INDEX] * (length - 24) + ids[-24:]))
+    lora = LoraConfig(dropout=0.0)
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3)
+    with tempfile.TemporaryDirectory(prefix="fedmira-dp2-") as tmp:
+        _smollm2_shaped(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        build_tiny_tokenizer().save_pretrained(tmp)
+        model_cfg = ModelConfig(name_or_path=tmp, device="cuda", dtype="bfloat16")
+        loaded = load_base_model(model_cfg)
+        model = apply_lora(loaded.model, lora, seed=0)
+        start = get_adapter_state(model)
+        one = train_steps(model, ex, cfg, loaded.device, 0, seed=0, autocast=loaded.autocast)
+        single = get_adapter_state(model)
+        two, parallel = parallel_train_steps(model_cfg, lora, start, ex, cfg,
+                                             [torch.device("cuda", 0), torch.device("cuda", 1)], 0, seed=0,
+                                             autocast=loaded.autocast)
+    diff = max(float((parallel[k] - single[k]).abs().max()) for k in single)
+    scale = max(float(v.abs().max()) for v in single.values())
+    return {"ok": diff <= 1e-2 * max(scale, 1e-3), "max_abs_diff": diff, "max_abs_value": scale,
+            "tokens_per_s_1": round(one.tokens_per_s), "tokens_per_s_2": round(two.tokens_per_s),
+            "speedup": round(two.tokens_per_s / one.tokens_per_s, 2) if one.tokens_per_s else None}
+
+
 def main() -> None:
     """Run the checks on the GPU and print (and with ``--out`` write) the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -220,7 +273,7 @@ def main() -> None:
                      ("dp_cost_fp32", lambda: time_dp_cost(torch.float32)),
                      ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16)),
                      ("dp_cost_bf16_batch32", lambda: time_dp_cost(torch.bfloat16, batch=32)),
-                     ("qlora_nf4_7b_shape", check_qlora)):
+                     ("qlora_nf4_7b_shape", check_qlora), ("data_parallel_2_gpus", check_data_parallel)):
         t = time.perf_counter()
         try:
             report[name] = {**fn(), "seconds": round(time.perf_counter() - t, 1)}

@@ -318,3 +318,111 @@ def test_secagg_quantization_check_counts_silent_clipping() -> None:
     assert report["clipped"] == 2 and report["max_abs"] == pytest.approx(20.0) and report["values"] == 5
     assert report["step"] == pytest.approx(16 / 2 ** 22)
     assert report["step_over_typical"] == pytest.approx((16 / 2 ** 22) / 4.75)  # median of 0.01, 0.5, 9, 20
+
+
+# --------------------------------------------------------------------------- flat clipping
+def _release(model: Any, examples: list[Example], sample: list[list[int]], clipping: str, *, clip: float,
+             sigma: float, expected: float, pad: int, seed: int = 0) -> tuple[torch.Tensor, Any, int]:
+    """One step's DP gradient with ``privacy.clipping``; (flat gradient, release, clipped)."""
+    device = next(model.parameters()).device
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    release = make_dp_optimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=clip,
+                                expected_units=expected, device=device, seed=seed, secure_mode=False,
+                                clipping=clipping)
+    try:
+        stats = dp_gradient(gsm, release, params, examples, sample, micro_batch=3, pad_id=pad, device=device)
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    finally:
+        release.zero_grad()
+        gsm._close()
+    return flat, release, stats.clipped
+
+
+@pytest.mark.parametrize("sample", [
+    [[0], [1], [2], [3], [4]],        # records: some clipped, some not (clip near the median norm)
+    [[0, 1, 2, 3], [4], [5, 6]],      # patients straddling micro-batches of 3
+])
+def test_flat_release_clips_exactly_as_opacus(
+    tiny: LoadedModel, new_lora: Factory, perturb: Callable[..., Any], examples: list[Example],
+    sample: list[list[int]],
+) -> None:
+    """Without noise the flat buffer gives Opacus' DPOptimizer's gradient: the same per-unit norms,
+    the same units clipped, the same clipped mean."""
+    results = {}
+    for clipping in ("opacus", "flat"):
+        model = new_lora(LoraConfig(dropout=0.0))
+        perturb(model, seed=3, scale=0.05)  # B != 0, so every LoRA tensor has a gradient
+        results[clipping] = _release(model, examples, sample, clipping, clip=1.0, sigma=0.0,
+                                     expected=len(sample), pad=_pad(tiny))
+    (g_op, r_op, c_op), (g_flat, r_flat, c_flat) = results["opacus"], results["flat"]
+    torch.testing.assert_close(r_flat.norms, r_op.norms, rtol=1e-5, atol=0)
+    median = float(r_op.norms.median())
+    results = {}
+    for clipping in ("opacus", "flat"):  # again with C at the median norm: about half clipped
+        model = new_lora(LoraConfig(dropout=0.0))
+        perturb(model, seed=3, scale=0.05)
+        results[clipping] = _release(model, examples, sample, clipping, clip=median, sigma=0.0,
+                                     expected=len(sample), pad=_pad(tiny))
+    (g_op, r_op, c_op), (g_flat, r_flat, c_flat) = results["opacus"], results["flat"]
+    assert c_flat == c_op and 0 < c_op < len(sample)
+    torch.testing.assert_close(g_flat, g_op, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("clipping", ["opacus", "flat"])
+def test_noise_scale_is_the_same_for_both_releases(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example], clipping: str,
+) -> None:
+    """Noise-only steps (empty samples): every coordinate is N(0, (sigma C / E)^2) either way,
+    checked over 20 steps' coordinates (mean ~ 0, std within 2% of sigma C / E)."""
+    sigma, clip, expected = 1.5, 0.5, 3.0
+    draws = torch.cat([_release(new_lora(), examples, [], clipping, clip=clip, sigma=sigma, expected=expected,
+                                pad=_pad(tiny), seed=s)[0] for s in range(20)])
+    want = sigma * clip / expected
+    assert float(draws.std()) == pytest.approx(want, rel=0.02)
+    assert abs(float(draws.mean())) < 4 * want / math.sqrt(draws.numel())
+
+
+def test_flat_and_opacus_training_spend_the_same_privacy(
+    tiny: LoadedModel, new_lora: Factory, examples: list[Example],
+) -> None:
+    """The accounting does not depend on the release: equal ledgers and epsilon; with zero noise and
+    an unreachable clip both train the same adapter."""
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, max_grad_norm=0.0)
+    out = {}
+    for clipping in ("opacus", "flat"):
+        model = new_lora(LoraConfig(dropout=0.0))
+        ledger = _ledger(0.0, 0.5, len(examples))
+        result = dp_train_steps(model, examples, list(range(len(examples))), cfg, ledger, tiny.device,
+                                _pad(tiny), max_grad_norm=1e6, seed=4, clipping=clipping)
+        out[clipping] = (get_adapter_state(model), ledger, result)
+    (a, la, ra), (b, lb, rb) = out["opacus"], out["flat"]
+    assert la.history == lb.history and ra.epsilon == rb.epsilon and ra.num_examples == rb.num_examples
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-7)
+    sigma_ledgers = [_ledger(1.0, 0.25, 40), _ledger(1.0, 0.25, 40)]
+    for ledger, clipping in zip(sigma_ledgers, ("opacus", "flat")):
+        dp_train_steps(new_lora(), examples, list(range(len(examples))), cfg, ledger, tiny.device, _pad(tiny),
+                       max_grad_norm=1.0, seed=4, clipping=clipping)
+    assert sigma_ledgers[0].history == sigma_ledgers[1].history
+    assert sigma_ledgers[0].epsilon() == sigma_ledgers[1].epsilon() > 0
+
+
+def test_per_row_losses_at_target_positions_equal_full_logits(
+    tiny: LoadedModel, new_lora: Factory, perturb: Callable[..., Any], examples: list[Example],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """sample_losses projects to the vocabulary only at targets: the same per-row losses (and so the
+    same per-sample gradients) as the full-logit path it replaced."""
+    import fedmira.common.privacy as privacy
+    from fedmira.common.prompts import collate
+
+    model = new_lora(LoraConfig(dropout=0.0))
+    perturb(model, seed=1, scale=0.05)
+    batch = collate(examples[:5], _pad(tiny))
+    fast, counts = privacy.sample_losses(model, batch)
+    monkeypatch.setattr(privacy, "decoder_and_head", lambda _: None)
+    full, counts_full = privacy.sample_losses(model, batch)
+    assert torch.equal(counts, counts_full) and int(counts.min()) > 0
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
