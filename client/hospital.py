@@ -6,7 +6,8 @@ Preflight, in the order a hospital's IT needs the answers:
    ``train.jsonl``/``val.jsonl``, or one report file that is split into train/val/test into
    ``WORKDIR/data/<site-id>``, deterministically);
 2. device: CUDA, Apple MPS or CPU, with free memory;
-3. base model: found locally (never downloaded), with its size;
+3. base model: found locally (never downloaded), with its size, and the GPU memory training
+   will need (``common.memory``): on CUDA, preflight fails here if it does not fit;
 4. what leaves the hospital: one dry-run round on a few local reports shows the adapter tensors
    (count, bytes per round) and the names of the metrics sent; report text never leaves;
 5. credentials: the root certificate and the node key are readable and of the right type;
@@ -175,6 +176,75 @@ def load_model(cfg: ExperimentConfig, out: TextIO, keep: bool) -> Any:
           f"{worker.loaded.dtype}, loaded in {worker.initial_load_s:.1f} s on {worker.loaded.device}; "
           f"{count_trainable(worker.model):,} trainable LoRA parameters.", file=out)
     return worker
+
+
+def check_memory(worker: Any, cfg: ExperimentConfig, out: TextIO) -> None:
+    """Print the GPU memory training needs (``common.memory``); on CUDA, fail now if it does not fit.
+
+    On the CPU or Apple MPS the GPU estimate is information for sizing a GPU server, beside what
+    training here would hold in RAM.
+    """
+    import torch
+
+    from fedmira.common.memory import GIB, estimate_for_config
+
+    loaded = worker.loaded
+    device = loaded.device
+    try:
+        estimate = estimate_for_config(cfg, loaded.model.config)
+        here = estimate if device.type == "cuda" else estimate_for_config(cfg, loaded.model.config,
+                                                                         device_type="cpu")
+    except (ValueError, AttributeError, TypeError) as exc:
+        print(f"  GPU memory estimate skipped: {exc}", file=out)
+        return
+    details = "\n".join("    " + line for line in estimate.describe().splitlines())
+    if device.type != "cuda":
+        free_ram = _free_ram()
+        ram = f"{free_ram / GIB:.1f} GiB RAM free" if free_ram is not None else "free RAM unknown"
+        print(f"  GPU memory this would need: about {estimate.total / GIB:.1f} GiB on a CUDA GPU "
+              f"(estimate):\n{details}\n  Here on {device.type}: training's tensors peak at about "
+              f"{here.peak_allocated / GIB:.1f} GiB ({ram}); information only.", file=out)
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    resident = int(torch.cuda.memory_allocated(device))
+    room = estimate.headroom(free, resident_bytes=resident, context_created=True)
+    print(f"  GPU memory for training: about {estimate.total / GIB:.1f} GiB (estimate; "
+          f"{resident / GIB:.1f} GiB of it already loaded, {free / GIB:.1f} GiB free):\n{details}", file=out)
+    if room < 0:
+        raise FedmiraError(
+            f"Training needs about {estimate.total / GIB:.1f} GiB of GPU memory (estimate above) but "
+            f"{torch.cuda.get_device_name(device)} has {free / GIB:.1f} GiB free besides the "
+            f"{resident / GIB:.1f} GiB already loaded ({-room / GIB:.1f} GiB short). Lower it with "
+            f"{_memory_fixes(cfg, loaded.model.config)}.")
+
+
+def _memory_fixes(cfg: ExperimentConfig, hf_config: Any) -> str:
+    """List the settings that lower the estimate, each with what it would come to."""
+    from fedmira.common.memory import GIB, estimate_for_config
+
+    m, t, d = cfg.model, cfg.train, cfg.data
+    half, short = max(1, t.batch_size // 2), max(64, d.max_length // 2)
+    options: list[tuple[str, dict[str, Any]]] = []
+    if m.quantization != "nf4":
+        options.append(("model.quantization=nf4", {"model": {"quantization": "nf4"}}))
+    if t.batch_size > 1:
+        options.append((f"train.batch_size={half} (train.grad_accum={2 * t.grad_accum} keeps the step)",
+                        {"train": {"batch_size": half, "grad_accum": 2 * t.grad_accum}}))
+    if d.max_length > 64:
+        target = min(d.max_target_tokens, short - 8)
+        shorter = {"max_length": short, "max_target_tokens": target}
+        options.append((f"data.max_length={short}", {"data": shorter}))
+    if not t.gradient_checkpointing and not cfg.privacy.enabled:
+        options.append(("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}))
+    parts = []
+    for name, change in options:
+        try:
+            sections = {sec: dataclasses.replace(getattr(cfg, sec), **kw) for sec, kw in change.items()}
+            changed = cfg.replace(**sections)
+            parts.append(f"{name} (about {estimate_for_config(changed, hf_config).total / GIB:.1f} GiB)")
+        except (FedmiraError, ValueError, AttributeError, TypeError):  # e.g. nf4 refused for a .gguf model
+            continue
+    return ", ".join(parts) if parts else "a smaller base model (model.name_or_path)"
 
 
 # ------------------------------------------------------------------------------ 4. what leaves
@@ -415,6 +485,7 @@ def preflight(h: Hospital, cfg: ExperimentConfig, out: TextIO, dry: bool = True)
     print(f"[2/6] device: {device_summary(cfg)[0]}", file=out)
     print("[3/6] base model", file=out)
     worker = load_model(cfg, out, keep=h.isolation == "warm")
+    check_memory(worker, cfg, out)
     print("[4/6] what leaves the hospital", file=out)
     if dry:
         dry_run(worker, folder, cfg, h, out)

@@ -99,7 +99,7 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     keep = labels != IGNORE_INDEX
     parts = decoder_and_head(model)
     if parts is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits = out.logits[:, :-1, :].float()
         loss = F.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -110,7 +110,9 @@ def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     # tokens and the head (49k x 576 for SmolLM2) is ~20% of the forward's FLOPs, so this saves
     # most of that and the big fp32 log-softmax, with the same loss (tested against the full one).
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # use_cache=False: a training forward has no use for a KV cache, which costs memory.
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
     logits = head(hidden[:, :-1][keep]).float()
     return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
 

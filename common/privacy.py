@@ -282,13 +282,14 @@ def sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     counts = keep.sum(dim=1)
     parts = decoder_and_head(_unwrapped(model))
     if parts is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits = out.logits[:, :-1, :].float()
         tok = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         return tok.sum(dim=1) / counts.clamp(min=1), counts
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
     logits = head(hidden[:, :-1][keep]).float()
     tok = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]

@@ -164,6 +164,9 @@ def cmd_config(args: argparse.Namespace) -> int:
             section = head
             print(f"\n[{section}]")
         print(f"  {key} = {values[key]!r}\n      {text}")
+    from fedmira.common.memory import config_report
+
+    print(f"\n[memory estimate for training at a site]\n{config_report(cfg)}")
     return 0
 
 

@@ -13,9 +13,13 @@ Run on a CUDA machine (no data, no downloads: random models built from configs):
    tokens: a plain step, a DP-SGD step with ``privacy.clipping=flat`` (the default) and with
    ``opacus``, and their ratios to the plain step, fp32 and bf16 (target: flat <= 1.2x).
 5. QLoRA: a Llama-2-7B-shaped random model loaded in nf4 by fedmira's loader, LoRA r=8 q,v:
-   weight footprint (vs bf16), peak memory and tokens/s of a training step (batch 4 x 512).
+   weight footprint (vs bf16), peak memory and tokens/s of a training step (batch 4 x 512), and
+   the memory estimate against the measured peak.
 6. ``train.devices=2`` (when two GPUs are visible): the adapter equals one process's (bf16, so
    within 1% of its largest value) and tokens/s of 1 vs 2 processes.
+7. The memory estimate (``common/memory.py``, what ``fedmira hospital --preflight`` prints)
+   against ``torch.cuda.max_memory_allocated`` of a training step: SmolLM2-shaped bf16 with and
+   without gradient checkpointing here, the 7B nf4 model in check 5 (target: within 15%).
 Prints one JSON document (also written to ``--out``).
 """
 
@@ -209,11 +213,46 @@ def check_qlora(layers: int = 32, batch: int = 4, length: int = 512, steps: int 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
-        return {"ok": bool(torch.isfinite(loss)), "layers": layers, "batch": batch, "length": length,
+        finite = bool(torch.isfinite(loss))
+        del optimizer, loss
+        memory = _memory_vs_estimate(model, batch, length, 32000, device) if cuda else {}
+        return {"ok": finite and memory.get("ok", True),
+                "layers": layers, "batch": batch, "length": length,
                 "bf16_weights_gb": round(bf16_bytes / 1e9, 3),
                 "nf4_weights_gb": round(nf4_bytes / 1e9, 3),
                 "peak_gb": round(peak, 2),
-                "tokens_per_s": round(batch * length / statistics.median(times[1:]))}
+                "tokens_per_s": round(batch * length / statistics.median(times[1:])),
+                "memory_estimate": memory}
+
+
+def _memory_vs_estimate(model: Any, batch: int, length: int, vocab: int, device: str,
+                        checkpointing: bool = False) -> dict[str, Any]:
+    """``common.memory``'s estimate of a training step beside its measured peak (target: within 15%)."""
+    from fedmira.common.memory import memory_check
+    from fedmira.common.prompts import IGNORE_INDEX
+
+    ids = torch.randint(5, vocab - 1, (batch, length), device=device)
+    labels = ids.clone()
+    labels[:, : length - 96] = IGNORE_INDEX  # 96 impression tokens a row, as the estimate assumes
+    step = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    estimate, measured = memory_check(model, step, gradient_checkpointing=checkpointing)
+    ratio = estimate.peak_allocated / measured if measured else float("nan")
+    return {"ok": abs(ratio - 1) <= 0.15, "estimated_peak_gib": round(estimate.peak_allocated / 2 ** 30, 3),
+            "measured_peak_gib": round(measured / 2 ** 30, 3), "ratio": round(ratio, 3),
+            "checkpointing": checkpointing}
+
+
+def check_memory_estimate(batch: int = 8, length: int = 512) -> dict[str, Any]:
+    """Compare the memory estimate with the measured peak: SmolLM2-shaped bf16, +/- checkpointing.
+
+    The 7B nf4 case is in check 5.
+    """
+    from fedmira.common.config import LoraConfig
+    from fedmira.common.model import apply_lora
+
+    model = apply_lora(_smollm2_shaped(torch.bfloat16), LoraConfig(dropout=0.0), seed=0)
+    rows = [_memory_vs_estimate(model, batch, length, 49152, "cuda", checkpointing=c) for c in (False, True)]
+    return {"ok": all(r["ok"] for r in rows), "bf16": rows[0], "bf16_checkpointing": rows[1]}
 
 
 def check_data_parallel(batch: int = 16, length: int = 128, steps: int = 6) -> dict[str, Any]:
@@ -273,7 +312,8 @@ def main() -> None:
                      ("dp_cost_fp32", lambda: time_dp_cost(torch.float32)),
                      ("dp_cost_bf16", lambda: time_dp_cost(torch.bfloat16)),
                      ("dp_cost_bf16_batch32", lambda: time_dp_cost(torch.bfloat16, batch=32)),
-                     ("qlora_nf4_7b_shape", check_qlora), ("data_parallel_2_gpus", check_data_parallel)):
+                     ("qlora_nf4_7b_shape", check_qlora), ("data_parallel_2_gpus", check_data_parallel),
+                     ("memory_estimate", check_memory_estimate)):
         t = time.perf_counter()
         try:
             report[name] = {**fn(), "seconds": round(time.perf_counter() - t, 1)}
