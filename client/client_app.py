@@ -60,18 +60,20 @@ _MODELS = ModelCache()
 _SITES: dict[str, SiteData] = {}
 
 
-def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int, Path]:
+def _identity(context: Context, cfg: ExperimentConfig) -> tuple[str, int, Path]:
+    """Return this node's site id, index and data folder, from its node config (no data read)."""
     node = context.node_config
     if "data-path" in node:
         folder = Path(str(node["data-path"]))
-        site_id = str(node.get("site-id", folder.name))
-        index = int(node.get("site-index", 0))
-    else:
-        sites_dir = Path(cfg.run.dir) / "sites"
-        site_ids = json.loads((sites_dir / "sites.json").read_text())["train_sites"]
-        index = int(node["partition-id"])
-        site_id = site_ids[index]
-        folder = sites_dir / site_id
+        return str(node.get("site-id", folder.name)), int(node.get("site-index", 0)), folder
+    sites_dir = Path(cfg.run.dir) / "sites"
+    site_ids = json.loads((sites_dir / "sites.json").read_text())["train_sites"]
+    index = int(node["partition-id"])
+    return site_ids[index], index, sites_dir / site_ids[index]
+
+
+def _site(context: Context, cfg: ExperimentConfig) -> tuple[SiteData, int, Path]:
+    site_id, index, folder = _identity(context, cfg)
     key = str(folder)
     if key not in _SITES:
         _SITES[key] = load_site(folder, site_id)
@@ -223,6 +225,17 @@ def _masked(context: Context, record: ConfigRecord, state: dict[str, torch.Tenso
     new_state, vec = site_stage("masked_vector", int(context.node_id), kept, dict(record), arrays, n)
     context.state[RECORD] = ConfigRecord({**new_state, "global-round": g})  # type: ignore[dict-item]
     return ArrayRecord({WEIGHT_KEY: Array(vec[0]), **{k: Array(v) for k, v in zip(names, vec[1:])}})  # type: ignore[index]
+
+
+@app.query("site")
+def site_identity(msg: Message, context: Context) -> Message:
+    """Say which site this node is: its site id only, as every reply carries it.
+
+    The coordinator samples by site rather than by this run's random node id. Reads no reports.
+    """
+    cfg = ExperimentConfig.from_run_config(context.run_config)
+    site_id, _, _ = _identity(context, cfg)
+    return Message(RecordDict({"site": ConfigRecord({"site-id": site_id})}), reply_to=msg)
 
 
 @app.evaluate()

@@ -49,6 +49,7 @@ from fedmira.common.flower_runtime import (
     stop_group,
 )
 from fedmira.common.secagg import STAGE_MESSAGE_TYPE
+from fedmira.common.site import QUERY_SITE
 
 ISOLATIONS = ("warm", "subprocess")
 CONNECT_TIMEOUT_S = 10.0
@@ -430,7 +431,9 @@ class SuperNodeProcess:
             self.node_id = m.group(1)
             self.connected.set()
         elif m := re.search(r"Receiving: ([\w.]+) message", line):
-            kind = m.group(1) + (" (SecAgg+ key or unmask stage)" if m.group(1) == STAGE_MESSAGE_TYPE else "")
+            kind = m.group(1) + {STAGE_MESSAGE_TYPE: " (SecAgg+ key or unmask stage)",
+                                 QUERY_SITE: " (the coordinator asks this site's id, to sample by site)"
+                                 }.get(m.group(1), "")
             print(f"{time.strftime('%H:%M:%S')} task received: {kind}", file=self.out, flush=True)
         for needle, text in FAILURES:
             if needle in line and self.failure is None:

@@ -125,6 +125,10 @@ class ModelCache:
         return self._workers[key], True
 
 
+#: The message a node answers with its site id only (``@app.query("site")`` in the ClientApp), so
+#: the coordinator samples by site, not by the random node ids of a run (server/site_order.py).
+QUERY_SITE = "query.site"
+
 #: Flags a strategy puts in every message to a site (``server/strategy.py`` ``client_flags``):
 #: ``own-rank`` (hetero_svd) lets the site train at its own LoRA rank; ``freeze-lora-a``
 #: (ffa_lora) keeps the A factors at the shared initialisation and sends B only.

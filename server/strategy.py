@@ -73,6 +73,7 @@ from fedmira.server.replies import (
 from fedmira.server.rules import AdapterRule, Combiner, RobustMean
 from fedmira.server.secaggplus import SecAggPlusRounds, masked_vector
 from fedmira.server.site_dp import SiteLevelDP
+from fedmira.server.site_order import SiteOrder
 
 SUM_KEYS = ("num-examples", "bytes-sent", "bytes-received", "tokens", "val-tokens", "cold-start")
 NOT_AVERAGED = ("site-index", "lora-rank")  # identifiers, not quantities
@@ -226,6 +227,9 @@ class FedmiraStrategy(Strategy):
         #: Deployment: the node ids of the allow-listed hospitals (re-read every round); None:
         #: every node the SuperLink admitted takes part (simulation).
         self.allowed_nodes: Callable[[], frozenset[int]] | None = None
+        #: Which site each node is: sampling goes by site, so a seed picks the same hospitals
+        #: in every run although node ids are random per run (server/site_order.py).
+        self.site_order = SiteOrder()
 
     def rule_for(self, combiner: Combiner) -> AdapterRule:
         """Return this algorithm's aggregation rule around ``combiner`` (whole adapters here)."""
@@ -298,8 +302,8 @@ class FedmiraStrategy(Strategy):
         self.global_arrays = decode_record(arrays)
         config = ConfigRecord({**dict(config), **self.round_config_fn(g), **self.client_flags,
                                "global-round": g})
+        real_grid, grid = grid, self._site_ordered(g, self._allowed_grid(g, grid), "fraction_train")
         random.seed(self.seed * 100003 + g)  # Flower samples with the global `random`
-        real_grid, grid = grid, self._allowed_grid(g, grid)
         sampled = list(self.algorithm.configure_train(server_round, arrays, config, grid))
         messages = self.rule.personalize(sampled)
         self.available = max(len(list(grid.get_node_ids())), len(messages), 1)
@@ -317,6 +321,7 @@ class FedmiraStrategy(Strategy):
         g = self.global_round(server_round)
         self.current_round = g
         listed = self._listed_replies(g, list(replies))
+        self.site_order.learn(listed)
         self._note_replies(g, listed)
         if self.secagg is not None:
             return self._aggregate_secure(g, listed)
@@ -516,10 +521,10 @@ class FedmiraStrategy(Strategy):
         due = self.evaluate_every > 0 and (g % self.evaluate_every == 0 or g == self.total_rounds)
         if not due:
             return []
+        config = ConfigRecord({**dict(config), **self.client_flags, "global-round": g})
+        grid = self._site_ordered(g, self._allowed_grid(g, grid), "fraction_evaluate")
         # The same sites every evaluation round, so the validation curve compares like with like.
         random.seed(self.seed * 100003 + 7919)
-        config = ConfigRecord({**dict(config), **self.client_flags, "global-round": g})
-        grid = self._allowed_grid(g, grid)
         sampled = list(self.algorithm.configure_evaluate(server_round, arrays, config, grid))
         messages = self.rule.personalize(sampled)
         self._instructions = messages
@@ -530,6 +535,7 @@ class FedmiraStrategy(Strategy):
         """Record each site's scores and return their example-weighted mean."""
         g = self.global_round(server_round)
         listed = self._listed_replies(g, list(replies))
+        self.site_order.learn(listed)
         for m in listed:
             if from_superlink(m) and self.node_of(m) == SUPERLINK_NODE_ID:
                 continue  # about a node that cannot be told; it is simply not among the scored
@@ -546,6 +552,16 @@ class FedmiraStrategy(Strategy):
         metrics = self.algorithm.aggregate_evaluate(server_round, scored)
         self.ledger.aggregates["evaluate"][g] = metrics
         return metrics
+
+    def _site_ordered(self, g: int, grid: Grid, fraction: str) -> Grid:
+        """Return ``grid`` listing nodes by site when the round samples (``fraction`` < 1).
+
+        With every site taking part the order does not matter and nothing is asked.
+        """
+        if float(getattr(self.algorithm, fraction, 1.0)) >= 1.0:
+            return grid
+        self.site_order.ask(grid, g)
+        return self.site_order.ordered(grid)
 
     # ------------------------------------------------------------------ allow-list
     def _allowed_grid(self, g: int, grid: Grid) -> Grid:

@@ -102,6 +102,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def _grid(node_ids: list[int]) -> Mock:
     grid = Mock()
     grid.get_node_ids.return_value = list(node_ids)
+    grid.send_and_receive.return_value = []  # site queries (sampled rounds) go unanswered
     return grid
 
 
