@@ -295,6 +295,8 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "ffa_
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
 TRANSPORT_DTYPES = ("float32", "bfloat16", "float16")
 SECURE_AGGREGATIONS = ("none", "secaggplus")
+#: ``privacy.clipping``: how DP-SGD clips and noises a step (common/privacy.py, the same mechanism).
+CLIPPINGS = ("flat", "opacus")
 
 
 @dataclass(frozen=True)
@@ -501,7 +503,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _check_choice("privacy", "unit", self.unit, PRIVACY_UNITS)
         _check_choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
-        _check_choice("privacy", "clipping", self.clipping, ("flat", "opacus"))
+        _check_choice("privacy", "clipping", self.clipping, CLIPPINGS)
         _check_range("privacy", "target_epsilon", self.target_epsilon, 0.0)
         _check_range("privacy", "delta", self.delta, 0.0, 1.0, lo_open=True)
         _check_range("privacy", "noise_multiplier", self.noise_multiplier, 0.0)

@@ -89,32 +89,36 @@ def _aligned(reports: Sequence[Report],
     return neighbors
 
 
-def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Compute the summed next-token cross-entropy over target tokens, and their count.
+def target_logits(model: Any, batch: dict[str, torch.Tensor],
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return fp32 logits and labels at the target positions (``[N, vocab]``, ``[N]``) and the mask.
 
-    Computed here rather than with HF's ``labels=`` so the caller decides the normalisation
-    (HF averages over the whole padded batch, which is wrong for per-sample DP gradients).
+    The mask (``[B, T-1]``, True at targets) tells each target's row. The vocabulary projection
+    runs only where there is a target when the model allows it: the impression is ~10% of the
+    tokens and the head (49k x 576 for SmolLM2) is ~20% of the forward's FLOPs, so this saves
+    most of that and the big fp32 log-softmax, with the same logits (tested against the full
+    ones). ``use_cache=False``: a training forward has no use for a KV cache, which costs memory.
     """
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     parts = decoder_and_head(model)
     if parts is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1, :].float()
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        return loss, int(keep.sum())
-    # The vocabulary projection only where there is a target: the impression is ~10% of the
-    # tokens and the head (49k x 576 for SmolLM2) is ~20% of the forward's FLOPs, so this saves
-    # most of that and the big fp32 log-softmax, with the same loss (tested against the full one).
+        return out.logits[:, :-1][keep].float(), labels[keep], keep
     decoder, head = parts
-    # use_cache=False: a training forward has no use for a KV cache, which costs memory.
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      use_cache=False).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+    return head(hidden[:, :-1][keep]).float(), labels[keep], keep
+
+
+def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Compute the summed next-token cross-entropy over target tokens, and their count.
+
+    Computed here rather than with HF's ``labels=`` so the caller decides the normalisation
+    (HF averages over the whole padded batch, which is wrong for per-sample DP gradients).
+    """
+    logits, labels, _ = target_logits(model, batch)
+    return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
 
 
 def decoder_and_head(model: Any) -> tuple[Any, Any] | None:

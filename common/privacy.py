@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedmira.common.config import PrivacyConfig, TrainConfig
-from fedmira.common.engine import decoder_and_head
+from fedmira.common.config import CLIPPINGS, PrivacyConfig, TrainConfig
+from fedmira.common.engine import target_logits
 from fedmira.common.errors import DataError
 from fedmira.common.optim import require_examples, start_training
-from fedmira.common.prompts import IGNORE_INDEX, Example, collate
+from fedmira.common.prompts import Example, collate
 from fedmira.common.reports import Report
 
 if TYPE_CHECKING:
@@ -271,29 +271,17 @@ def sample_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """Per-row mean target-token loss ``[B]`` and per-row target-token counts ``[B]``.
 
     Padding and prompt tokens carry ``IGNORE_INDEX`` and count for nothing, so each row's loss
-    (and so its per-sample gradient) does not depend on how long its batch-mates are. As in
-    ``engine.token_loss``, the vocabulary head runs only at target positions when the model
-    allows it (the frozen head has no Opacus hooks, so its input's shape does not matter to
-    them): the same losses as full logits (tested), without the ``[B, T, vocab]`` fp32 buffer
-    that made a DP step cost far more than a plain one on a GPU.
+    (and so its per-sample gradient) does not depend on how long its batch-mates are. The
+    logits are ``engine.target_logits``' (the head only at targets; the frozen head has no
+    Opacus hooks, so its input's shape does not matter to them): the same losses as full
+    logits (tested), without the ``[B, T, vocab]`` fp32 buffer that made a DP step cost far
+    more than a plain one on a GPU.
     """
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
+    logits, labels, keep = target_logits(_unwrapped(model), batch)
     counts = keep.sum(dim=1)
-    parts = decoder_and_head(_unwrapped(model))
-    if parts is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1, :].float()
-        tok = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        return tok.sum(dim=1) / counts.clamp(min=1), counts
-    decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
-    logits = head(hidden[:, :-1][keep]).float()
-    tok = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[keep]
-    per_row = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
+    tok = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    per_row = torch.zeros(keep.shape[0], dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
     return per_row / counts.clamp(min=1), counts
 
 
@@ -316,16 +304,22 @@ def _members(units: Sequence[int]) -> list[list[int]]:
 _GRAD_SAMPLE = "grad_sample"
 
 
+def _grad_sample(p: torch.nn.Parameter, rows: int) -> torch.Tensor:
+    """Return ``p``'s per-row gradients ``[rows, *p.shape]`` from Opacus' hooks (zeros if none)."""
+    gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE, None)
+    if isinstance(gs, list):  # one tensor per backward pass (a step's micro-batches)
+        gs = torch.cat(gs, dim=0)
+    if gs is None:  # this parameter took no part in the forward pass
+        gs = torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
+    return gs
+
+
 def _group_grad_samples(params: Sequence[torch.nn.Parameter], owner: torch.Tensor, n_units: int,
                         identity: bool) -> torch.Tensor:
     """Turn per-row gradient samples into per-unit ones (a patient's rows summed); unit norms."""
     norms: list[torch.Tensor] = []
     for p in params:
-        gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE)
-        if isinstance(gs, list):
-            gs = torch.cat(gs, dim=0)
-        if gs is None:  # this parameter took no part in the forward pass
-            gs = torch.zeros((len(owner), *p.shape), dtype=p.dtype, device=p.device)
+        gs = _grad_sample(p, len(owner))
         if not identity:
             per_unit = torch.zeros((n_units, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
             gs = per_unit.index_add_(0, owner, gs)
@@ -377,10 +371,6 @@ def dp_gradient(
         tokens += int(batch["attention_mask"].sum())
     clipped = dp_opt.release(params, owner, len(sample))
     return StepStats(loss_sum, n_tok, tokens, clipped)
-
-
-#: ``privacy.clipping`` choices: how a step's per-unit gradients are clipped, summed and noised.
-CLIPPINGS = ("flat", "opacus")
 
 
 class DPRelease:
@@ -484,14 +474,7 @@ class FlatRelease(DPRelease):
 
 def _flat_grad_samples(params: Sequence[torch.nn.Parameter], rows: int) -> torch.Tensor:
     """Every parameter's per-row gradients side by side: ``[rows, sum of numel]`` in fp32."""
-    parts = []
-    for p in params:
-        gs: torch.Tensor | list[torch.Tensor] | None = getattr(p, _GRAD_SAMPLE, None)
-        if isinstance(gs, list):  # one tensor per backward pass (a step's micro-batches)
-            gs = torch.cat(gs, dim=0)
-        if gs is None:  # this parameter took no part in the forward pass
-            gs = torch.zeros((rows, *p.shape), dtype=torch.float32, device=p.device)
-        parts.append(gs.reshape(rows, p.numel()).float())
+    parts = [_grad_sample(p, rows).reshape(rows, p.numel()).float() for p in params]
     return torch.cat(parts, dim=1) if parts else torch.zeros((rows, 0))
 
 

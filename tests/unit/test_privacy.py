@@ -415,6 +415,7 @@ def test_per_row_losses_at_target_positions_equal_full_logits(
 ) -> None:
     """sample_losses projects to the vocabulary only at targets: the same per-row losses (and so the
     same per-sample gradients) as the full-logit path it replaced."""
+    import fedmira.common.engine as engine
     import fedmira.common.privacy as privacy
     from fedmira.common.prompts import collate
 
@@ -422,7 +423,7 @@ def test_per_row_losses_at_target_positions_equal_full_logits(
     perturb(model, seed=1, scale=0.05)
     batch = collate(examples[:5], _pad(tiny))
     fast, counts = privacy.sample_losses(model, batch)
-    monkeypatch.setattr(privacy, "decoder_and_head", lambda _: None)
+    monkeypatch.setattr(engine, "decoder_and_head", lambda _: None)
     full, counts_full = privacy.sample_losses(model, batch)
     assert torch.equal(counts, counts_full) and int(counts.min()) > 0
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
