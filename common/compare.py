@@ -52,10 +52,10 @@ if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
 
 ZERO_SHOT, RETRIEVAL, MOST_FREQUENT, ADAPTER = "zero_shot", "retrieval", "most_frequent", "adapter"
-RETRIEVAL_SITE = "retrieval_site"
-BASELINE_KINDS = (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT)
+RETRIEVAL_SITE, RETRIEVAL_CONSENSUS = "retrieval_site", "retrieval_consensus"
+BASELINE_KINDS = (RETRIEVAL, RETRIEVAL_SITE, RETRIEVAL_CONSENSUS, MOST_FREQUENT)
 #: Retrieval baselines: the verdict is against the strongest of them.
-RETRIEVAL_KINDS = (RETRIEVAL, RETRIEVAL_SITE)
+RETRIEVAL_KINDS = (RETRIEVAL, RETRIEVAL_SITE, RETRIEVAL_CONSENSUS)
 #: Words that mean "the base model without an adapter" in ``--system NAME=base``.
 BASE_WORDS = ("base", "zero-shot", "zero_shot", "none")
 FINAL_ADAPTER = "final_adapter"
@@ -305,8 +305,11 @@ def _rag_key(cfg: ExperimentConfig, template: str) -> dict[str, Any]:
     if template not in RAG_TEMPLATES:
         return {} if cfg.data.preamble == "full" else {"preamble": cfg.data.preamble}
     d = cfg.data
-    return {"neighbors": d.neighbors, "retriever": d.retriever, "neighbor_tokens": d.neighbor_tokens,
-            "preamble": d.preamble}
+    key = {"neighbors": d.neighbors, "retriever": d.retriever, "neighbor_tokens": d.neighbor_tokens,
+           "preamble": d.preamble}
+    if d.neighbor_order != "similarity":  # older cache entries (similarity order) stay valid
+        key |= {"neighbor_order": d.neighbor_order, "neighbor_pool": d.neighbor_pool}
+    return key
 
 
 def _key_hash(key: dict[str, Any]) -> str:
@@ -470,28 +473,34 @@ def verdict_against_retrieval(rows: dict[str, list[dict[str, Any]]], kinds: Mapp
                             "whether fine-tuning is worth deploying."}
     means = {n: _mean([r.get(HEADLINE) for r in rows[n]]) or 0.0 for n in [*adapters, retrieval]}
     if not adapters:
-        return {"beats_retrieval": None, "best": None, "retrieval_mean": means[retrieval],
+        return {"beats_retrieval": None, "best": None, "retrieval": retrieval,
+                "retrieval_mean": means[retrieval],
                 "sentence": "No fine-tuned system was compared (give one with --system NAME=PATH); "
-                            f"retrieval scores ROUGE-L {means[retrieval]:.3f}, the bar to beat."}
+                            f"`{retrieval}` scores ROUGE-L {means[retrieval]:.3f}, the bar to beat."}
     best = max(adapters, key=lambda n: (means[n], -adapters.index(n)))
     diff = mean_difference_ci([r.get(HEADLINE) for r in rows[best]],
                               [r.get(HEADLINE) for r in rows[retrieval]], n_resamples=n_resamples, seed=seed)
-    return retrieval_verdict(best, means[best], means[retrieval], diff.get("lo"), diff.get("hi"))
+    return retrieval_verdict(best, means[best], means[retrieval], diff.get("lo"), diff.get("hi"),
+                             baseline=retrieval)
 
 
 def retrieval_verdict(best: str, best_mean: float, retrieval_mean: float, diff_lo: float | None,
-                      diff_hi: float | None, metric: str = PAIRED_METRICS[HEADLINE]) -> dict[str, Any]:
+                      diff_hi: float | None, metric: str = PAIRED_METRICS[HEADLINE],
+                      baseline: str | None = None) -> dict[str, Any]:
     """Phrase the plain sentence: beats retrieval only with a higher mean and a difference CI above 0.
+
+    ``baseline`` names the retrieval system measured against (there are three), so a reader
+    knows which bar the numbers are.
 
     Returns
     -------
     dict
-        ``beats_retrieval`` (bool), ``best``, ``best_mean``, ``retrieval_mean``, ``diff_ci`` and
-        ``sentence``.
+        ``beats_retrieval`` (bool), ``best``, ``best_mean``, ``retrieval``, ``retrieval_mean``,
+        ``diff_ci`` and ``sentence``.
     """
     ci = ("" if diff_lo is None or diff_hi is None
           else f"95% CI of the difference [{diff_lo:+.3f}, {diff_hi:+.3f}]")
-    nums = f"{best_mean:.3f} vs {retrieval_mean:.3f}"
+    nums = f"{best_mean:.3f} vs {retrieval_mean:.3f}" + (f" for `{baseline}`" if baseline else "")
     if best_mean > retrieval_mean and diff_lo is not None and diff_lo > 0:
         beats, sentence = True, (f"The fine-tuned model `{best}` beats retrieval on {metric} "
                                  f"({nums}; {ci}).")
@@ -502,7 +511,7 @@ def retrieval_verdict(best: str, best_mean: float, retrieval_mean: float, diff_l
     else:
         beats, sentence = False, (f"The fine-tuned model `{best}` does NOT beat retrieval on {metric} "
                                   f"({nums}): not worth deploying as is.")
-    return {"beats_retrieval": beats, "best": best, "best_mean": best_mean,
+    return {"beats_retrieval": beats, "best": best, "best_mean": best_mean, "retrieval": baseline,
             "retrieval_mean": retrieval_mean, "diff_ci": [diff_lo, diff_hi], "sentence": sentence}
 
 
@@ -575,7 +584,9 @@ def compare_markdown(result: dict[str, Any]) -> str:
             else "the train splits of the internal sites")
     lines += ["## Notes", "",
               "- retrieval: the impression of the training report whose findings are most similar "
-              "(TF-IDF cosine); retrieval_site: the same within the report's own site; most_frequent: "
+              "(TF-IDF cosine); retrieval_site: the same within the report's own site; retrieval_consensus: "
+              "of the site's 8 most similar reports, the impression the others agree with most "
+              "(similarity-weighted ROUGE-L); most_frequent: "
               f"the most frequent training impression. They see only {pool}.",
               "- Clinical F1 is per report (1 when neither text mentions an observation); clinical "
               "micro-F1 pools the counts over reports.",
@@ -841,9 +852,10 @@ def _write_predictions(folder: Path, reports: Sequence[Report], preds: dict[str,
 def print_compare(result: dict[str, Any], stream: TextIO) -> None:
     """Numbers only: per system the headline metrics, then the verdict and the paths."""
     shown = [m for m in ("rougeL", "bertscore_f1", "sim", "clinical_f1") if m in result["summary_metrics"]]
+    width = max([16, *map(len, result["systems"])])
     for name, sys_info in result["systems"].items():
         parts = [f"{PAIRED_METRICS[m]} {_ci(sys_info['summary'].get(m))}" for m in shown]
-        print(f"{name:<16} " + "; ".join(parts), file=stream)
+        print(f"{name:<{width}} " + "; ".join(parts), file=stream)
     n_rej = sum(row["wilcoxon"]["reject"] for row in result["comparisons"])
     print(f"{n_rej} of {result['family']['size']} paired Wilcoxon tests against "
           f"`{result['reference']}` reject after Holm-Bonferroni.", file=stream)
@@ -871,8 +883,9 @@ def final_quality(cfg: ExperimentConfig, adapter: str | Path, out_dir: str | Pat
     shown = [m for m in ("rougeL", "bertscore_f1", "sim") if m in result["summary_metrics"]]
     print(f"\nQuality on {result['n']} held-out reports (mean [95% CI]; `fedmira compare` for more):",
           file=stream)
+    width = max([16, *map(len, result["systems"])])
     for name, info in result["systems"].items():
         parts = [f"{PAIRED_METRICS[m]} {_ci(info['summary'].get(m))}" for m in shown]
-        print(f"  {name:<16} " + "; ".join(parts), file=stream)
+        print(f"  {name:<{width}} " + "; ".join(parts), file=stream)
     print(f"  {result['verdict']['sentence']}\n  report: {result['paths']['markdown']}", file=stream)
     return result

@@ -150,6 +150,12 @@ class DataConfig:
     retriever: str = _help(
         "site_aware_rag: how prior cases are found: `tfidf` (scikit-learn TF-IDF cosine) or "
         "`minilm` (all-MiniLM-L6-v2 sentence embeddings).", "tfidf")
+    neighbor_order: str = _help(
+        "site_aware_rag: `similarity` (most similar prior case first) or `consensus` (of the "
+        "`neighbor_pool` most similar, the cases whose impressions agree most with the others', "
+        "similarity-weighted ROUGE-L, first).", "similarity")
+    neighbor_pool: int = _help("site_aware_rag with neighbor_order=consensus: candidates ranked "
+                               "before the `neighbors` best are kept (at least `neighbors`).", 8)
     neighbor_tokens: int = _help("site_aware_rag: each prior case's findings and impression are "
                                  "cut to this many tokens.", 48)
     preamble: str = _help("System turn: `full` (names the task) or `short` (~10 tokens fewer per "
@@ -168,6 +174,8 @@ class DataConfig:
         _check_choice("data", "template", self.template, ("site_aware", "plain", "site_aware_rag"))
         _check_range("data", "neighbors", self.neighbors, 0, 64)
         _check_choice("data", "retriever", self.retriever, ("tfidf", "minilm"))
+        _check_choice("data", "neighbor_order", self.neighbor_order, ("similarity", "consensus"))
+        _check_range("data", "neighbor_pool", self.neighbor_pool, 0, 256)
         _check_range("data", "neighbor_tokens", self.neighbor_tokens, 4, 4096)
         _check_choice("data", "preamble", self.preamble, ("full", "short"))
         _check_range("data", "max_length", self.max_length, 16, 8192)

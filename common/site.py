@@ -69,7 +69,8 @@ class SiteData:
         if cfg.data.retriever not in self._indexes:
             self._indexes[cfg.data.retriever] = SiteIndex(self.train, cfg.data.retriever)
         return neighbors_for(self.reports(split, limit), self._indexes[cfg.data.retriever],
-                             cfg.data.neighbors, leave_one_out=split == "train")
+                             cfg.data.neighbors, leave_one_out=split == "train",
+                             order=cfg.data.neighbor_order, pool=cfg.data.neighbor_pool)
 
 
 def load_site(folder: str | Path, site_id: str | None = None) -> SiteData:

@@ -16,7 +16,8 @@ DESCRIPTION = """\
 Compare systems on one held-out set (the reports `fedmira evaluate` scores, split by the same
 partition config): your adapters (--system; federated, centralized, local-only runs), the base
 model zero-shot, nearest-neighbour retrieval (the impression of the training report with the most
-similar findings, TF-IDF) and the most frequent training impression. Reports per system ROUGE-1/2/L,
+similar findings, TF-IDF; over all sites, within the site, and the consensus of the site's 8 most
+similar reports) and the most frequent training impression. Reports per system ROUGE-1/2/L,
 BLEU-4, BERTScore-F1, similarity and clinical F1 with bootstrap CIs; tests the reference system
 against every other one per metric (Wilcoxon signed-rank and paired randomization, Holm-Bonferroni
 across systems x metrics, rank-biserial and mean difference with CI); says whether the best

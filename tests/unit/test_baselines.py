@@ -86,3 +86,24 @@ def test_site_retrieval_stays_within_the_site_and_falls_back_for_unknown_sites()
     # s1 has one prior report, so q1 gets it even though s2 holds a closer one; s9 has none and
     # falls back to retrieval over the whole pool.
     assert retrieve_site_impressions(train, queries) == ["S1 effusion.", "S2 effusion.", "S2 normal."]
+
+
+def test_consensus_retrieval_takes_what_the_site_neighbours_agree_on() -> None:
+    from fedmira.common.baselines import retrieve_consensus_impressions, retrieve_site_impressions
+
+    def rep(rid: str, findings: str, impression: str, site: str = "s") -> Report:
+        return Report(rid, site, "DR", "chest", "XR CHEST", findings, impression)
+
+    train = [rep("a", "Heart size normal. Lungs clear. No effusion.", "Normal chest."),
+             rep("b", "Heart size normal. Lungs clear.", "No acute disease."),
+             rep("c", "Heart size normal. Lungs are clear.", "No acute disease."),
+             rep("d", "Heart size is normal. The lungs clear.", "No acute disease."),
+             rep("e", "Heart normal. Lungs clear bilaterally.", "No acute disease."),
+             rep("x", "Heart size normal. Lungs clear. No effusion.", "OTHER SITE", site="t")]
+    query = [rep("q", "Heart size normal. Lungs clear. No effusion.", "?"),
+             rep("z", "Heart size normal.", "?", site="new")]
+    # "a" is the nearest of site s, but its 4 other reports agree on "No acute disease."; the
+    # report of site t is never a candidate; a site with no archive falls back to pooled retrieval
+    assert retrieve_site_impressions(train, query)[0] == "Normal chest."
+    assert retrieve_consensus_impressions(train, query) == ["No acute disease.",
+                                                           retrieve_impressions(train, query[1:])[0]]

@@ -121,14 +121,15 @@ def test_bench_without_federation_on_the_tiny_model_resumes(tmp_path: Path) -> N
     assert [r["system"] for r in doc["ablation"]["rows"]] == ["centralized", "centralized_plain"]
     assert len(doc["curve"]["centralized"]) == 2  # a point after each half of the budget
     # the plot's baselines are scored on the curve's 4 reports, not on all 6 held-out ones
-    assert set(doc["curve_baselines"]) == {"retrieval", "retrieval_site", "most_frequent"}
+    expected = {"retrieval", "retrieval_site", "retrieval_consensus", "most_frequent"}
+    assert set(doc["curve_baselines"]) == expected
     assert all(0.0 <= v <= 1.0 for v in doc["curve_baselines"].values())
     saved = json.loads(next((tmp_path / "results").glob("quality-*.json")).read_text())
     assert "machine" in saved and saved["machine"]["cpus"]
     md = next((tmp_path / "results").glob("quality-*.md")).read_text()
     assert "| system               | tokens   | ROUGE-L              |" in md
     assert "Verdict:" in md and "Prompting ablation" in md
-    assert "| retrieval (no training, same reports)      |" in md
+    assert "| retrieval (no training, same reports)           |" in md
     assert next((tmp_path / "results").glob("quality-*-budget.png")).stat().st_size > 0
     texts = {r.impression for r in make_synthetic_corpus(num_sites=3, num_reports=90, seed=2)}
     assert not [t for t in texts if len(t) > 12 and (t in md or t in out.getvalue())]

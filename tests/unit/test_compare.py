@@ -17,6 +17,7 @@ from fedmira.common.compare import (
     COMPARISON_COLUMNS,
     MOST_FREQUENT,
     RETRIEVAL,
+    RETRIEVAL_CONSENSUS,
     RETRIEVAL_SITE,
     ZERO_SHOT,
     SystemSpec,
@@ -28,6 +29,7 @@ from fedmira.common.compare import (
     parse_system,
     predict_system,
     retrieval_verdict,
+    verdict_against_retrieval,
 )
 from fedmira.common.compose import compose_config
 from fedmira.common.config import LoraConfig
@@ -86,7 +88,7 @@ def test_missing_adapter_names_path_and_expectation(tmp_path: Path) -> None:
 def test_default_systems_and_reference() -> None:
     fed = SystemSpec("fed", ADAPTER, "x")
     names = [s.name for s in default_systems([fed])]
-    assert names == ["fed", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
+    assert names == ["fed", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, RETRIEVAL_CONSENSUS, MOST_FREQUENT]
     assert default_reference(default_systems([fed])) == "fed"
     assert default_reference(default_systems([])) == ZERO_SHOT
     with pytest.raises(FedmiraError, match="given twice"):
@@ -209,6 +211,19 @@ def test_verdict_sentence_both_ways() -> None:
     assert tie["beats_retrieval"] is False and "does NOT clearly beat" in tie["sentence"]
 
 
+def test_verdict_names_the_retrieval_baseline_it_is_measured_against() -> None:
+    kinds = {"fed": ADAPTER, RETRIEVAL: RETRIEVAL, RETRIEVAL_CONSENSUS: RETRIEVAL_CONSENSUS}
+    rows = {"fed": [{"rougeL": 0.6}, {"rougeL": 0.7}], RETRIEVAL: [{"rougeL": 0.5}, {"rougeL": 0.6}],
+            RETRIEVAL_CONSENSUS: [{"rougeL": 0.7}, {"rougeL": 0.8}]}
+    verdict = verdict_against_retrieval(rows, kinds, n_resamples=50)
+    assert verdict["retrieval"] == RETRIEVAL_CONSENSUS  # the strongest of the retrieval baselines
+    assert verdict["sentence"] == ("The fine-tuned model `fed` does NOT beat retrieval on ROUGE-L "
+                                   "(0.650 vs 0.750 for `retrieval_consensus`): not worth deploying as is.")
+    no_adapter = verdict_against_retrieval({k: v for k, v in rows.items() if k != "fed"}, kinds)
+    assert no_adapter["retrieval"] == RETRIEVAL_CONSENSUS
+    assert no_adapter["sentence"].endswith("`retrieval_consensus` scores ROUGE-L 0.750, the bar to beat.")
+
+
 def test_verdict_picks_the_best_adapter(reports: list[Report]) -> None:
     res = compare_systems(reports, _four_systems(reports), kinds=KINDS, reference="fed",
                           use_encoder=False, n_resamples=50, n_permutations=100)
@@ -235,8 +250,9 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     printed = out.getvalue()
     assert "fed: generated" in printed and "zero_shot: generated" in printed
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert list(doc["systems"]) == ["fed", "fed_plain", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
-    assert doc["reference"] == "fed" and doc["family"]["size"] == 5 * 5 and doc["n"] == 6
+    assert list(doc["systems"]) == ["fed", "fed_plain", ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE,
+                                    RETRIEVAL_CONSENSUS, MOST_FREQUENT]
+    assert doc["reference"] == "fed" and doc["family"]["size"] == 6 * 5 and doc["n"] == 6
     assert doc["predictions_info"]["fed_plain"]["template"] == "plain"
     assert doc["predictions_info"]["fed"]["template"] == "site_aware"
     assert "retrieval" in doc["verdict"]["sentence"]
@@ -246,7 +262,7 @@ def test_compare_end_to_end_on_the_tiny_model(tiny: LoadedModel, tmp_path: Path)
     assert list(COMPARISON_COLUMNS) in table_rows and doc["verdict"]["sentence"] in md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
     rows = list(csv.DictReader((tmp_path / "cmp" / "per_sample.csv").open()))
-    assert len(rows) == 6 * 6
+    assert len(rows) == 7 * 6  # 7 systems x 6 reports
     # The folder is a reader study's input: cases.jsonl + one prediction file per system.
     from fedmira.simulations.reader_study_cli import cases_from_compare
 
@@ -288,7 +304,7 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
                       use_encoder=False, n_resamples=50, n_permutations=100, progress=False, out=out,
                       input_path=str(path), prior_path=str(prior_path))
     assert res["n"] == len(scored)
-    assert list(res["systems"]) == [ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT]
+    assert list(res["systems"]) == [ZERO_SHOT, RETRIEVAL, RETRIEVAL_SITE, RETRIEVAL_CONSENSUS, MOST_FREQUENT]
     assert {row["report_id"] for row in res["per_sample"][RETRIEVAL]} == {r.report_id for r in scored}
     assert priors_seen and scored[0].report_id not in priors_seen[0] and len(priors_seen[0]) == 12
     meta = res["meta"]
@@ -296,7 +312,8 @@ def test_compare_on_a_new_hospitals_file_with_its_archive(tmp_path: Path,
     assert meta["external_sites"] == 2 and meta["retrieval_index"] == {"site_01": 12, "site_02": 0}
     prior_reports = fedmira.common.inference.load_reports(str(prior_path)).reports
     archive = {r.impression for r in prior_reports} - {MARKER}
-    for name in (RETRIEVAL, RETRIEVAL_SITE, MOST_FREQUENT):  # the baselines learn from the archive only
+    # the baselines learn from the archive only
+    for name in (RETRIEVAL, RETRIEVAL_SITE, RETRIEVAL_CONSENSUS, MOST_FREQUENT):
         written = (tmp_path / "cmp" / "predictions" / f"{name}.jsonl").read_text()
         lines = [json.loads(x) for x in written.splitlines()]
         assert len(lines) == len(scored) and {x["impression"] for x in lines} <= archive

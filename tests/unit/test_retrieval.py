@@ -150,3 +150,60 @@ def test_data_config_checks_retrieval_fields() -> None:
     with pytest.raises(ConfigError, match="data.neighbors"):
         DataConfig(neighbors=-1)
     assert dataclasses.replace(DataConfig(), template="site_aware_rag").neighbors == 2
+    with pytest.raises(ConfigError, match="data.neighbor_order"):
+        DataConfig(neighbor_order="random")
+    with pytest.raises(ConfigError, match="data.neighbor_pool"):
+        DataConfig(neighbor_pool=-1)
+
+
+def _n(impression: str, score: float) -> Neighbor:
+    return Neighbor("findings", impression, score)
+
+
+def test_consensus_puts_the_impression_its_neighbours_agree_with_first() -> None:
+    from fedmira.common.retrieval import consensus_order
+
+    cases = [_n("Right pleural effusion.", 0.9), _n("No acute disease.", 0.8),
+             _n("No acute disease.", 0.7), _n("No acute cardiopulmonary disease.", 0.5)]
+    ranked = consensus_order(cases)
+    # agreement: "No acute disease." 0.8 + 0.7 + 0.5 x ROUGE-L 0.857 = 1.93 (both copies; the more
+    # similar copy first), "No acute cardiopulmonary disease." 0.5 + 1.5 x 0.857 = 1.79,
+    # the effusion 0.9 (it agrees with nobody) last
+    assert ranked == [cases[1], cases[2], cases[3], cases[0]]
+    assert consensus_order([cases[0]]) == [cases[0]]
+    assert consensus_order([]) == []
+
+
+def test_consensus_keeps_k_of_the_pool_and_leave_one_out() -> None:
+    prior = [
+        _r("a", "Heart size normal. Lungs clear.", "No acute disease.", patient="p1"),
+        _r("b", "Heart size normal. Lungs clear. No effusion.", "Normal chest.", patient="p1"),
+        _r("c", "Heart size normal. Lungs are clear.", "No acute disease.", patient="p2"),
+        _r("d", "Heart size is normal. The lungs clear.", "No acute disease.", patient="p3"),
+        _r("e", "Heart normal. Lungs clear bilaterally.", "No acute disease.", patient="p4"),
+    ]
+    index = SiteIndex(prior)
+    query = _r("q", "Heart size normal. Lungs clear. No effusion.", "?")
+    (by_sim,) = neighbors_for([query], index, 1, leave_one_out=False)
+    (by_cons,) = neighbors_for([query], index, 1, leave_one_out=False, order="consensus", pool=5)
+    # "b" is the nearest (1.0), but the 4 others (similarities 0.26-0.63, 1.56 in all) agree
+    assert by_sim[0].impression == "Normal chest."
+    assert by_cons[0].impression == "No acute disease."
+    # the pool only widens the search: training still never sees itself nor its patient
+    found = neighbors_for(prior, index, 2, leave_one_out=True, order="consensus", pool=8)
+    for q, near in zip(prior, found):
+        mates = {r.findings for r in prior if r.patient_id == q.patient_id}
+        assert len(near) == 2 and not {n.findings for n in near} & mates
+    with pytest.raises(ValueError, match="order"):
+        neighbors_for([query], index, 1, leave_one_out=False, order="best")
+
+
+def test_consensus_order_changes_the_prompt_cache_key_similarity_keeps_it() -> None:
+    from fedmira.common.compare import _rag_key
+    from fedmira.common.compose import compose_config
+
+    base = compose_config(["data.template=site_aware_rag"])
+    cons = compose_config(["data.template=site_aware_rag", "data.neighbor_order=consensus"])
+    assert "neighbor_order" not in _rag_key(base, "site_aware_rag")  # older cache entries stay valid
+    assert _rag_key(cons, "site_aware_rag")["neighbor_order"] == "consensus"
+    assert _rag_key(cons, "site_aware") == _rag_key(base, "site_aware")
