@@ -184,10 +184,14 @@ def consensus_order(cases: Sequence[Neighbor]) -> list[Neighbor]:
     """
     from fedmira.common.metrics import rouge_l
 
+    n = len(cases)
     weights = [max(c.score, 0.0) for c in cases]
-    agreement = [sum(w * (1.0 if i == j else rouge_l(a.impression, b.impression))
-                     for j, (b, w) in enumerate(zip(cases, weights)))
-                 for i, a in enumerate(cases)]
+    # ROUGE-L F is symmetric: score each pair once (each call also computes ROUGE-1/2).
+    pair = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            pair[i][j] = pair[j][i] = rouge_l(cases[i].impression, cases[j].impression)
+    agreement = [sum(w * p for w, p in zip(weights, row)) for row in pair]
     order = sorted(range(len(cases)), key=lambda i: (-agreement[i], i))
     return [cases[i] for i in order]
 

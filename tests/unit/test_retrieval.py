@@ -176,8 +176,7 @@ def test_consensus_puts_the_impression_its_neighbours_agree_with_first() -> None
 
 def test_consensus_keeps_k_of_the_pool_and_leave_one_out() -> None:
     prior = [
-        _r("a", "Heart size normal. Lungs clear.", "No acute disease.", patient="p1"),
-        _r("b", "Heart size normal. Lungs clear. No effusion.", "Normal chest.", patient="p1"),
+        *PRIOR[:2],  # "a" No acute disease., "b" Normal chest. (same patient)
         _r("c", "Heart size normal. Lungs are clear.", "No acute disease.", patient="p2"),
         _r("d", "Heart size is normal. The lungs clear.", "No acute disease.", patient="p3"),
         _r("e", "Heart normal. Lungs clear bilaterally.", "No acute disease.", patient="p4"),
